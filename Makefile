@@ -1,0 +1,31 @@
+# Two commands: `make run` (the benchmark) and `make test` (the whole suite).
+# Both create .venv if missing and install the package into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch release on this machine's disk (a CUDA 13.0 build that runs on the CPU);
+# pinned so that no multi-GB download happens.
+TORCH_SPEC ?= torch==2.14.1
+STAMP := $(VENV)/.stn_kernels_installed
+
+.PHONY: run test bench install clean
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" numpy pytest pytest-benchmark setuptools wheel
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m stn_kernels.bench
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-enable
+
+clean:
+	rm -rf $(VENV) build *.egg-info

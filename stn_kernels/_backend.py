@@ -1,0 +1,114 @@
+"""Backend selection: ``use_backend`` and the ``STN_KERNELS_BACKEND`` variable.
+
+The backend is resolved when an op runs (inside the op, below autograd and
+torch.compile), from the innermost ``use_backend`` block, else the environment
+variable, else ``"auto"``. Nothing here touches the GPU at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+ENV_VAR = "STN_KERNELS_BACKEND"
+
+_requested: contextvars.ContextVar = contextvars.ContextVar("stn_kernels_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run the op where it was asked to."""
+
+
+def _check_name(name, source: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: expected a backend name (str), got {type(name).__name__}")
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend name in force here (not yet checked against a device)."""
+    name = _requested.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env.strip().lower(), f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops inside the block on backend ``name``.
+
+    ``"auto"`` picks the fastest available one per device, ``"reference"`` the
+    pure-PyTorch path, ``"triton"`` the fused Triton kernels (CUDA tensors, or CPU
+    tensors under ``TRITON_INTERPRET=1``), ``"cuda"`` the compiled extension.
+    A backend that cannot run an op's tensors raises BackendUnavailableError
+    when the op runs; there is no silent fallback.
+    """
+    token = _requested.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield name
+    finally:
+        _requested.reset(token)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return _triton_importable()
+    return device.type == "cpu" and triton_interpreting() and _triton_importable()
+
+
+def cuda_extension_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from . import _extension
+
+    return _extension.loaded()
+
+
+def resolve_backend(device: torch.device, op: str) -> str:
+    """The concrete backend ("reference", "triton" or "cuda") for ``op`` on ``device``."""
+    name = requested_backend()
+    if name == "reference":
+        return name
+    if name == "triton":
+        if not triton_available(device):
+            why = ("Triton is not installed" if not _triton_importable() else
+                   f"tensors are on {device}; Triton runs CUDA tensors, or CPU tensors only with TRITON_INTERPRET=1 "
+                   "set before stn_kernels is imported")
+            raise BackendUnavailableError(f"{op}: backend 'triton' cannot run here: {why}")
+        return name
+    if name == "cuda":
+        if not cuda_extension_available(device):
+            from . import _extension
+
+            why = (f"tensors are on {device}, the extension runs CUDA tensors only" if device.type != "cuda"
+                   else f"the compiled extension is not loaded ({_extension.load_error() or 'not built'})")
+            raise BackendUnavailableError(f"{op}: backend 'cuda' cannot run here: {why}")
+        return name
+    # auto: the fused kernels on CUDA, the reference on the CPU (the interpreter is for testing only).
+    if device.type == "cuda" and _triton_importable():
+        return "triton"
+    if device.type == "cuda" and cuda_extension_available(device):
+        return "cuda"
+    return "reference"

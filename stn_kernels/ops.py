@@ -1,0 +1,256 @@
+"""The ``stn_kernels`` operator library, registered through ``torch.library``.
+
+Ops (all on 2-D / 4-D tensors as the kernels see them; the public functions in
+:mod:`stn_kernels.functional` validate and reshape user input first):
+
+* ``stn_kernels::hyper_linear(x, hparams?, weight, hyper_weight, bias?, hyper_bias?, weight_scale?, bias_scale?)
+  -> (out, z_hyper)`` with x [M, K], hparams [M, H]; z_hyper = x·W_hyperᵀ is saved for backward
+  (not differentiable; empty when hparams is None).
+* ``stn_kernels::hyper_linear_backward(grad_out, x, hparams?, weight, hyper_weight, hyper_bias?, weight_scale?,
+  bias_scale?, z_hyper, output_mask) -> 8 gradients`` (an empty tensor where output_mask is False).
+* ``stn_kernels::hyper_conv2d`` / ``hyper_conv2d_backward`` and ``stn_kernels::hyper_embedding`` /
+  ``hyper_embedding_backward``, likewise.
+
+Each op has a fake (meta) kernel and autograd registration, so it runs under
+``torch.compile(fullgraph=True)``. The backend (reference, triton, cuda) is chosen
+inside the op when it runs. Double backward (create_graph=True) differentiates
+the reference formulation instead of calling the backward op, so
+Jacobian-vector products through the layers (Delta-STN) are exact too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import resolve_backend
+
+_KERNEL_MODULES = {
+    "reference": "stn_kernels.reference",
+    "triton": "stn_kernels.triton_kernels.hyper_linear",
+}
+
+
+def _kernels(op: str, x: Tensor):
+    """The module holding the chosen backend's implementation of ``op``."""
+    backend = resolve_backend(x.device, f"stn_kernels::{op}")
+    if backend == "reference" or x.numel() == 0:
+        return reference
+    if backend == "cuda":
+        from . import _extension_ops
+
+        return _extension_ops
+    module = importlib.import_module(_KERNEL_MODULES[backend])
+    if not hasattr(module, f"{op}_forward"):
+        from ._backend import BackendUnavailableError
+
+        raise BackendUnavailableError(f"stn_kernels::{op}: backend {backend!r} has no kernel for this op yet; "
+                                      "use 'auto' or 'reference'")
+    return module
+
+
+def _participating(mask: Sequence[bool], hparams_given: bool, bias_given: bool, hyper_bias_given: bool) -> list:
+    """The output mask less the inputs that take no part: without hparams only x, W and b do."""
+    mask = list(mask)
+    mask[4] = mask[4] and bias_given
+    if not hparams_given:
+        mask[1] = mask[3] = mask[5] = mask[6] = mask[7] = False
+    mask[7] = mask[7] and hyper_bias_given
+    return mask
+
+
+def _grads_or_none(grads: Sequence[Optional[Tensor]], mask: Sequence[bool]) -> tuple:
+    return tuple(g if need else None for g, need in zip(grads, mask))
+
+
+def _empty_unless(grads: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
+    """Custom ops cannot return None: unused gradients travel as empty tensors."""
+    return [like.new_empty(0) if g is None else g for g in grads]
+
+
+def _double_backward(fn, inputs: Sequence[Optional[Tensor]], mask: Sequence[bool], grad_out: Tensor) -> tuple:
+    """Gradients by differentiating ``fn`` (the reference) with create_graph=True."""
+    wanted = [t for t, need in zip(inputs, mask) if need]
+    with torch.enable_grad():
+        out = fn(*inputs)
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in mask)
+
+
+# ----------------------------------------------------------------------------- hyper_linear
+
+@torch.library.custom_op("stn_kernels::hyper_linear", mutates_args=())
+def hyper_linear(x: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
+                 bias: Optional[Tensor], hyper_bias: Optional[Tensor], weight_scale: Optional[Tensor],
+                 bias_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    kernels = _kernels("hyper_linear", x)
+    return kernels.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
+
+
+@hyper_linear.register_fake
+def _(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale):
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    z_hyper = x.new_empty(0) if hparams is None else x.new_empty(x.shape[0], weight.shape[0])
+    return out, z_hyper
+
+
+@torch.library.custom_op("stn_kernels::hyper_linear_backward", mutates_args=())
+def hyper_linear_backward(grad_out: Tensor, x: Tensor, hparams: Optional[Tensor], weight: Tensor,
+                          hyper_weight: Tensor, hyper_bias: Optional[Tensor], weight_scale: Optional[Tensor],
+                          bias_scale: Optional[Tensor], z_hyper: Tensor, output_mask: List[bool]) -> List[Tensor]:
+    kernels = _kernels("hyper_linear", x)
+    grads = kernels.hyper_linear_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+                                          bias_scale, z_hyper, output_mask)
+    return _empty_unless(grads, x)
+
+
+def _fake_grads(mask, shapes_of):
+    return [t.new_empty(t.shape) if (need and t is not None) else shapes_of[0].new_empty(0)
+            for t, need in zip(shapes_of, mask)]
+
+
+@hyper_linear_backward.register_fake
+def _(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale, bias_scale, z_hyper, output_mask):
+    bias_like = weight.new_empty(weight.shape[0])
+    return _fake_grads(output_mask, [x, hparams, weight, hyper_weight, bias_like, hyper_bias, weight_scale,
+                                     bias_scale])
+
+
+def _hyper_linear_setup_context(ctx, inputs, output):
+    x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, output[1])
+
+
+def _hyper_linear_autograd(ctx, grad_out, _grad_z_hyper):
+    x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, z_hyper = ctx.saved_tensors
+    mask = _participating(ctx.needs_input_grad, hparams is not None, bias is not None, hyper_bias is not None)
+    if torch.is_grad_enabled():  # create_graph=True: stay differentiable
+        return _double_backward(reference.hyper_linear,
+                                (x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale),
+                                mask, grad_out)
+    grads = hyper_linear_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale, bias_scale,
+                                  z_hyper, mask)
+    return _grads_or_none(grads, mask)
+
+
+hyper_linear.register_autograd(_hyper_linear_autograd, setup_context=_hyper_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------- hyper_conv2d
+
+@torch.library.custom_op("stn_kernels::hyper_conv2d", mutates_args=())
+def hyper_conv2d(x: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor],
+                 hyper_bias: Optional[Tensor], weight_scale: Optional[Tensor], bias_scale: Optional[Tensor],
+                 stride: List[int], padding: List[int], dilation: List[int], groups: int) -> tuple[Tensor, Tensor]:
+    kernels = _kernels("hyper_conv2d", x)
+    return kernels.hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+                                        stride, padding, dilation, groups)
+
+
+def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation):
+    (batch, _, height, width), (channels, _, kh, kw) = x_shape, weight_shape
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return batch, channels, out_h, out_w
+
+
+@hyper_conv2d.register_fake
+def _(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, stride, padding, dilation, groups):
+    shape = conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    out = x.new_empty(shape)
+    return out, (x.new_empty(0) if hparams is None else x.new_empty(shape))
+
+
+@torch.library.custom_op("stn_kernels::hyper_conv2d_backward", mutates_args=())
+def hyper_conv2d_backward(grad_out: Tensor, x: Tensor, hparams: Optional[Tensor], weight: Tensor,
+                          hyper_weight: Tensor, hyper_bias: Optional[Tensor], weight_scale: Optional[Tensor],
+                          bias_scale: Optional[Tensor], z_hyper: Tensor, stride: List[int], padding: List[int],
+                          dilation: List[int], groups: int, output_mask: List[bool]) -> List[Tensor]:
+    kernels = _kernels("hyper_conv2d", x)
+    grads = kernels.hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+                                          bias_scale, z_hyper, stride, padding, dilation, groups, output_mask)
+    return _empty_unless(grads, x)
+
+
+@hyper_conv2d_backward.register_fake
+def _(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale, bias_scale, z_hyper, stride, padding,
+      dilation, groups, output_mask):
+    bias_like = weight.new_empty(weight.shape[0])
+    return _fake_grads(output_mask, [x, hparams, weight, hyper_weight, bias_like, hyper_bias, weight_scale,
+                                     bias_scale])
+
+
+def _hyper_conv2d_setup_context(ctx, inputs, output):
+    x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale = inputs[:8]
+    ctx.conv_args = tuple(inputs[8:])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, output[1])
+
+
+def _hyper_conv2d_autograd(ctx, grad_out, _grad_z_hyper):
+    x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, z_hyper = ctx.saved_tensors
+    mask = _participating(ctx.needs_input_grad[:8], hparams is not None, bias is not None, hyper_bias is not None)
+    if torch.is_grad_enabled():
+        grads = _double_backward(
+            lambda *t: reference.hyper_conv2d(*t, *ctx.conv_args),
+            (x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale), mask, grad_out)
+    else:
+        grads = _grads_or_none(hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias,
+                                                     weight_scale, bias_scale, z_hyper, *ctx.conv_args, mask), mask)
+    return grads + (None,) * 4
+
+
+hyper_conv2d.register_autograd(_hyper_conv2d_autograd, setup_context=_hyper_conv2d_setup_context)
+
+
+# ----------------------------------------------------------------------------- hyper_embedding
+
+@torch.library.custom_op("stn_kernels::hyper_embedding", mutates_args=())
+def hyper_embedding(indices: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
+                    weight_scale: Optional[Tensor]) -> Tensor:
+    kernels = _kernels("hyper_embedding", weight)
+    return kernels.hyper_embedding_forward(indices, hparams, weight, hyper_weight, weight_scale)
+
+
+@hyper_embedding.register_fake
+def _(indices, hparams, weight, hyper_weight, weight_scale):
+    return weight.new_empty(indices.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("stn_kernels::hyper_embedding_backward", mutates_args=())
+def hyper_embedding_backward(grad_out: Tensor, indices: Tensor, hparams: Optional[Tensor], weight: Tensor,
+                             hyper_weight: Tensor, weight_scale: Optional[Tensor],
+                             output_mask: List[bool]) -> List[Tensor]:
+    kernels = _kernels("hyper_embedding", weight)
+    grads = kernels.hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, weight_scale,
+                                             output_mask)
+    return _empty_unless(grads, weight)
+
+
+@hyper_embedding_backward.register_fake
+def _(grad_out, indices, hparams, weight, hyper_weight, weight_scale, output_mask):
+    return _fake_grads(output_mask, [indices, hparams, weight, hyper_weight, weight_scale])
+
+
+def _hyper_embedding_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _hyper_embedding_autograd(ctx, grad_out):
+    indices, hparams, weight, hyper_weight, weight_scale = ctx.saved_tensors
+    mask = [False] + list(ctx.needs_input_grad[1:])
+    if hparams is None:
+        mask[3] = mask[4] = False
+    if torch.is_grad_enabled():
+        return _double_backward(reference.hyper_embedding, (indices, hparams, weight, hyper_weight, weight_scale),
+                                mask, grad_out)
+    grads = hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, weight_scale, mask)
+    return _grads_or_none(grads, mask)
+
+
+hyper_embedding.register_autograd(_hyper_embedding_autograd, setup_context=_hyper_embedding_setup_context)

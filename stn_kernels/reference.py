@@ -1,0 +1,225 @@
+"""Pure-PyTorch reference implementations of the STN layer ops.
+
+One reference per op. Tests and benchmarks import these as ground truth, and the
+``"reference"`` backend (the CPU path) runs them. Shapes use M for rows (examples,
+or examples times positions once leading dims are flattened), K for input
+features, N for output features and H for hyperparameters.
+
+    out = x·W_elemᵀ + (λ·Vᵀ) ⊙ (x·W_hyperᵀ) + b_elem + (λ·Cᵀ) ⊙ b_hyper
+
+V ("weight_scale", [N, H]) scales the hyper weight path per output feature and C
+("bias_scale", [N, H]) the hyper bias. λ, V and C may be float32 while x and the
+weights are half precision: the small λ products are formed in their own dtype
+and cast to the input dtype before they touch the [M, N] tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def hparam_scales(hparams: Tensor, weight_scale: Tensor, bias_scale: Optional[Tensor], dtype: torch.dtype):
+    """s = λ·Vᵀ and t = λ·Cᵀ (t is None without a bias scale), cast to ``dtype``."""
+    s = (hparams @ weight_scale.t()).to(dtype)
+    t = None if bias_scale is None else (hparams @ bias_scale.t()).to(dtype)
+    return s, t
+
+
+def hyper_linear_forward(
+    x: Tensor,
+    hparams: Optional[Tensor],
+    weight: Tensor,
+    hyper_weight: Tensor,
+    bias: Optional[Tensor],
+    hyper_bias: Optional[Tensor],
+    weight_scale: Optional[Tensor],
+    bias_scale: Optional[Tensor],
+):
+    """Forward of the 2-D op: x [M, K], hparams [M, H] or None.
+
+    Returns ``(out, z_hyper)`` with z_hyper = x·W_hyperᵀ (saved for the backward;
+    an empty tensor when hparams is None). Two GEMMs, no weight packing: on the
+    CPU this is what the benchmark in ``stn_kernels.bench`` found fastest.
+    """
+    out = F.linear(x, weight, bias)
+    if hparams is None:
+        return out, x.new_empty(0)
+    z_hyper = F.linear(x, hyper_weight)
+    s, t = hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
+    out.addcmul_(s, z_hyper)
+    if hyper_bias is not None:
+        out.addcmul_(t, hyper_bias)
+    return out, z_hyper
+
+
+def hyper_linear(x, hparams, weight, hyper_weight, bias=None, hyper_bias=None, weight_scale=None, bias_scale=None):
+    """The layer's output only (see :func:`hyper_linear_forward`)."""
+    return hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)[0]
+
+
+def hyper_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    hparams: Optional[Tensor],
+    weight: Tensor,
+    hyper_weight: Tensor,
+    hyper_bias: Optional[Tensor],
+    weight_scale: Optional[Tensor],
+    bias_scale: Optional[Tensor],
+    z_hyper: Optional[Tensor],
+    output_mask: Sequence[bool] = (True,) * 8,
+):
+    """Gradients of the 2-D op, in argument order.
+
+    Returns a list of 8 entries (x, hparams, weight, hyper_weight, bias,
+    hyper_bias, weight_scale, bias_scale); an entry is None where its input is
+    None or ``output_mask`` says it is not needed. With ``z_hyper=None``,
+    x·W_hyperᵀ is recomputed. (Double backward differentiates the forward
+    instead: see ``stn_kernels.ops``.)
+
+        g_s = g ⊙ s            dx  = g·W_elem + g_s·W_hyper
+        dW_elem = gᵀ·x         dW_hyper = g_sᵀ·x
+        db_elem = Σ_m g        db_hyper = Σ_m g ⊙ t
+        dλ = (g ⊙ z_hyper)·V + (g ⊙ b_hyper)·C
+        dV = (g ⊙ z_hyper)ᵀ·λ  dC = (g ⊙ b_hyper)ᵀ·λ
+    """
+    need = list(output_mask)
+    g = grad_out
+    grads: list = [None] * 8
+    if hparams is None:
+        if need[0]:
+            grads[0] = g @ weight
+        if need[2]:
+            grads[2] = g.t() @ x
+        if need[4]:
+            grads[4] = g.sum(0)
+        return grads
+
+    s, t = hparam_scales(hparams, weight_scale, bias_scale, g.dtype)
+    g_s = g * s
+    if need[0]:
+        grads[0] = (g @ weight).addmm_(g_s, hyper_weight)
+    if need[2]:
+        grads[2] = g.t() @ x
+    if need[3]:
+        grads[3] = g_s.t() @ x
+    if need[4]:
+        grads[4] = g.sum(0)
+    if hyper_bias is not None and need[5]:
+        grads[5] = (g * t).sum(0)
+    if need[1] or need[6] or (bias_scale is not None and need[7]):
+        if z_hyper is None:
+            z_hyper = F.linear(x, hyper_weight)
+        # The λ-side products run in the dtype of λ and V (float32 for half inputs).
+        ds = (g * z_hyper).to(hparams.dtype)
+        dt = None if hyper_bias is None else (g * hyper_bias).to(hparams.dtype)
+        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6], need[7])
+    return grads
+
+
+def hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+                         stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """out[b,c] = conv(x, W_elem)[b,c] + s[b,c]·conv(x, W_hyper)[b,c] + b_elem[c] + t[b,c]·b_hyper[c].
+
+    x [B, C_in, H, W]; hparams [B, H_p] or None; s = λ·Vᵀ and t = λ·Cᵀ are [B, C_out].
+    Returns ``(out, z_hyper)`` with z_hyper = conv(x, W_hyper) (empty when hparams is None).
+    """
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if hparams is None:
+        return out, x.new_empty(0)
+    z_hyper = F.conv2d(x, hyper_weight, None, stride, padding, dilation, groups)
+    s, t = hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
+    out = out + s[:, :, None, None] * z_hyper
+    if hyper_bias is not None:
+        out = out + (t * hyper_bias)[:, :, None, None]
+    return out, z_hyper
+
+
+def hyper_conv2d(x, hparams, weight, hyper_weight, bias=None, hyper_bias=None, weight_scale=None, bias_scale=None,
+                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """The layer's output only (see :func:`hyper_conv2d_forward`)."""
+    return hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+                                stride, padding, dilation, groups)[0]
+
+
+def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale, bias_scale, z_hyper,
+                          stride, padding, dilation, groups, output_mask=(True,) * 8):
+    """Gradients of :func:`hyper_conv2d_forward` in argument order (8 entries, None where not needed).
+
+    The two weight paths go through ``aten.convolution_backward`` (grad g for W_elem,
+    g ⊙ s for W_hyper); the per-channel λ terms reduce g over the spatial dims first.
+    """
+    need = list(output_mask)
+    g = grad_out
+    grads: list = [None] * 8
+
+    def conv_backward(grad, w, with_bias):
+        return torch.ops.aten.convolution_backward(
+            grad, x, w, [w.shape[0]] if with_bias else None, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [need[0], need[2] if w is weight else need[3], with_bias])
+
+    dx, grads[2], grads[4] = conv_backward(g, weight, need[4])
+    if hparams is None:
+        grads[0] = dx
+        return grads
+    s, t = hparam_scales(hparams, weight_scale, bias_scale, g.dtype)
+    dx_hyper, grads[3], _ = conv_backward(g * s[:, :, None, None], hyper_weight, False)
+    if need[0]:
+        grads[0] = dx + dx_hyper
+    g_sum = g.sum((2, 3))
+    if hyper_bias is not None and need[5]:
+        grads[5] = (g_sum * t).sum(0)
+    if need[1] or need[6] or (bias_scale is not None and need[7]):
+        ds = (g * z_hyper).sum((2, 3)).to(hparams.dtype)
+        dt = None if hyper_bias is None else (g_sum * hyper_bias).to(hparams.dtype)
+        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6], need[7])
+    return grads
+
+
+def _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need_hparams, need_weight_scale, need_bias_scale):
+    """dλ = ds·V + dt·C, dV = dsᵀ·λ, dC = dtᵀ·λ (each None where not needed or dt is None)."""
+    d_hparams = d_weight_scale = d_bias_scale = None
+    if need_hparams:
+        d_hparams = ds @ weight_scale
+        if dt is not None:
+            d_hparams = d_hparams + dt @ bias_scale
+    if need_weight_scale:
+        d_weight_scale = ds.t() @ hparams
+    if dt is not None and need_bias_scale:
+        d_bias_scale = dt.t() @ hparams
+    return d_hparams, d_weight_scale, d_bias_scale
+
+
+def hyper_embedding_forward(indices, hparams, weight, hyper_weight, weight_scale):
+    """out[m] = E_elem[i_m] + (λ_m·Vᵀ) ⊙ E_hyper[i_m]; indices [M], hparams [M, H] or None."""
+    out = F.embedding(indices, weight)
+    if hparams is None:
+        return out
+    s = (hparams @ weight_scale.t()).to(weight.dtype)
+    return out + s * F.embedding(indices, hyper_weight)
+
+
+hyper_embedding = hyper_embedding_forward
+
+
+def hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, weight_scale, output_mask=(True,) * 5):
+    """Gradients for (indices, hparams, weight, hyper_weight, weight_scale); indices never get one."""
+    need = list(output_mask)
+    g = grad_out
+    grads: list = [None] * 5
+    if need[2]:
+        grads[2] = torch.zeros_like(weight).index_add_(0, indices, g)
+    if hparams is None:
+        return grads
+    s = (hparams @ weight_scale.t()).to(g.dtype)
+    if need[3]:
+        grads[3] = torch.zeros_like(hyper_weight).index_add_(0, indices, g * s)
+    if need[1] or need[4]:
+        ds = (g * F.embedding(indices, hyper_weight)).to(hparams.dtype)
+        grads[1], grads[4], _ = _hparam_grads(ds, None, hparams, weight_scale, None, need[1], need[4], False)
+    return grads

@@ -1,0 +1,1 @@
+"""Triton kernels of stn_kernels (imported lazily, only by the triton backend)."""

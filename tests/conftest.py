@@ -1,0 +1,30 @@
+"""Markers with auto-skip: ``gpu`` needs CUDA; ``triton`` needs a GPU or the
+Triton interpreter, which is switched on here, before any kernel module is
+imported, when there is no GPU."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="needs Triton, and a GPU or TRITON_INTERPRET=1")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "triton" in item.keywords and not (HAS_TRITON and (HAS_CUDA or INTERPRETING)):
+            item.add_marker(skip_triton)
