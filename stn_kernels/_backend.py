@@ -86,29 +86,34 @@ def cuda_extension_available(device: torch.device) -> bool:
     return _extension.loaded()
 
 
-def resolve_backend(device: torch.device, op: str) -> str:
-    """The concrete backend ("reference", "triton" or "cuda") for ``op`` on ``device``."""
-    name = requested_backend()
-    if name == "reference":
-        return name
-    if name == "triton":
-        if not triton_available(device):
-            why = ("Triton is not installed" if not _triton_importable() else
-                   f"tensors are on {device}; Triton runs CUDA tensors, or CPU tensors only with TRITON_INTERPRET=1 "
-                   "set before stn_kernels is imported")
-            raise BackendUnavailableError(f"{op}: backend 'triton' cannot run here: {why}")
-        return name
-    if name == "cuda":
-        if not cuda_extension_available(device):
-            from . import _extension
+def resolve_backend(device: torch.device, op: str, implemented: tuple = ("reference",)) -> str:
+    """The concrete backend ("reference", "triton" or "cuda") for ``op`` on ``device``.
 
-            why = (f"tensors are on {device}, the extension runs CUDA tensors only" if device.type != "cuda"
-                   else f"the compiled extension is not loaded ({_extension.load_error() or 'not built'})")
-            raise BackendUnavailableError(f"{op}: backend 'cuda' cannot run here: {why}")
-        return name
-    # auto: the fused kernels on CUDA, the reference on the CPU (the interpreter is for testing only).
-    if device.type == "cuda" and _triton_importable():
-        return "triton"
-    if device.type == "cuda" and cuda_extension_available(device):
-        return "cuda"
-    return "reference"
+    ``implemented`` names the backends that have a kernel for ``op``. An explicit
+    request that cannot run raises BackendUnavailableError; "auto" takes the first
+    of triton, cuda (CUDA tensors only) that can run, else the reference.
+    """
+    name = requested_backend()
+    if name == "auto":
+        # The fused kernels on CUDA, the reference on the CPU (the interpreter is for testing only).
+        if device.type == "cuda":
+            if "triton" in implemented and _triton_importable():
+                return "triton"
+            if "cuda" in implemented and cuda_extension_available(device):
+                return "cuda"
+        return "reference"
+    if name != "reference" and name not in implemented:
+        raise BackendUnavailableError(f"{op}: backend {name!r} has no kernel for this op yet; "
+                                      f"available: {', '.join(implemented)} (or 'auto')")
+    if name == "triton" and not triton_available(device):
+        why = ("Triton is not installed" if not _triton_importable() else
+               f"tensors are on {device}; Triton runs CUDA tensors, or CPU tensors only with TRITON_INTERPRET=1 "
+               "set before stn_kernels is imported")
+        raise BackendUnavailableError(f"{op}: backend 'triton' cannot run here: {why}")
+    if name == "cuda" and not cuda_extension_available(device):
+        from . import _extension
+
+        why = (f"tensors are on {device}, the extension runs CUDA tensors only" if device.type != "cuda"
+               else f"the compiled extension is not loaded ({_extension.load_error() or 'not built'})")
+        raise BackendUnavailableError(f"{op}: backend 'cuda' cannot run here: {why}")
+    return name

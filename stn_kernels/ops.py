@@ -29,28 +29,21 @@ from torch import Tensor
 from . import reference
 from ._backend import resolve_backend
 
+# Which module implements each op on each non-reference backend (imported on first use).
 _KERNEL_MODULES = {
-    "reference": "stn_kernels.reference",
-    "triton": "stn_kernels.triton_kernels.hyper_linear",
+    "hyper_linear": {"triton": "stn_kernels.triton_kernels.hyper_linear"},
+    "hyper_conv2d": {},
+    "hyper_embedding": {},
 }
 
 
 def _kernels(op: str, x: Tensor):
-    """The module holding the chosen backend's implementation of ``op``."""
-    backend = resolve_backend(x.device, f"stn_kernels::{op}")
-    if backend == "reference" or x.numel() == 0:
+    """The module holding the chosen backend's ``{op}_forward`` and ``{op}_backward``."""
+    modules = _KERNEL_MODULES[op]
+    backend = resolve_backend(x.device, f"stn_kernels::{op}", ("reference", *modules))
+    if backend == "reference" or x.numel() == 0:  # empty problems need no kernel launch
         return reference
-    if backend == "cuda":
-        from . import _extension_ops
-
-        return _extension_ops
-    module = importlib.import_module(_KERNEL_MODULES[backend])
-    if not hasattr(module, f"{op}_forward"):
-        from ._backend import BackendUnavailableError
-
-        raise BackendUnavailableError(f"stn_kernels::{op}: backend {backend!r} has no kernel for this op yet; "
-                                      "use 'auto' or 'reference'")
-    return module
+    return importlib.import_module(modules[backend])
 
 
 def _participating(mask: Sequence[bool], hparams_given: bool, bias_given: bool, hyper_bias_given: bool) -> list:
