@@ -2,13 +2,15 @@
 
 The backend is resolved when an op runs (inside the op, below autograd and
 torch.compile), from the innermost ``use_backend`` block, else the environment
-variable, else ``"auto"``. Nothing here touches the GPU at import.
+variable, else ``"auto"``. The setting is process-wide, like the
+``torch.backends`` flags, not thread- or context-local: the autograd engine runs
+CUDA backward ops on its own worker threads, which must see the same backend as
+the forward. Nothing here touches the GPU at import.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from typing import Iterator
 
@@ -17,7 +19,7 @@ import torch
 BACKENDS = ("auto", "reference", "triton", "cuda")
 ENV_VAR = "STN_KERNELS_BACKEND"
 
-_requested: contextvars.ContextVar = contextvars.ContextVar("stn_kernels_backend", default=None)
+_override_stack: list = []  # names from the enclosing use_backend blocks, innermost last
 
 
 class BackendUnavailableError(RuntimeError):
@@ -34,9 +36,8 @@ def _check_name(name, source: str) -> str:
 
 def requested_backend() -> str:
     """The backend name in force here (not yet checked against a device)."""
-    name = _requested.get()
-    if name is not None:
-        return name
+    if _override_stack:
+        return _override_stack[-1]
     env = os.environ.get(ENV_VAR)
     if env:
         return _check_name(env.strip().lower(), f"environment variable {ENV_VAR}")
@@ -53,11 +54,11 @@ def use_backend(name: str) -> Iterator[str]:
     A backend that cannot run an op's tensors raises BackendUnavailableError
     when the op runs; there is no silent fallback.
     """
-    token = _requested.set(_check_name(name, "use_backend(name)"))
+    _override_stack.append(_check_name(name, "use_backend(name)"))
     try:
         yield name
     finally:
-        _requested.reset(token)
+        _override_stack.pop()
 
 
 def triton_interpreting() -> bool:

@@ -11,6 +11,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# One fixed Triton config in tests: several would each be compiled (GPU) or fail (interpreter).
+os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 
 try:
     import triton  # noqa: F401

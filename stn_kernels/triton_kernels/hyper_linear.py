@@ -1,0 +1,668 @@
+"""Fused Triton kernels for the HyperLinear op (2-D: x [M, K], hparams [M, H]).
+
+    out = x·W_eᵀ + (λ·Vᵀ) ⊙ (x·W_hᵀ) + b_e + (λ·Cᵀ) ⊙ b_h,    z_hyper = x·W_hᵀ
+
+Same contract as :func:`stn_kernels.reference.hyper_linear_forward` and
+:func:`stn_kernels.reference.hyper_linear_backward`. Kernels (all accumulate in fp32):
+
+``_fwd_kernel``
+    One launch. Program = one [BLOCK_M, BLOCK_N] tile of out (grouped ordering, GROUP
+    row tiles per band, for L2 reuse of the weights). The K loop loads the x tile once
+    and dots it with the W_e tile and the W_h tile into two fp32 accumulators (only the
+    first when hparams is None). Epilogue in registers: s = λ·Vᵀ and t·b_h = λ·(C⊙b_h)ᵀ
+    as small dots over H padded to BLOCK_H ≥ 16, biases, stores of out and z_hyper.
+``_dx_kernel``
+    dx = g·W_e + (g⊙s)·W_h. Program = one [BLOCK_M, BLOCK_K] tile of dx; loop over N
+    in BLOCK_N chunks, s for the chunk formed in registers (λ tile · V chunkᵀ), g⊙s cast
+    to the input dtype in registers (never stored), two dots into one accumulator. Grid
+    axis 1 splits N (split-K) when the dx tiles alone cannot fill the GPU (small M): each
+    split writes an fp32 partial [S, M, K] slot, summed in fixed order by ``torch.sum``.
+``_dw_kernel``
+    dW_e = gᵀ·x and dW_h = (g⊙s)ᵀ·x. Program = one [BLOCK_N, BLOCK_K] tile of both,
+    loop over M sharing the loads of g and x (s from V tile · λ chunkᵀ); optional split
+    of M like ``_dx_kernel``.
+``_small_kernel``
+    dλ = (g⊙z)·V + (g⊙b_h)·C, dV = (g⊙z)ᵀ·λ, dC = (g⊙b_h)ᵀ·λ, db_e = Σ_m g and
+    db_h = Σ_m g⊙t in one pass over g and z. Grid (M chunks, N blocks of 64): each program
+    loops over the rows of its chunk; dλ partials go to one slot per N block and the
+    [N]-side partials to one slot per M chunk, summed by ``torch.sum``.
+
+No float atomics anywhere, so results are bitwise repeatable whether or not
+``torch.use_deterministic_algorithms`` is on. (Measured on an H200, M=N=K=4096, H=15:
+with fp32 atomics for dλ, 64-way contended, ``_small_kernel`` took 178 µs; with slots it
+takes 107 µs plus 23 µs of ``torch.sum`` for all slot reductions.) Every buffer that the kernels write in
+full is allocated through :func:`_alloc` (tests patch it to NaN-fill). Constants fixed
+at import: the autotune config lists (a single small config under ``TRITON_INTERPRET=1``,
+or when ``STN_KERNELS_TRITON_AUTOTUNE=0``). Nothing queries the GPU at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_AUTOTUNE = (not _INTERPRET) and os.environ.get("STN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _alloc(shape, dtype, device) -> Tensor:
+    """Allocates a buffer that a kernel writes in full (tests replace this to NaN-fill)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _configs(names, tuples, group):
+    return [triton.Config({names[0]: a, names[1]: b, names[2]: c, "GROUP": group}, num_warps=w, num_stages=s)
+            for (a, b, c, w, s) in tuples]
+
+
+# (rows of the output tile, cols of the output tile, reduction chunk, num_warps, num_stages).
+# The forward and dW kernels hold two fp32 accumulators: tiles stay at ≤ 64 fp32 values per
+# thread each (128x128 with 8 warps, 64x128 / 128x64 with 4, 64x256 with 8).
+_TWO_ACC = [
+    (128, 256, 64, 8, 3),  # for one accumulator (no hparams / dW_e only); spills with two
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4),
+    (64, 256, 32, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+_ONE_ACC = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4),
+    (64, 256, 32, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+]
+# Without autotuning: one config that fits the shared memory of Ampere and Hopper for fp32 too.
+_DEFAULT_TWO = [(64, 128, 32, 4, 3)]
+_DEFAULT_ONE = [(64, 128, 32, 4, 3)]
+_SMALL_BLOCKS = (64, 64)  # (BLOCK_M, BLOCK_N) of _small_kernel on a GPU
+
+if _INTERPRET:
+    # Autotune with several configs fails in the interpreter, and every op costs Python time.
+    _TWO_ACC = _ONE_ACC = _DEFAULT_TWO = _DEFAULT_ONE = [(32, 32, 32, 4, 1)]
+    _SMALL_BLOCKS = (32, 32)
+    _GROUP = 2
+else:
+    _GROUP = 8
+if not _AUTOTUNE:
+    _TWO_ACC, _ONE_ACC = _DEFAULT_TWO, _DEFAULT_ONE
+
+_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _TWO_ACC, _GROUP)
+_DX_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _ONE_ACC, _GROUP)
+_DW_CONFIGS = _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _TWO_ACC, _GROUP)
+
+
+def _prune_rows(configs, nargs, **kwargs):
+    """Drop configs whose BLOCK_M is far larger than M (small batches)."""
+    cap = max(64, triton.next_power_of_2(int(nargs["M"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or configs
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _swizzle(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """Grouped program order: GROUP row tiles share a band of column tiles (L2 reuse)."""
+    width = GROUP * num_cols
+    group = pid // width
+    first = group * GROUP
+    size = tl.minimum(num_rows - first, GROUP)
+    row = first + (pid % width) % size
+    col = (pid % width) // size
+    return row, col
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K", "HAS_HP"],
+                 prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit
+def _fwd_kernel(
+    x_ptr, we_ptr, wh_ptr, be_ptr, bh_ptr, lam_ptr, v_ptr, c_ptr, out_ptr, z_ptr,
+    M, N, K, H,
+    s_xm, s_wen, s_whn, s_lm, s_vn, s_cn,
+    HAS_HP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HB: tl.constexpr,
+    PREC: tl.constexpr, LAM_PREC: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/cols past the edge wrap onto valid ones: the main loop needs masks on K only.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
+    we_ptrs = we_ptr + rk[:, None] + rn[None, :] * s_wen
+    wh_ptrs = wh_ptr + rk[:, None] + rn[None, :] * s_whn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(we_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PREC)
+        if HAS_HP:
+            bh = tl.load(wh_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            acc_h = tl.dot(a, bh.to(a.dtype), acc_h, input_precision=PREC)
+            wh_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        we_ptrs += BLOCK_K
+
+    om = offs_m.to(tl.int64)
+    on = offs_n.to(tl.int64)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if HAS_HP:
+        tl.store(z_ptr + om[:, None] * N + on[None, :], acc_h.to(z_ptr.dtype.element_ty), mask=mask)
+        rh = tl.arange(0, BLOCK_H)
+        h_ok = rh < H
+        lam = tl.load(lam_ptr + rm[:, None] * s_lm + rh[None, :], mask=h_ok[None, :], other=0.0)
+        lam = lam.to(tl.float32)
+        vt = tl.load(v_ptr + rh[:, None] + rn[None, :] * s_vn, mask=h_ok[:, None], other=0.0)
+        s = tl.dot(lam, vt.to(tl.float32), input_precision=LAM_PREC)
+        acc += s * acc_h
+        if HAS_HB:
+            ct = tl.load(c_ptr + rh[:, None] + rn[None, :] * s_cn, mask=h_ok[:, None], other=0.0)
+            bhv = tl.load(bh_ptr + rn).to(tl.float32)
+            # (λ·Cᵀ) ⊙ b_h == λ·(C ⊙ b_h)ᵀ: one more small dot into the accumulator.
+            acc = tl.dot(lam, ct.to(tl.float32) * bhv[None, :], acc, input_precision=LAM_PREC)
+    if HAS_BIAS:
+        acc += tl.load(be_ptr + rn).to(tl.float32)[None, :]
+    tl.store(out_ptr + om[:, None] * N + on[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_DX_CONFIGS, key=["M", "N", "K", "HAS_HP", "SPLIT_OUT"],
+                 prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit
+def _dx_kernel(
+    g_ptr, we_ptr, wh_ptr, lam_ptr, v_ptr, out_ptr,
+    M, N, K, H,
+    s_gm, s_wen, s_whn, s_lm, s_vn,
+    HAS_HP: tl.constexpr, SPLIT_OUT: tl.constexpr,
+    PREC: tl.constexpr, LAM_PREC: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dx tile [BLOCK_M, BLOCK_K]; program_id(1) picks this program's share of N.
+
+    out is contiguous: [M, K] in its dtype, or with SPLIT_OUT fp32 [S, M, K] written at slot pid_s.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    pid_m, pid_k = _swizzle(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)
+    rk = (offs_k % K).to(tl.int64)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per = tl.cdiv(n_tiles, n_split)
+    t_begin = pid_s * per
+    t_end = tl.minimum(t_begin + per, n_tiles)
+    rn = (t_begin * BLOCK_N).to(tl.int64) + tl.arange(0, BLOCK_N)
+    jn = tl.arange(0, BLOCK_N)
+    g_ptrs = g_ptr + rm[:, None] * s_gm + rn[None, :]
+    we_ptrs = we_ptr + rn[:, None] * s_wen + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_HP:
+        wh_ptrs = wh_ptr + rn[:, None] * s_whn + rk[None, :]
+        rh = tl.arange(0, BLOCK_H)
+        h_ok = rh < H
+        lam = tl.load(lam_ptr + rm[:, None] * s_lm + rh[None, :], mask=h_ok[None, :], other=0.0)
+        lam = lam.to(tl.float32)
+        vt_ptrs = v_ptr + rh[:, None] + rn[None, :] * s_vn
+    for t in range(t_begin, t_end):
+        n_ok = jn < N - t * BLOCK_N
+        gt = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+        w = tl.load(we_ptrs, mask=n_ok[:, None], other=0.0)
+        acc = tl.dot(gt, w.to(gt.dtype), acc, input_precision=PREC)
+        if HAS_HP:
+            vt = tl.load(vt_ptrs, mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+            s = tl.dot(lam, vt.to(tl.float32), input_precision=LAM_PREC)
+            gs = (gt.to(tl.float32) * s).to(gt.dtype)
+            w2 = tl.load(wh_ptrs, mask=n_ok[:, None], other=0.0)
+            acc = tl.dot(gs, w2.to(gt.dtype), acc, input_precision=PREC)
+            wh_ptrs += BLOCK_N * s_whn
+            vt_ptrs += BLOCK_N * s_vn
+        g_ptrs += BLOCK_N
+        we_ptrs += BLOCK_N * s_wen
+
+    om = offs_m.to(tl.int64)
+    ok = offs_k.to(tl.int64)
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    ptrs = out_ptr + om[:, None] * K + ok[None, :]
+    if SPLIT_OUT:
+        tl.store(ptrs + pid_s.to(tl.int64) * M * K, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_DW_CONFIGS, key=["M", "N", "K", "NEED_E", "NEED_H", "SPLIT_OUT"])
+@triton.jit
+def _dw_kernel(
+    g_ptr, x_ptr, lam_ptr, v_ptr, dwe_ptr, dwh_ptr,
+    M, N, K, H,
+    s_gm, s_xm, s_lm, s_vn,
+    NEED_E: tl.constexpr, NEED_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
+    PREC: tl.constexpr, LAM_PREC: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dW_e / dW_h tile [BLOCK_N, BLOCK_K]; program_id(1) picks this program's share of M.
+
+    Outputs contiguous, as in _dx_kernel (fp32 slots [S, N, K] with SPLIT_OUT).
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m_split = tl.num_programs(1)
+    pid_n, pid_k = _swizzle(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = (offs_n % N).to(tl.int64)
+    rk = (offs_k % K).to(tl.int64)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    per = tl.cdiv(m_tiles, m_split)
+    t_begin = pid_s * per
+    t_end = tl.minimum(t_begin + per, m_tiles)
+    rm = (t_begin * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
+    jm = tl.arange(0, BLOCK_M)
+    gt_ptrs = g_ptr + rn[:, None] + rm[None, :] * s_gm
+    x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
+    acc_e = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_h = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if NEED_H:
+        rh = tl.arange(0, BLOCK_H)
+        h_ok = rh < H
+        v = tl.load(v_ptr + rn[:, None] * s_vn + rh[None, :], mask=h_ok[None, :], other=0.0)
+        v = v.to(tl.float32)
+        lt_ptrs = lam_ptr + rh[:, None] + rm[None, :] * s_lm
+    for t in range(t_begin, t_end):
+        m_ok = jm < M - t * BLOCK_M
+        gt = tl.load(gt_ptrs, mask=m_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0).to(gt.dtype)
+        if NEED_E:
+            acc_e = tl.dot(gt, xt, acc_e, input_precision=PREC)
+        if NEED_H:
+            lt = tl.load(lt_ptrs, mask=h_ok[:, None] & m_ok[None, :], other=0.0)
+            st = tl.dot(v, lt.to(tl.float32), input_precision=LAM_PREC)
+            gs = (gt.to(tl.float32) * st).to(gt.dtype)
+            acc_h = tl.dot(gs, xt, acc_h, input_precision=PREC)
+            lt_ptrs += BLOCK_M * s_lm
+        gt_ptrs += BLOCK_M * s_gm
+        x_ptrs += BLOCK_M * s_xm
+
+    on = offs_n.to(tl.int64)
+    ok = offs_k.to(tl.int64)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    offs = on[:, None] * K + ok[None, :]
+    if SPLIT_OUT:
+        offs += pid_s.to(tl.int64) * N * K
+    if NEED_E:
+        tl.store(dwe_ptr + offs, acc_e.to(dwe_ptr.dtype.element_ty), mask=mask)
+    if NEED_H:
+        tl.store(dwh_ptr + offs, acc_h.to(dwh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _small_kernel(
+    g_ptr, z_ptr, lam_ptr, v_ptr, c_ptr, bh_ptr,
+    dlam_ptr, dv_ptr, dc_ptr, dbe_ptr, dbh_ptr,
+    M, N, H, rows_per_prog,
+    s_gm, s_zm, s_lm, s_vn, s_cn,
+    NEED_DLAM: tl.constexpr, NEED_DV: tl.constexpr, NEED_DC: tl.constexpr,
+    NEED_DBE: tl.constexpr, NEED_DBH: tl.constexpr, HAS_HB: tl.constexpr,
+    NEED_Z: tl.constexpr, NEED_LAM: tl.constexpr, NEED_DT: tl.constexpr,
+    LAM_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (pid_m, pid_n): rows [pid_m·rows_per_prog, +rows_per_prog) × one BLOCK_N block.
+
+    Writes fp32 partial sums, no atomics: dλ rows into slot pid_n of dlam [n_blocks, M, H], and
+    the rows of this N block of dV / dC [chunks, N, H] and db_e / db_h [chunks, N] into slot pid_m.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    on = offs_n.to(tl.int64)
+    rh = tl.arange(0, BLOCK_H)
+    h_ok = rh < H
+    nh_mask = n_ok[:, None] & h_ok[None, :]
+    if NEED_DLAM:
+        vb = tl.load(v_ptr + on[:, None] * s_vn + rh[None, :], mask=nh_mask, other=0.0).to(tl.float32)
+        if HAS_HB:
+            cb = tl.load(c_ptr + on[:, None] * s_cn + rh[None, :], mask=nh_mask, other=0.0).to(tl.float32)
+    if NEED_DT:
+        bhv = tl.load(bh_ptr + on, mask=n_ok, other=0.0).to(tl.float32)
+    if NEED_DBH:
+        ct = tl.load(c_ptr + on[None, :] * s_cn + rh[:, None], mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+        ct = ct.to(tl.float32)
+    acc_v = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    acc_c = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    acc_be = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_bh = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_begin = pid_m * rows_per_prog
+    m_end = tl.minimum(m_begin + rows_per_prog, M)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        om = offs_m.to(tl.int64)
+        g = tl.load(g_ptr + om[:, None] * s_gm + on[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        g = g.to(tl.float32)
+        if NEED_DBE:
+            acc_be += tl.sum(g, axis=0)
+        if NEED_LAM:
+            lam = tl.load(lam_ptr + om[:, None] * s_lm + rh[None, :], mask=m_ok[:, None] & h_ok[None, :],
+                          other=0.0).to(tl.float32)
+        if NEED_Z:
+            zt = tl.load(z_ptr + om[:, None] * s_zm + on[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            ds = g * zt.to(tl.float32)
+        if NEED_DT:
+            dt = g * bhv[None, :]
+        if NEED_DLAM:
+            dl = tl.dot(ds, vb, input_precision=LAM_PREC)
+            if HAS_HB:
+                dl = tl.dot(dt, cb, dl, input_precision=LAM_PREC)
+            lp = dlam_ptr + pid_n.to(tl.int64) * M * H + om[:, None] * H + rh[None, :]
+            tl.store(lp, dl, mask=m_ok[:, None] & h_ok[None, :])
+        if NEED_DV:
+            acc_v = tl.dot(tl.trans(ds), lam, acc_v, input_precision=LAM_PREC)
+        if NEED_DC:
+            acc_c = tl.dot(tl.trans(dt), lam, acc_c, input_precision=LAM_PREC)
+        if NEED_DBH:
+            t_tile = tl.dot(lam, ct, input_precision=LAM_PREC)
+            acc_bh += tl.sum(g * t_tile, axis=0)
+
+    slot = pid_m.to(tl.int64)
+    if NEED_DV:
+        tl.store(dv_ptr + slot * N * H + on[:, None] * H + rh[None, :], acc_v, mask=nh_mask)
+    if NEED_DC:
+        tl.store(dc_ptr + slot * N * H + on[:, None] * H + rh[None, :], acc_c, mask=nh_mask)
+    if NEED_DBE:
+        tl.store(dbe_ptr + slot * N + on, acc_be, mask=n_ok)
+    if NEED_DBH:
+        tl.store(dbh_ptr + slot * N + on, acc_bh, mask=n_ok)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inner(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels take one stride per 2-D operand (rows) and assume unit stride along the
+    last dim: keep views that have it (or whose last dim has size ≤ 1), copy the others."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _row(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    """input_precision of fp32 tl.dot: TF32 only where torch allows it for fp32 matmuls.
+
+    Half inputs: the big dots ignore it, and the small λ dots (fp32 operands) use TF32, whose
+    rounding is that of the half-precision s and t the reference forms."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _block_h(h: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(h), 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def _num_splits(rows: int, cols: int, red: int, sms: int) -> int:
+    """How many programs share one output tile's reduction (split-K) in a GEMM rows×cols over red.
+
+    Only when the output has fewer 128×128 tiles than the GPU has SMs (small batches), and
+    with at least 256 reduction elements per split.
+    """
+    tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, 128)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), red // 256, 16))
+
+
+def _reduce(slots: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sum of the fp32 per-program partial sums over dim 0, in a fixed order (one launch)."""
+    if slots.shape[0] == 1:
+        return slots[0].to(dtype)
+    return torch.sum(slots, 0, dtype=dtype)
+
+
+def _fallback(x: Tensor, M: int, N: int, K: int, *ts: Optional[Tensor]) -> bool:
+    """Empty sizes and dtypes the kernels do not take go to the reference implementation."""
+    if M == 0 or N == 0 or K == 0:
+        return True
+    return any(t is not None and t.dtype not in _DTYPES for t in (x, *ts))
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def hyper_linear_forward(
+    x: Tensor,
+    hparams: Optional[Tensor],
+    weight: Tensor,
+    hyper_weight: Tensor,
+    bias: Optional[Tensor],
+    hyper_bias: Optional[Tensor],
+    weight_scale: Optional[Tensor],
+    bias_scale: Optional[Tensor],
+):
+    """Fused forward; returns ``(out, z_hyper)`` like the reference (z_hyper empty without hparams)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if _fallback(x, M, N, K, hparams, weight_scale, bias_scale):
+        from .. import reference
+        return reference.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
+                                              bias_scale)
+    has_hp = hparams is not None
+    has_hb = has_hp and hyper_bias is not None
+    x, weight = _inner(x), _inner(weight)
+    wh = _inner(hyper_weight) if has_hp else None
+    lam = _inner(hparams) if has_hp else None
+    V = _inner(weight_scale) if has_hp else None
+    C = _inner(bias_scale) if has_hb else None
+    be = _vec(bias)
+    bh = _vec(hyper_bias) if has_hb else None
+    H = lam.shape[1] if has_hp else 1
+
+    out = _alloc((M, N), x.dtype, x.device)
+    z = _alloc((M, N), x.dtype, x.device) if has_hp else x.new_empty(0)
+    d = x  # stands in for absent pointer arguments (never read)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    prec = _dot_prec(x.dtype)
+    _fwd_kernel[grid](
+        x, weight, wh if has_hp else d, be if be is not None else d, bh if has_hb else d,
+        lam if has_hp else d, V if has_hp else d, C if has_hb else d, out, z if has_hp else d,
+        M, N, K, H,
+        x.stride(0), weight.stride(0), _row(wh), _row(lam), _row(V), _row(C),
+        HAS_HP=has_hp, HAS_BIAS=be is not None, HAS_HB=has_hb,
+        PREC=prec, LAM_PREC=prec, BLOCK_H=_block_h(H),
+    )
+    return out, z
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def hyper_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    hparams: Optional[Tensor],
+    weight: Tensor,
+    hyper_weight: Tensor,
+    hyper_bias: Optional[Tensor],
+    weight_scale: Optional[Tensor],
+    bias_scale: Optional[Tensor],
+    z_hyper: Optional[Tensor],
+    output_mask: Sequence[bool] = (True,) * 8,
+) -> List[Optional[Tensor]]:
+    """Gradients in argument order (x, hparams, weight, hyper_weight, bias, hyper_bias,
+    weight_scale, bias_scale); None where the input is None or ``output_mask`` is False
+    (the bias gradient Σ_m g is returned whenever asked for, as in the reference).
+    """
+    need = [bool(v) for v in output_mask]
+    M, K = x.shape
+    N = weight.shape[0]
+    if _fallback(x, M, N, K, hparams, weight_scale, bias_scale):
+        from .. import reference
+        ref = reference.hyper_linear_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+                                              bias_scale, z_hyper, output_mask)
+        srcs = (x, hparams, weight, hyper_weight, grad_out, hyper_bias, weight_scale, bias_scale)
+        return [None if r is None else r.to(src.dtype) for r, src in zip(ref, srcs)]
+
+    has_hp = hparams is not None
+    has_hb = has_hp and hyper_bias is not None and bias_scale is not None
+    need_dx = need[0]
+    need_dlam = has_hp and need[1]
+    need_dwe = need[2]
+    need_dwh = has_hp and need[3]
+    need_dbe = need[4]
+    need_dbh = has_hb and need[5]
+    need_dv = has_hp and need[6]
+    need_dc = has_hb and need[7]
+
+    dtype = x.dtype
+    dev = x.device
+    g = _inner(grad_out if grad_out.dtype == dtype else grad_out.to(dtype))
+    x = _inner(x)
+    lam = _inner(hparams) if has_hp else None
+    V = _inner(weight_scale) if has_hp else None
+    C = _inner(bias_scale) if has_hb else None
+    bh = _vec(hyper_bias) if has_hb else None
+    H = lam.shape[1] if has_hp else 1
+    block_h = _block_h(H)
+    prec = _dot_prec(dtype)
+    sms = _num_sms(dev)
+    grads: List[Optional[Tensor]] = [None] * 8
+    d = g  # stands in for absent pointer arguments (never read)
+
+    # (a) dx = g·W_e + (g⊙s)·W_h
+    if need_dx:
+        we = _inner(weight)
+        wh = _inner(hyper_weight) if has_hp else None
+        split = _num_splits(M, K, N, sms)
+        buf = _alloc((M, K), dtype, dev) if split == 1 else _alloc((split, M, K), torch.float32, dev)
+
+        def grid_dx(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), split)
+
+        _dx_kernel[grid_dx](
+            g, we, wh if has_hp else d, lam if has_hp else d, V if has_hp else d, buf,
+            M, N, K, H,
+            g.stride(0), we.stride(0), _row(wh), _row(lam), _row(V),
+            HAS_HP=has_hp, SPLIT_OUT=split > 1, PREC=prec, LAM_PREC=prec, BLOCK_H=block_h,
+        )
+        grads[0] = buf if split == 1 else _reduce(buf, dtype)
+
+    # (b) dW_e = gᵀ·x, dW_h = (g⊙s)ᵀ·x
+    if need_dwe or need_dwh:
+        split = _num_splits(N, K, M, sms)
+        if split == 1:
+            dwe = _alloc((N, K), weight.dtype, dev) if need_dwe else None
+            dwh = _alloc((N, K), hyper_weight.dtype, dev) if need_dwh else None
+        else:
+            dwe = _alloc((split, N, K), torch.float32, dev) if need_dwe else None
+            dwh = _alloc((split, N, K), torch.float32, dev) if need_dwh else None
+        any_w = dwe if dwe is not None else dwh
+
+        def grid_dw(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), split)
+
+        _dw_kernel[grid_dw](
+            g, x, lam if need_dwh else d, V if need_dwh else d,
+            dwe if dwe is not None else any_w, dwh if dwh is not None else any_w,
+            M, N, K, H,
+            g.stride(0), x.stride(0), _row(lam), _row(V),
+            NEED_E=need_dwe, NEED_H=need_dwh, SPLIT_OUT=split > 1, PREC=prec, LAM_PREC=prec, BLOCK_H=block_h,
+        )
+        if need_dwe:
+            grads[2] = dwe if split == 1 else _reduce(dwe, weight.dtype)
+        if need_dwh:
+            grads[3] = dwh if split == 1 else _reduce(dwh, hyper_weight.dtype)
+
+    # (c) dλ, dV, dC, db_e, db_h in one pass over g (and z)
+    if need_dlam or need_dv or need_dc or need_dbe or need_dbh:
+        need_z = need_dlam or need_dv
+        z = None
+        if need_z:
+            z = z_hyper
+            if z is None or z.numel() == 0:
+                z = torch.nn.functional.linear(x, hyper_weight)
+            z = _inner(z)
+        bm, bn = _SMALL_BLOCKS
+        n_blocks = triton.cdiv(N, bn)
+        m_blocks = triton.cdiv(M, bm)
+        chunks = min(m_blocks, max(1, triton.cdiv(4 * sms, n_blocks)))
+        rows_per_prog = triton.cdiv(m_blocks, chunks) * bm
+        chunks = triton.cdiv(M, rows_per_prog)
+        f32 = torch.float32
+        # Partial sums: dλ per N block, the [N]-side gradients per M chunk.
+        dlam = _alloc((n_blocks, M, H), f32, dev) if need_dlam else None
+        dv = _alloc((chunks, N, H), f32, dev) if need_dv else None
+        dc = _alloc((chunks, N, H), f32, dev) if need_dc else None
+        dbe = _alloc((chunks, N), f32, dev) if need_dbe else None
+        dbh = _alloc((chunks, N), f32, dev) if need_dbh else None
+        _small_kernel[(chunks, n_blocks)](
+            g, z if need_z else d, lam if has_hp else d, V if has_hp else d, C if has_hb else d, bh if has_hb else d,
+            dlam if need_dlam else d, dv if need_dv else d, dc if need_dc else d,
+            dbe if need_dbe else d, dbh if need_dbh else d,
+            M, N, H, rows_per_prog,
+            g.stride(0), _row(z), _row(lam), _row(V), _row(C),
+            NEED_DLAM=need_dlam, NEED_DV=need_dv, NEED_DC=need_dc, NEED_DBE=need_dbe, NEED_DBH=need_dbh,
+            HAS_HB=has_hb, NEED_Z=need_z, NEED_LAM=need_dv or need_dc or need_dbh,
+            NEED_DT=has_hb and (need_dlam or need_dc),
+            LAM_PREC=prec,
+            BLOCK_H=block_h, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+        if need_dlam:
+            grads[1] = _reduce(dlam, hparams.dtype)
+        if need_dv:
+            grads[6] = _reduce(dv, weight_scale.dtype)
+        if need_dc:
+            grads[7] = _reduce(dc, bias_scale.dtype)
+        if need_dbe:
+            grads[4] = _reduce(dbe, dtype)
+        if need_dbh:
+            grads[5] = _reduce(dbh, hyper_bias.dtype)
+    return grads

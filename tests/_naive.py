@@ -1,0 +1,271 @@
+"""Independent naive formulations of the STN layers, tolerances and parameter factories.
+
+Written from the layer formulas only (plain F.linear / F.conv2d / F.embedding
+calls), deliberately NOT using ``stn_kernels.reference``, so that the tests
+compare the package against something it does not share code with:
+
+    linear:    out[b] = W·x[b] + (V·λ_b) ⊙ (W_hyper·x[b]) + bias + (C·λ_b) ⊙ hyper_bias
+    conv2d:    out[b,c] = conv(x,W)[b,c] + (V·λ_b)[c]·conv(x,W_hyper)[b,c] + bias[c] + (C·λ_b)[c]·hyper_bias[c]
+    embedding: out[b,...] = E[i] + (V·λ_b) ⊙ E_hyper[i]
+
+λ is [B, H] (one row per example, shared by any middle dims), [H] (shared by the
+batch) or None (the elementary path only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # what torch.library.opcheck raises (an internal class; any Exception on other torch versions)
+    from torch.testing._internal.optests.generate_tests import OpCheckError
+except ImportError:  # pragma: no cover
+    OpCheckError = Exception
+
+# Largest accepted max|actual - expected| / max|expected|. float64 and float32 are
+# compared against a float64 ground truth computed from the same (upcast) data, so
+# each entry bounds the error of the computation in that dtype: float64 a few
+# hundred ulps after long dot products, float32 about 80 ulps, the half types a few
+# ulps of their 11-bit (float16) and 8-bit (bfloat16) mantissas, since every [M, N]
+# intermediate (x·Wᵀ, x·W_hyperᵀ, the scaled sum) is rounded to the half type.
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max|actual - expected| / max|expected| (absolute error when expected is all zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if e.numel() == 0:
+        return 0.0
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def assert_close_rel(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Same shape, all finite, and max|actual - expected| <= TOL[dtype]·max|expected|."""
+    assert isinstance(actual, Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
+    assert tuple(actual.shape) == tuple(expected.shape), \
+        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert bool(torch.isfinite(actual.detach().double()).all()), f"{what}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > tolerance {TOL[dtype]:.0e} for {dtype}"
+
+
+# ----------------------------------------------------------------------------- naive formulations
+
+def _scales(hparams: Tensor, scale: Tensor, example_dims: int) -> Tensor:
+    """λ·scaleᵀ shaped to broadcast over an output with ``example_dims`` dims after the batch dim's features.
+
+    [B, H] -> [B, 1, ..., 1, N]; [H] -> [N].
+    """
+    s = F.linear(hparams, scale)
+    if hparams.dim() == 2:
+        s = s.reshape(s.shape[0], *([1] * example_dims), s.shape[1])
+    return s
+
+
+def naive_hyper_linear(x: Tensor, hparams: Optional[Tensor], W: Tensor, Wh: Tensor, b: Optional[Tensor] = None,
+                       bh: Optional[Tensor] = None, V: Optional[Tensor] = None, C: Optional[Tensor] = None) -> Tensor:
+    """x [B, *, K]; hparams [B, H], [H] or None."""
+    out = F.linear(x, W, b)
+    if hparams is None:
+        return out
+    middle = x.dim() - 2 if hparams.dim() == 2 else 0
+    out = out + _scales(hparams, V, middle) * F.linear(x, Wh)
+    if bh is not None:
+        out = out + _scales(hparams, C, middle) * bh
+    return out
+
+
+def naive_hyper_conv2d(x: Tensor, hparams: Optional[Tensor], W: Tensor, Wh: Tensor, b: Optional[Tensor] = None,
+                       bh: Optional[Tensor] = None, V: Optional[Tensor] = None, C: Optional[Tensor] = None,
+                       stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+    """x [B, C_in, H, W]; hparams [B, H], [H] or None; per-example, per-output-channel scales."""
+    out = F.conv2d(x, W, b, stride, padding, dilation, groups)
+    if hparams is None:
+        return out
+    s = F.linear(hparams, V)  # [B, C_out] or [C_out]
+    z = F.conv2d(x, Wh, None, stride, padding, dilation, groups)
+    out = out + s[..., :, None, None] * z
+    if bh is not None:
+        t = F.linear(hparams, C)
+        out = out + (t * bh)[..., :, None, None]
+    return out
+
+
+def naive_hyper_embedding(idx: Tensor, hparams: Optional[Tensor], E: Tensor, Eh: Tensor,
+                          V: Optional[Tensor] = None) -> Tensor:
+    """idx [B, *] (batch-major); hparams [B, H], [H] or None."""
+    out = F.embedding(idx.long(), E)
+    if hparams is None:
+        return out
+    middle = idx.dim() - 1 if hparams.dim() == 2 else 0
+    return out + _scales(hparams, V, middle) * F.embedding(idx.long(), Eh)
+
+
+# ----------------------------------------------------------------------------- factories
+
+def make_linear_params(K: int, N: int, H: int, dtype=torch.float64, bias: bool = True, generator=None) -> dict:
+    """W, Wh [N, K], b, bh [N], V, C [N, H], all scaled so that every path of the output is O(1).
+
+    (The modules' default init makes the hyper path ~1% of the output; random O(1)
+    scales make a wrong hyper path show up far above every tolerance.)
+    """
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+
+    return {
+        "W": r(N, K, scale=K ** -0.5), "Wh": r(N, K, scale=K ** -0.5),
+        "b": r(N) if bias else None, "bh": r(N) if bias else None,
+        "V": r(N, H, scale=H ** -0.5), "C": r(N, H, scale=H ** -0.5),
+    }
+
+
+def make_conv_params(C_in: int, C_out: int, kernel, H: int, groups: int = 1, dtype=torch.float64,
+                     bias: bool = True, generator=None) -> dict:
+    """W, Wh [C_out, C_in/groups, kh, kw], b, bh [C_out], V, C [C_out, H]; kernel an int or (kh, kw)."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    fan_in = C_in // groups * kh * kw
+    p = make_linear_params(fan_in, C_out, H, dtype, bias, generator)
+    p["W"] = p["W"].reshape(C_out, C_in // groups, kh, kw)
+    p["Wh"] = p["Wh"].reshape(C_out, C_in // groups, kh, kw)
+    return p
+
+
+def make_embedding_params(num: int, D: int, H: int, dtype=torch.float64, generator=None) -> dict:
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+
+    return {"E": r(num, D), "Eh": r(num, D), "V": r(D, H, scale=H ** -0.5)}
+
+
+def make_hparams(kind: str, B: int, H: int, dtype=torch.float64, generator=None) -> Optional[Tensor]:
+    """kind: "per_example" -> [B, H], "shared" -> [H], "none" -> None."""
+    if kind == "none":
+        return None
+    shape = (B, H) if kind == "per_example" else (H,)
+    return torch.randn(*shape, dtype=torch.float64, generator=generator).to(dtype)
+
+
+def randomize_module_(module: torch.nn.Module, generator=None) -> torch.nn.Module:
+    """Re-draw every parameter of an STN module at O(1) output scale (see make_linear_params).
+
+    Linear/conv weights get std 1/sqrt(fan_in), hparam_weight std 1/sqrt(H),
+    biases and embedding tables std 1.
+    """
+    is_embedding = module.__class__.__name__ == "HyperEmbedding"
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "hparam_weight":
+                std = p.shape[1] ** -0.5
+            elif name in ("weight", "hyper_weight") and not is_embedding:
+                std = p[0].numel() ** -0.5
+            else:
+                std = 1.0
+            p.copy_((torch.randn(p.shape, dtype=torch.float64, generator=generator) * std).to(p.dtype))
+    return module
+
+
+def module_params_as_naive(module: torch.nn.Module) -> dict:
+    """The module's parameters under the naive formulations' names (V and C split off hparam_weight)."""
+    if module.__class__.__name__ == "HyperEmbedding":
+        return {"E": module.weight, "Eh": module.hyper_weight, "V": module.hparam_weight}
+    n = module.weight.shape[0]
+    return {"W": module.weight, "Wh": module.hyper_weight, "b": module.bias, "bh": module.hyper_bias,
+            "V": module.hparam_weight[:n], "C": module.hparam_weight[n:]}
+
+
+def leaf_copies(tensors: dict, dtype=None, requires_grad: bool = True) -> dict:
+    """Detached copies (optionally cast) of the floating tensors in ``tensors``, as leaves requiring grad."""
+    out = {}
+    for k, v in tensors.items():
+        if isinstance(v, Tensor) and v.is_floating_point():
+            c = v.detach().clone() if dtype is None else v.detach().to(dtype)
+            out[k] = c.requires_grad_(requires_grad)
+        else:
+            out[k] = v
+    return out
+
+
+def transposed_layout(t: Tensor) -> Tensor:
+    """Same values, last two dims stored transposed (non-contiguous, dense)."""
+    out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not out.is_contiguous()
+    return out
+
+
+def strided_layout(t: Tensor) -> Tensor:
+    """Same values as a strided view (every dim stride-2 into a twice-as-large tensor); differentiable."""
+    big = t
+    for d in range(t.dim()):
+        big = torch.repeat_interleave(big, 2, dim=d)
+    out = big[tuple(slice(None, None, 2) for _ in range(t.dim()))]
+    assert not out.is_contiguous()
+    return out
+
+
+def check_against_naive(op_fn, naive_fn, inputs: dict, dtype: torch.dtype, tol_dtype=None,
+                        out_dtype=None, layouts: Optional[dict] = None, grad_of=None) -> None:
+    """Run ``op_fn(**inputs)`` and, on float64 copies of the same values, ``naive_fn(**inputs)``;
+    compare the outputs and the gradients of every floating input for one random grad_out.
+
+    ``layouts`` maps an input name to a value-preserving function (e.g.
+    :func:`strided_layout`) applied to the op's copy only, to feed the op
+    non-contiguous tensors. ``dtype`` is the dtype the op computes in (its output dtype unless ``out_dtype``
+    says otherwise); ``tol_dtype`` picks the tolerance (default ``dtype``). Inputs the
+    naive formulation does not use (grad None) must get no gradient (None) or zeros.
+    ``grad_of`` (a collection of names) makes only those inputs require grad (default: all).
+    """
+    tol_dtype = tol_dtype or dtype
+    act = leaf_copies(inputs)
+    exp = leaf_copies(inputs, torch.float64)
+    if grad_of is not None:
+        for k in act:
+            if isinstance(act[k], Tensor) and act[k].is_floating_point() and k not in grad_of:
+                act[k].requires_grad_(False)
+                exp[k].requires_grad_(False)
+    viewed = dict(act)
+    for name, layout in (layouts or {}).items():
+        viewed[name] = layout(act[name])
+    out = op_fn(**viewed)
+    ref = naive_fn(**exp)
+    assert out.dtype == (out_dtype or dtype), f"output dtype {out.dtype}, expected {out_dtype or dtype}"
+    assert_close_rel(out, ref, tol_dtype, "output")
+    names = [k for k, v in act.items() if isinstance(v, Tensor) and v.requires_grad]
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    g_act = g.to(out.dtype)
+    grads = torch.autograd.grad(out, [act[k] for k in names], g_act, allow_unused=True)
+    expected = torch.autograd.grad(ref, [exp[k] for k in names], g_act.double(), allow_unused=True)
+    for name, a, e in zip(names, grads, expected):
+        if e is None:
+            assert a is None or not bool(a.any()), f"grad {name}: expected none (input unused), got nonzero"
+            continue
+        assert a is not None, f"grad {name}: missing"
+        assert a.dtype == act[name].dtype, f"grad {name}: dtype {a.dtype}, expected {act[name].dtype}"
+        assert_close_rel(a, e, tol_dtype, f"grad {name}")
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one intra-op thread for the block (then restored).
+
+    gradcheck/gradgradcheck run thousands of tiny ops; on a small shared machine,
+    once a large op has started the intra-op thread pool, each tiny parallel op pays
+    a thread wake-up and these checks become ~10x slower. One thread avoids that
+    and changes no result.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

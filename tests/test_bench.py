@@ -1,0 +1,80 @@
+"""Smoke tests of the benchmark harness (stn_kernels.bench) on a tiny shape."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from stn_kernels import bench
+
+CPU_DEFAULT = ["published", "packed-gemm", "prepacked-gemm", "stn:reference"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_main_writes_every_provider_row(tmp_path, capsys):
+    out = tmp_path / "res"
+    rows = bench.main(["--quick", "--shape", "6,3,16,24", "--modes", "fwd,bwd,fwd+bwd", "--out", str(out)])
+    printed = capsys.readouterr().out
+
+    csv_rows = _rows(out / "results.csv")
+    md = (out / "results.md").read_text()
+    assert len(rows) == len(csv_rows) == len(CPU_DEFAULT) * 3
+    seen = {(r["mode"], r["provider"]) for r in csv_rows}
+    assert seen == {(m, p) for m in ("fwd", "bwd", "fwd+bwd") for p in CPU_DEFAULT}
+    for r in csv_rows:
+        assert r["case"] == "custom-6x3x16x24" and r["dtype"] == "float32"
+        assert (r["B"], r["H"], r["K"], r["N"]) == ("6", "3", "16", "24")
+        ms = float(r["median_ms"])
+        assert math.isfinite(ms) and ms > 0, r
+        assert float(r["vs_published"]) > 0
+        assert "MISMATCH" not in r["note"] and "error" not in r["note"], r
+    for p in CPU_DEFAULT:
+        assert f"| custom-6x3x16x24 | float32 | fwd+bwd | {p} |" in md
+        assert f"| {p} |" in printed
+    assert md.splitlines()[0].startswith("# stn_kernels benchmark")
+    assert "torch " + torch.__version__ in md
+    if (out / "speedup.png").exists():
+        assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "speedup.png not written" in md
+
+
+def test_provider_api_matches_published():
+    case = bench.make_case("5,2,12,10", torch.float32, "cpu")
+    expected = bench.provider_fn("published", case, "fwd")()
+    for p in ("packed-gemm", "prepacked-gemm", "stn:reference", "floor"):
+        out = bench.provider_fn(p, case, "fwd")()
+        if p == "floor":
+            assert out.shape == (5, 20)
+        else:
+            torch.testing.assert_close(out, expected)
+        grads = bench.provider_fn(p, case, "bwd")()
+        assert all(torch.isfinite(g).all() for g in grads)
+    assert all(not impl.notes for impl in case.impls.values()), {k: v.notes for k, v in case.impls.items()}
+
+
+def test_time_budget_stops_early(tmp_path):
+    rows = bench.main(["--quick", "--shape", "4,2,8,8", "--shape", "4,2,8,16", "--modes", "fwd",
+                       "--providers", "published", "--time-budget", "1e-9", "--out", str(tmp_path)])
+    assert rows == []
+    assert "time budget" in (tmp_path / "results.md").read_text()
+
+
+def test_bad_arguments_exit_with_a_message():
+    with pytest.raises(SystemExit, match="unknown provider"):
+        bench.main(["--providers", "nope"])
+    with pytest.raises(SystemExit, match="B,H,K,N"):
+        bench.main(["--shape", "1,2,3"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--gpu", "--quick"])
+    assert isinstance(info.value.code, str) and "--gpu needs a CUDA device" in info.value.code
+    assert capsys.readouterr().out == ""  # nothing run, no table started

@@ -1,0 +1,285 @@
+"""Direct tests of the fused Triton HyperLinear kernels (stn_kernels.triton_kernels.hyper_linear).
+
+On a machine without CUDA the kernels run on CPU tensors through the Triton interpreter.
+Ground truth is a float64 computation written here (two F.linear calls and autograd), on
+float64 copies of the same rounded inputs, never the package's reference module.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Correctness tests need no tuning: one config per kernel keeps GPU runs short.
+os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
+
+triton = pytest.importorskip("triton")
+from stn_kernels.triton_kernels import hyper_linear as hl  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+TOL = {F32: 1e-4, F16: 1e-2, BF16: 3e-2}
+NAMES = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def make(M, K, N, H, dtype, lam_dtype=None, bias=True, hyper_bias=True, hparams=True, seed=0):
+    """Inputs in argument order (x, hparams, weight, hyper_weight, bias, hyper_bias, V, C) and grad_out."""
+    gen = torch.Generator().manual_seed(seed)
+    lam_dtype = lam_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(DEVICE)
+
+    x = rnd(M, K)
+    lam = rnd(M, H, dt=lam_dtype) if hparams else None
+    we = rnd(N, K, scale=K ** -0.5)
+    wh = rnd(N, K, scale=K ** -0.5)
+    be = rnd(N) if bias else None
+    has_hb = hparams and hyper_bias
+    bh = rnd(N) if has_hb else None
+    V = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if hparams else None
+    C = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if has_hb else None
+    g = rnd(M, N)
+    return [x, lam, we, wh, be, bh, V, C], g
+
+
+def ref64(inputs, g):
+    """float64 forward (out, z) and autograd gradients of Σ out⊙g, on the CPU."""
+    leaves = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_() for t in inputs]
+    x, lam, we, wh, be, bh, V, C = leaves
+    out = F.linear(x, we, be)
+    z = None
+    if lam is not None:
+        z = F.linear(x, wh)
+        out = out + (lam @ V.t()) * z
+        if bh is not None:
+            out = out + (lam @ C.t()) * bh
+    used = [t for t in leaves if t is not None and (lam is not None or t is not wh)]
+    gr = torch.autograd.grad(out, used, g.to("cpu", torch.float64), allow_unused=True)
+    grads = dict(zip(map(id, used), gr))
+    return out.detach(), None if z is None else z.detach(), [None if t is None else grads.get(id(t)) for t in leaves]
+
+
+def close(got, want, dtype, what):
+    assert got is not None, what
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    got = got.detach().to("cpu", torch.float64)
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = want.abs().max().clamp_min(1e-6)
+    err = ((got - want).abs().max() / scale).item()
+    assert err <= TOL[dtype], f"{what}: max error {err:.3g} relative to max|ref| > {TOL[dtype]}"
+
+
+def run_and_check(inputs, g, mask=None, tol_dtype=None):
+    x, lam, we, wh, be, bh, V, C = inputs
+    tol_dtype = tol_dtype or x.dtype
+    out, z = hl.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
+    ref_out, ref_z, ref_grads = ref64(inputs, g)
+    assert out.dtype == x.dtype
+    close(out, ref_out, tol_dtype, "out")
+    if lam is None:
+        assert z.numel() == 0
+    else:
+        assert z.dtype == x.dtype
+        close(z, ref_z, tol_dtype, "z_hyper")
+    if mask is None:
+        mask = [t is not None for t in inputs]
+    grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, mask)
+    assert len(grads) == 8
+    for i, (name, t, gr, want) in enumerate(zip(NAMES, inputs, grads, ref_grads)):
+        if not mask[i] or t is None or (lam is None and name in ("hyper_weight", "hyper_bias")):
+            if t is None and i == 4 and mask[i]:
+                continue  # like the reference: Σ_m g whenever asked for
+            assert gr is None, f"{name}: expected None"
+            continue
+        assert gr.dtype == t.dtype, (name, gr.dtype, t.dtype)
+        close(gr, want, tol_dtype, "d" + name)
+    return out, z, grads
+
+
+SHAPES = [(1, 37, 53, 1), (5, 70, 53, 7), (33, 37, 53, 16)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("M,K,N,H", SHAPES)
+def test_full(M, K, N, H, dtype):
+    inputs, g = make(M, K, N, H, dtype)
+    run_and_check(inputs, g)
+
+
+@pytest.mark.parametrize("variant", ["no_hparams", "no_biases", "hyper_bias_only", "bias_only"])
+def test_variants(variant):
+    kw = {
+        "no_hparams": dict(hparams=False),
+        "no_biases": dict(bias=False, hyper_bias=False),
+        "hyper_bias_only": dict(bias=False),
+        "bias_only": dict(hyper_bias=False),
+    }[variant]
+    inputs, g = make(33, 37, 53, 7, F32, **kw)
+    run_and_check(inputs, g)
+
+
+def test_mixed_precision():
+    """fp16 x / weights with fp32 λ, V, C: λ-side gradients come back in fp32."""
+    inputs, g = make(33, 70, 53, 7, F16, lam_dtype=F32)
+    _, _, grads = run_and_check(inputs, g)
+    assert grads[1].dtype == F32 and grads[6].dtype == F32 and grads[7].dtype == F32
+    assert grads[0].dtype == F16 and grads[2].dtype == F16
+
+
+def test_non_contiguous():
+    """Transposed x, row-sliced hparams and grad_out, transposed weight, sliced z_hyper."""
+    inputs, g = make(5, 37, 53, 7, F32)
+    x, lam, we, wh, be, bh, V, C = inputs
+    x_t = x.t().contiguous().t()  # stride (1, M): inner stride not 1
+    lam_s = torch.zeros(10, 7, device=DEVICE)[::2].copy_(lam)  # row stride 14
+    we_t = we.t().contiguous().t()
+    g_s = torch.zeros(5, 106, device=DEVICE)[:, ::2].copy_(g)  # inner stride 2
+    assert not x_t.is_contiguous() and not lam_s.is_contiguous() and not g_s.is_contiguous()
+    inputs = [x_t, lam_s, we_t, wh, be, bh, V, C]
+    out, z, _ = run_and_check(inputs, g_s)
+    # A z_hyper view with a row stride other than N gives the same gradients.
+    z_wide = torch.zeros(5, 60, device=DEVICE)[:, :53].copy_(z)
+    grads = hl.hyper_linear_backward(g_s, x_t, lam_s, we_t, wh, bh, V, C, z_wide, [True] * 8)
+    ref = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z.contiguous(), [True] * 8)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [
+    (True, False, False, False, False, False, False, False),   # dx only
+    (False, True, False, False, False, False, True, False),    # dλ, dV
+    (False, False, False, True, False, True, False, True),     # dW_h, db_h, dC
+    (False, False, True, False, True, False, False, False),    # dW_e, db_e
+])
+def test_output_mask(mask):
+    inputs, g = make(33, 37, 53, 7, F32)
+    run_and_check(inputs, g, mask=list(mask))
+
+
+def test_z_hyper_recomputed():
+    """z_hyper=None (double-backward convention): recomputed inside."""
+    inputs, g = make(5, 37, 53, 7, F32)
+    x, lam, we, wh, be, bh, V, C = inputs
+    _, _, ref = ref64(inputs, g)
+    grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, None, [False, True] + [False] * 4 + [True, False])
+    close(grads[1], ref[1], F32, "dhparams")
+    close(grads[6], ref[6], F32, "dweight_scale")
+
+
+def _nan_alloc(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_nan_poisoned_outputs_and_split(monkeypatch, deterministic):
+    """Every buffer the kernels write in full starts as NaN; the reduction is split in 3 (one split empty)."""
+    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 3)
+    inputs, g = make(33, 37, 53, 7, F32, seed=1)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        run_and_check(inputs, g)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def test_nan_poisoned_unsplit(monkeypatch):
+    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 1)
+    inputs, g = make(5, 70, 53, 16, F16, lam_dtype=F32, seed=2)
+    run_and_check(inputs, g)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_outputs_own_their_storage(monkeypatch, deterministic):
+    """torch.library custom ops may not return tensors that alias inputs or each other."""
+    monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 2)
+    inputs, g = make(33, 37, 53, 7, F32)
+    x, lam, we, wh, be, bh, V, C = inputs
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, z = hl.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
+        grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, [True] * 8)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    storages = [t.untyped_storage().data_ptr() for t in [*inputs, g] if t is not None]
+    for t in [out, z, *grads]:
+        ptr = t.untyped_storage().data_ptr()
+        assert ptr not in storages
+        storages.append(ptr)
+
+
+def test_deterministic_bitwise(monkeypatch):
+    """Deterministic mode: no float atomics, two runs bitwise equal (split reductions too)."""
+    monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 2)
+    inputs, g = make(33, 70, 53, 7, F32, seed=3)
+    x, lam, we, wh, be, bh, V, C = inputs
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out, z = hl.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
+            grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, [True] * 8)
+            runs.append([out, z, *grads])
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    _, _, ref = ref64(inputs, g)
+    for name, got, want in zip(NAMES, runs[0][2:], ref):
+        close(got, want, F32, "d" + name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,H", [(5, 70, 53, 7), (33, 37, 53, 16)])
+def test_bf16(M, K, N, H):
+    inputs, g = make(M, K, N, H, BF16)
+    run_and_check(inputs, g)
+
+
+@pytest.mark.gpu
+def test_bf16_mixed_and_split(monkeypatch):
+    monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 3)
+    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    inputs, g = make(70, 200, 300, 15, BF16, lam_dtype=F32)
+    run_and_check(inputs, g)
+
+
+@pytest.mark.gpu
+def test_tf32_allowed():
+    """With TF32 allowed the fp32 dots may use it: error of TF32 size, not more."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    inputs, g = make(130, 300, 200, 15, F32)
+    old = TOL[F32]
+    TOL[F32] = 5e-3
+    try:
+        run_and_check(inputs, g)
+    finally:
+        TOL[F32] = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,H", [(128, 1024, 4096, 15), (40, 650, 2600, 7), (128, 784, 1200, 3)])
+def test_stn_shapes_fp16(M, K, N, H):
+    inputs, g = make(M, K, N, H, F16, lam_dtype=F32)
+    run_and_check(inputs, g)
