@@ -37,9 +37,10 @@ def check_shape(t: Optional[Tensor], name: str, expected: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def check_hparams(hparams: Optional[Tensor], input: Tensor, input_dtype: torch.dtype, num_hparams: int,
-                  batch: Optional[int], weight_scale: Optional[Tensor], bias_scale: Optional[Tensor]) -> None:
-    """hparams is [B, H] (per example) or [H] (shared by the batch), in the input's dtype or float32 for half input."""
+def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_hparams: int, batch: Optional[int],
+                  weight_scale: Optional[Tensor], bias_scale: Optional[Tensor]) -> None:
+    """hparams is [B, H] (per example) or [H] (shared by the batch), in the dtype of ``data`` (the
+    input, or the embedding table) or float32 when that is half precision, on data's device."""
     if hparams is None:
         return
     check_tensor(hparams, "hparams")
@@ -50,12 +51,12 @@ def check_hparams(hparams: Optional[Tensor], input: Tensor, input_dtype: torch.d
                          f"{tuple(hparams.shape)}")
     if hparams.dim() == 2 and hparams.shape[0] != batch:
         raise ValueError(f"hparams: expected batch size {batch} (input's first dim), got shape {tuple(hparams.shape)}")
-    allowed = (input_dtype, torch.float32) if input_dtype in HALF_DTYPES else (input_dtype,)
+    allowed = (data.dtype, torch.float32) if data.dtype in HALF_DTYPES else (data.dtype,)
     if hparams.dtype not in allowed:
-        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from input dtype {input_dtype}), "
-                        f"got {hparams.dtype}")
+        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from {data_name} dtype "
+                        f"{data.dtype}), got {hparams.dtype}")
     check_dtype(hparams.dtype, "hparams", weight_scale=weight_scale, bias_scale=bias_scale)
-    check_same_device(input, "input", hparams=hparams)
+    check_same_device(data, data_name, hparams=hparams)
 
 
 def rows_of_hparams(hparams: Optional[Tensor], batch: int, rows_per_example: int) -> Optional[Tensor]:

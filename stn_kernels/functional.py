@@ -69,7 +69,7 @@ def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
         raise ValueError(f"input: expected shape [B, {in_features}] or [B, *, {in_features}], "
                          f"got {tuple(input.shape)}")
     if input.dim() == 1:
-        if hparams is not None and hparams.dim() == 2:
+        if hparams is not None and check_tensor(hparams, "hparams").dim() == 2:
             raise ValueError(f"input: expected shape [B, {in_features}] to go with per-example hparams of shape "
                              f"{tuple(hparams.shape)}, got {tuple(input.shape)}")
         return hyper_linear(input.unsqueeze(0), hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
@@ -81,15 +81,14 @@ def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     check_same_device(input, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias,
                       weight_scale=weight_scale, bias_scale=bias_scale)
     batch = input.shape[0]
-    check_hparams(hparams, input, input.dtype, num_hparams, batch, weight_scale, bias_scale)
+    check_hparams(hparams, input, "input", num_hparams, batch, weight_scale, bias_scale)
     if hparams is None:
         weight_scale = bias_scale = None
     elif hyper_bias is None:
         bias_scale = None
     rows = rows_of_hparams(hparams, batch, math.prod(input.shape[1:-1]))
     x = input.reshape(-1, in_features)
-    out, _ = torch.ops.stn_kernels.hyper_linear(x, rows, weight, hyper_weight, bias, hyper_bias, weight_scale,
-                                                bias_scale)
+    out = ops.apply_hyper_linear(x, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     return out.reshape(*input.shape[:-1], out_features)
 
 
@@ -133,14 +132,14 @@ def hyper_conv2d(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     check_dtype(input.dtype, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias)
     check_same_device(input, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias,
                       weight_scale=weight_scale, bias_scale=bias_scale)
-    check_hparams(hparams, input, input.dtype, num_hparams, input.shape[0], weight_scale, bias_scale)
+    check_hparams(hparams, input, "input", num_hparams, input.shape[0], weight_scale, bias_scale)
     if hparams is None:
         weight_scale = bias_scale = None
     elif hyper_bias is None:
         bias_scale = None
     rows = rows_of_hparams(hparams, input.shape[0], 1)
-    out, _ = torch.ops.stn_kernels.hyper_conv2d(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale,
-                                                bias_scale, stride, padding, dilation, groups)
+    out = ops.apply_hyper_conv2d(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+                                 stride, padding, dilation, groups)
     return out
 
 
@@ -165,7 +164,7 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     num_hparams = _check_hyper_params(hparams, weight_scale, None, None, dim)
     check_dtype(weight.dtype, "weight", hyper_weight=hyper_weight)
     check_same_device(weight, "weight", input=input, hyper_weight=hyper_weight, weight_scale=weight_scale)
-    check_hparams(hparams, weight, weight.dtype, num_hparams, input.shape[0], weight_scale, None)
+    check_hparams(hparams, weight, "weight", num_hparams, input.shape[0], weight_scale, None)
     if not torch.compiler.is_compiling() and input.numel():
         low, high = int(input.min()), int(input.max())
         if low < 0 or high >= num_embeddings:
@@ -173,5 +172,5 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     if hparams is None:
         weight_scale = None
     rows = rows_of_hparams(hparams, input.shape[0], math.prod(input.shape[1:]))
-    out = torch.ops.stn_kernels.hyper_embedding(input.reshape(-1).long(), rows, weight, hyper_weight, weight_scale)
+    out = ops.apply_hyper_embedding(input.reshape(-1).long(), rows, weight, hyper_weight, weight_scale)
     return out.reshape(*input.shape, dim)

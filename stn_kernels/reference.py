@@ -129,15 +129,24 @@ def hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, wei
     x [B, C_in, H, W]; hparams [B, H_p] or None; s = λ·Vᵀ and t = λ·Cᵀ are [B, C_out].
     Returns ``(out, z_hyper)`` with z_hyper = conv(x, W_hyper) (empty when hparams is None).
     """
-    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    # Outputs in the input's layout (channels_last in, channels_last out), whatever conv chose.
+    layout = dense_format(x)
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(memory_format=layout)
     if hparams is None:
         return out, x.new_empty(0)
-    z_hyper = F.conv2d(x, hyper_weight, None, stride, padding, dilation, groups)
+    z_hyper = F.conv2d(x, hyper_weight, None, stride, padding, dilation, groups).contiguous(memory_format=layout)
     s, t = hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
-    out = out + s[:, :, None, None] * z_hyper
+    out.addcmul_(s[:, :, None, None], z_hyper)
     if hyper_bias is not None:
-        out = out + (t * hyper_bias)[:, :, None, None]
+        out.add_((t * hyper_bias)[:, :, None, None])
     return out, z_hyper
+
+
+def dense_format(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so, else contiguous: the layout conv outputs follow."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def hyper_conv2d(x, hparams, weight, hyper_weight, bias=None, hyper_bias=None, weight_scale=None, bias_scale=None,
@@ -164,13 +173,15 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
             [0, 0], groups, [need[0], need[2] if w is weight else need[3], with_bias])
 
     dx, grads[2], grads[4] = conv_backward(g, weight, need[4])
+    grads[2] = None if grads[2] is None else grads[2].contiguous(memory_format=dense_format(weight))
     if hparams is None:
-        grads[0] = dx
+        grads[0] = None if dx is None else dx.contiguous(memory_format=dense_format(x))
         return grads
     s, t = hparam_scales(hparams, weight_scale, bias_scale, g.dtype)
     dx_hyper, grads[3], _ = conv_backward(g * s[:, :, None, None], hyper_weight, False)
+    grads[3] = None if grads[3] is None else grads[3].contiguous(memory_format=dense_format(hyper_weight))
     if need[0]:
-        grads[0] = dx + dx_hyper
+        grads[0] = (dx + dx_hyper).contiguous(memory_format=dense_format(x))
     g_sum = g.sum((2, 3))
     if hyper_bias is not None and need[5]:
         grads[5] = (g_sum * t).sum(0)

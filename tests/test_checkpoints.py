@@ -1,0 +1,254 @@
+"""Checkpoints of the published STN layers load into ours (strict=True) and give the same outputs.
+
+The published layers are re-created here from their formulas and parameter names:
+
+* official STN HyperLinear / HyperConv2d: ``elem_weight``, ``hnet_weight``, ``elem_bias``, ``hnet_bias``,
+  ``htensor_to_scalars`` (nn.Linear(H, 2N, bias=False)) and ``elem_scalar`` a;
+  out = a·(x·W_eᵀ + b_e) + s_w ⊙ (x·W_hᵀ) + s_b ⊙ b_h with [s_w, s_b] = htensor_to_scalars(λ);
+* official STN HyperEmbedding: ``elem_embedding``, ``hnet_embedding``, ``hnet_tensor_to_scalars`` (H -> D),
+  time-major [T, B] indices;
+* official STN LSTM HyperLinear: ``elem_weight_raw``, ``hnet_weight_raw``, ``elem_bias``, ``hnet_bias``,
+  ``hnet_tensor_to_scalars``;
+* Delta-STN StnLinear: ``general_weight``, ``response_weight``, ``general_bias``, ``response_bias``,
+  ``hyper_bottleneck``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stn_kernels
+from _naive import assert_close_rel
+
+D64 = torch.float64
+K, N, H, B = 9, 6, 3, 4
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    return module
+
+
+class OfficialHyperLinear(nn.Module):
+    def __init__(self, in_features, out_features, num_hparams, elem_scalar=1.7):
+        super().__init__()
+        self.out_features = out_features
+        self.elem_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
+        self.hnet_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
+        self.elem_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
+        self.hnet_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
+        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
+        self.elem_scalar = nn.Parameter(torch.ones(1, dtype=D64))
+        _randomize(self)
+        with torch.no_grad():
+            self.elem_scalar.fill_(elem_scalar)
+
+    def forward(self, x, hnet_tensor):
+        out = self.elem_scalar * F.linear(x, self.elem_weight, self.elem_bias)
+        s = self.htensor_to_scalars(hnet_tensor)
+        s_w, s_b = s[:, :self.out_features], s[:, self.out_features:]
+        return out + s_w * F.linear(x, self.hnet_weight) + s_b * self.hnet_bias
+
+
+class OfficialHyperConv2d(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size, num_hparams, padding=1, elem_scalar=1.7):
+        super().__init__()
+        self.out_channels, self.padding = out_channels, padding
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.elem_weight = nn.Parameter(torch.empty(shape, dtype=D64))
+        self.hnet_weight = nn.Parameter(torch.empty(shape, dtype=D64))
+        self.elem_bias = nn.Parameter(torch.empty(out_channels, dtype=D64))
+        self.hnet_bias = nn.Parameter(torch.empty(out_channels, dtype=D64))
+        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_channels, bias=False, dtype=D64)
+        self.elem_scalar = nn.Parameter(torch.ones(1, dtype=D64))
+        _randomize(self)
+        with torch.no_grad():
+            self.elem_scalar.fill_(elem_scalar)
+
+    def forward(self, x, hnet_tensor):
+        out = self.elem_scalar * F.conv2d(x, self.elem_weight, self.elem_bias, padding=self.padding)
+        s = self.htensor_to_scalars(hnet_tensor)
+        s_w, s_b = s[:, :self.out_channels], s[:, self.out_channels:]
+        hnet = F.conv2d(x, self.hnet_weight, padding=self.padding)
+        return out + s_w[:, :, None, None] * hnet + (s_b * self.hnet_bias)[:, :, None, None]
+
+
+class OfficialHyperEmbedding(nn.Module):
+    def __init__(self, num_embeddings, embedding_dim, num_hparams):
+        super().__init__()
+        self.elem_embedding = nn.Embedding(num_embeddings, embedding_dim, dtype=D64)
+        self.hnet_embedding = nn.Embedding(num_embeddings, embedding_dim, dtype=D64)
+        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, embedding_dim, bias=False, dtype=D64)
+        _randomize(self)
+
+    def forward(self, x, hnet_tensor):  # x [T, B], hnet_tensor [B, H]
+        return self.elem_embedding(x) + self.hnet_tensor_to_scalars(hnet_tensor) * self.hnet_embedding(x)
+
+
+class OfficialLstmHyperLinear(nn.Module):
+    def __init__(self, in_features, out_features, num_hparams):
+        super().__init__()
+        self.out_features = out_features
+        self.elem_weight_raw = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
+        self.hnet_weight_raw = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
+        self.elem_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
+        self.hnet_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
+        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
+        _randomize(self)
+
+    def forward(self, x, hnet_tensor):
+        s = self.hnet_tensor_to_scalars(hnet_tensor)
+        s_w, s_b = s[:, :self.out_features], s[:, self.out_features:]
+        return (F.linear(x, self.elem_weight_raw, self.elem_bias) + s_w * F.linear(x, self.hnet_weight_raw)
+                + s_b * self.hnet_bias)
+
+
+class DeltaStnLinear(nn.Module):
+    def __init__(self, in_features, out_features, num_hparams):
+        super().__init__()
+        self.out_features = out_features
+        self.general_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
+        self.response_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
+        self.general_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
+        self.response_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
+        self.hyper_bottleneck = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
+        _randomize(self)
+
+    def forward(self, x, h_net):
+        s = self.hyper_bottleneck(h_net)
+        s_w, s_b = s[:, :self.out_features], s[:, self.out_features:]
+        return (F.linear(x, self.general_weight, self.general_bias) + s_w * F.linear(x, self.response_weight)
+                + s_b * self.response_bias)
+
+
+# name -> (published factory, our factory, input factory, call ours)
+LAYERS = {
+    "official-HyperLinear": (lambda: OfficialHyperLinear(K, N, H),
+                             lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
+                             lambda: torch.randn(B, K, dtype=D64), {}),
+    "official-HyperConv2d": (lambda: OfficialHyperConv2d(3, N, 3, H),
+                             lambda: stn_kernels.HyperConv2d(3, N, 3, H, padding=1, dtype=D64),
+                             lambda: torch.randn(B, 3, 5, 7, dtype=D64), {}),
+    "official-HyperEmbedding": (lambda: OfficialHyperEmbedding(11, N, H),
+                                lambda: stn_kernels.HyperEmbedding(11, N, H, dtype=D64),
+                                lambda: torch.randint(0, 11, (5, B)), {"batch_dim": 1}),
+    "official-LSTM-HyperLinear": (lambda: OfficialLstmHyperLinear(K, N, H),
+                                  lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
+                                  lambda: torch.randn(B, K, dtype=D64), {}),
+    "DeltaSTN-StnLinear": (lambda: DeltaStnLinear(K, N, H),
+                           lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
+                           lambda: torch.randn(B, K, dtype=D64), {}),
+}
+
+
+class Net(nn.Module):
+    """A parent: layer -> flatten -> nn.Linear head, λ passed to the STN layer."""
+
+    def __init__(self, layer, **call_kwargs):
+        super().__init__()
+        self.stn = layer
+        self.head = nn.Linear(1, 2, dtype=D64)  # replaced by the test once the width is known
+        self.call_kwargs = call_kwargs
+
+    def forward(self, x, hparams):
+        y = self.stn(x, hparams, **self.call_kwargs).flatten(1)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("name", list(LAYERS), ids=list(LAYERS))
+def test_published_layer_uses_every_parameter(name):
+    """Sanity: the re-created published layer's output depends on every published parameter."""
+    published, _, make_x, _ = LAYERS[name]
+    layer = published()
+    x, lam = make_x(), torch.randn(B, H, dtype=D64)
+    out = layer(x, lam)
+    out.sum().backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", list(LAYERS), ids=list(LAYERS))
+def test_load_published_state_dict(name):
+    published, ours_factory, make_x, kwargs = LAYERS[name]
+    layer, ours = published(), ours_factory()
+    state = layer.state_dict()
+    keys_before = set(state)
+    result = ours.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert set(state) == keys_before, "load_state_dict must not rename the caller's dict"
+    x, lam = make_x(), torch.randn(B, H, dtype=D64)
+    assert_close_rel(ours(x, lam, **kwargs), layer(x, lam), D64)
+
+
+@pytest.mark.parametrize("name", list(LAYERS), ids=list(LAYERS))
+def test_load_published_state_dict_nested(name):
+    """Inside a parent and an nn.Sequential: keys like '0.stn.elem_weight' are renamed under their prefix."""
+    published, ours_factory, make_x, kwargs = LAYERS[name]
+    x, lam = make_x(), torch.randn(B, H, dtype=D64)
+    pub_net, our_net = Net(published()), Net(ours_factory(), **kwargs)
+    width = pub_net.stn(x, lam).flatten(1).shape[1]
+    pub_net.head = _randomize(nn.Linear(width, 2, dtype=D64))
+    our_net.head = nn.Linear(width, 2, dtype=D64)
+    pub_seq, our_seq = nn.Sequential(pub_net), nn.Sequential(our_net)
+    state = pub_seq.state_dict()
+    assert any(k.startswith("0.stn.") for k in state)
+    our_seq.load_state_dict(state, strict=True)
+    assert_close_rel(our_seq[0](x, lam), pub_seq[0](x, lam), D64)
+    # the head was loaded too, and the STN layer holds our names only
+    assert torch.equal(our_net.head.weight, pub_net.head.weight)
+    assert set(our_net.stn.state_dict()) <= {"weight", "hyper_weight", "bias", "hyper_bias", "hparam_weight"}
+
+
+def test_elem_scalar_is_folded_not_dropped():
+    """a = 1.7 changes the output; the loaded layer reproduces a·(x·W_eᵀ + b_e), not x·W_eᵀ + b_e."""
+    layer, ours = OfficialHyperLinear(K, N, H, elem_scalar=1.7), stn_kernels.HyperLinear(K, N, H, dtype=D64)
+    ours.load_state_dict(layer.state_dict())
+    x, lam = torch.randn(B, K, dtype=D64), torch.randn(B, H, dtype=D64)
+    assert_close_rel(ours(x, lam), layer(x, lam), D64)
+    assert_close_rel(ours.weight, 1.7 * layer.elem_weight, D64)
+    assert_close_rel(ours.bias, 1.7 * layer.elem_bias, D64)
+    assert torch.equal(ours.hyper_weight, layer.hnet_weight)
+    assert torch.equal(ours.hparam_weight, layer.htensor_to_scalars.weight)
+
+
+@pytest.mark.parametrize("name", list(LAYERS), ids=list(LAYERS))
+def test_own_state_dict_round_trip(name):
+    _, ours_factory, make_x, kwargs = LAYERS[name]
+    a, b = ours_factory(), ours_factory()
+    _randomize(a)
+    state = a.state_dict()
+    expected_keys = ({"weight", "hyper_weight", "hparam_weight"} if name.endswith("Embedding")
+                     else {"weight", "hyper_weight", "bias", "hyper_bias", "hparam_weight"})
+    assert set(state) == expected_keys
+    b.load_state_dict(state, strict=True)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x, lam = make_x(), torch.randn(B, H, dtype=D64)
+    assert torch.equal(a(x, lam, **kwargs), b(x, lam, **kwargs))
+
+
+def test_round_trip_through_file(tmp_path):
+    net = nn.Sequential(stn_kernels.HyperLinear(K, N, H), nn.ReLU())
+    path = tmp_path / "ckpt.pt"
+    torch.save(net.state_dict(), path)
+    other = nn.Sequential(stn_kernels.HyperLinear(K, N, H), nn.ReLU())
+    other.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x, lam = torch.randn(B, K), torch.randn(B, H)
+    assert torch.equal(net[0](x, lam), other[0](x, lam))
+
+
+def test_strict_load_still_reports_missing_and_unexpected():
+    layer = OfficialHyperLinear(K, N, H)
+    state = layer.state_dict()
+    del state["hnet_bias"]
+    state["bogus"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="(?s)Missing key.*hyper_bias.*Unexpected key.*bogus"):
+        stn_kernels.HyperLinear(K, N, H, dtype=D64).load_state_dict(state, strict=True)
