@@ -12,7 +12,7 @@ STAMP := $(VENV)/.stn_kernels_installed
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" numpy pytest pytest-benchmark setuptools wheel
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -16,3 +16,9 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "HyperConv2d", "HyperEmbedding", "HyperLinear", "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "requested_backend", "use_backend",
 ]
+
+# STN training toolkit (hyperparameters, per-example dropout, Algorithm 1) and layer conversion.
+from . import stn  # noqa: E402  (registers torch.ops.stn_kernels.per_example_dropout)
+from .convert import convert  # noqa: E402
+
+__all__ += ["convert", "stn"]

@@ -1,0 +1,413 @@
+"""Self-Tuning Networks on the handwritten digits that ship with scikit-learn.
+
+Tunes, during a single training run, the dropout rate of every layer and the strength of one data
+augmentation (per-example Gaussian input noise, std in pixel units of the [0, 1]-scaled images) of
+
+* an MLP of HyperLinear layers, 64 → 128 → 128 → 10, dropout after each hidden layer;
+* a small CNN of HyperConv2d layers, 1 → 16 → 32 channels (3×3, each followed by 2×2 max-pool and
+  per-example *channel* dropout), then a HyperLinear 128 → 10;
+
+and compares them with the same models trained with fixed hyperparameters from a grid (one dropout
+rate for all layers, the noise at STN's starting value) and from random search (every
+hyperparameter drawn independently). Every run gets the same number of weight updates; STN's
+validation steps (one per two training steps) update only λ and σ. Every run is scored at its
+checkpoint with the lowest validation loss (evaluated every ``--eval-every`` training steps), and
+the test set is used only for the table.
+
+    python examples/stn_digits.py            # < 5 min on 2 CPU cores
+    python examples/stn_digits.py --quick    # < 1 min
+
+Writes ``stn_digits_schedules.png`` (the hyperparameter schedules STN found) and ``results.json``
+to ``--out`` (default examples/out/). Seeded and deterministic: single-threaded, deterministic
+algorithms, explicit generators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import stn_kernels
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import stn_kernels
+from stn_kernels import stn
+
+HPARAM_NAMES = ("dropout1", "dropout2", "noise")
+DROPOUT_RANGE = (0.0, 0.9)   # the published code caps dropout at 0.9 for stability
+NOISE_RANGE = (0.0, 1.0)
+START = {"dropout1": 0.05, "dropout2": 0.05, "noise": 0.05}  # the published starting dropout, 0.05
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def load_digits_splits(seed: int):
+    """1797 8×8 images, pixels scaled to [0, 1]; stratified 60/20/20 train/validation/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.data / 16.0).astype("float32")
+    y = data.target.astype("int64")
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=0.25, stratify=y_rest,
+                                                      random_state=seed)
+    as_split = lambda a, b: Split(torch.from_numpy(a), torch.from_numpy(b))  # noqa: E731
+    return as_split(x_train, y_train), as_split(x_val, y_val), as_split(x_test, y_test)
+
+
+class BatchStream:
+    """Endless shuffled mini-batches (a new permutation per epoch from its own generator)."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int) -> None:
+        self.split, self.batch_size = split, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.int64), 0
+
+    def __call__(self):
+        if self.position + self.batch_size > len(self.order):
+            self.order, self.position = torch.randperm(len(self.split.y), generator=self.generator), 0
+        index = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.split.x[index], self.split.y[index]
+
+
+# --------------------------------------------------------------------------- models
+
+
+def add_input_noise(x: torch.Tensor, sample: stn.HyperparameterSample) -> torch.Tensor:
+    """Per-example Gaussian noise, std = sample["noise"][b]; only while regularising."""
+    if not sample.regularize:
+        return x
+    std = sample["noise"].view(-1, *([1] * (x.dim() - 1)))
+    return x + std * torch.randn_like(x)
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, num_hparams: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1 = stn_kernels.HyperLinear(64, hidden, num_hparams)
+        self.fc2 = stn_kernels.HyperLinear(hidden, hidden, num_hparams)
+        self.fc3 = stn_kernels.HyperLinear(hidden, 10, num_hparams)
+
+    def forward(self, x, sample: stn.HyperparameterSample):
+        lam = sample.layer_input
+        h = add_input_noise(x, sample)
+        h = torch.relu(self.fc1(h, lam))
+        h = stn.per_example_dropout(h, sample["dropout1"], training=sample.regularize)
+        h = torch.relu(self.fc2(h, lam))
+        h = stn.per_example_dropout(h, sample["dropout2"], training=sample.regularize)
+        return self.fc3(h, lam)
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, num_hparams: int) -> None:
+        super().__init__()
+        self.conv1 = stn_kernels.HyperConv2d(1, 16, 3, num_hparams, padding=1)
+        self.conv2 = stn_kernels.HyperConv2d(16, 32, 3, num_hparams, padding=1)
+        self.fc = stn_kernels.HyperLinear(32 * 2 * 2, 10, num_hparams)
+
+    def forward(self, x, sample: stn.HyperparameterSample):
+        lam = sample.layer_input
+        h = add_input_noise(x.view(-1, 1, 8, 8), sample)
+        h = F.max_pool2d(torch.relu(self.conv1(h, lam)), 2)
+        h = stn.per_example_channel_dropout(h, sample["dropout1"], training=sample.regularize)
+        h = F.max_pool2d(torch.relu(self.conv2(h, lam)), 2)
+        h = stn.per_example_channel_dropout(h, sample["dropout2"], training=sample.regularize)
+        return self.fc(h.flatten(1), lam)
+
+
+MODELS = {"mlp": DigitsMLP, "cnn": DigitsCNN}
+
+
+def make_hparams(values: Dict[str, float], scale: float) -> stn.HyperparameterSet:
+    return stn.HyperparameterSet([
+        stn.Hyperparameter("dropout1", values["dropout1"], *DROPOUT_RANGE, scale=scale),
+        stn.Hyperparameter("dropout2", values["dropout2"], *DROPOUT_RANGE, scale=scale),
+        stn.Hyperparameter("noise", values["noise"], *NOISE_RANGE, scale=scale),
+    ])
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    model: str
+    method: str
+    hparams: Dict[str, float]          # at the best checkpoint (STN: its current λ there)
+    val_loss: float
+    val_acc: float
+    test_loss: float
+    test_acc: float
+    best_step: int
+    seconds: float
+    schedule: List[dict] = field(default_factory=list)  # STN only: λ and σ after validation steps
+
+
+@torch.no_grad()
+def evaluate(model, hp: stn.HyperparameterSet, split: Split):
+    model.eval()
+    sample = hp.sample(len(split.y), perturb=False, regularize=False)
+    logits = model(split.x, sample)
+    return F.cross_entropy(logits, split.y).item(), (logits.argmax(1) == split.y).float().mean().item()
+
+
+def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=print) -> RunResult:
+    """Trains one model for args.steps weight updates: with STN (method "stn") or fixed hyperparameters."""
+    train, val, test = data
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)  # the same initial weights for every run of one model
+    model = MODELS[kind](len(HPARAM_NAMES))
+    torch.manual_seed(args.seed + 1)  # dropout seeds and input noise
+    hp = make_hparams(values, scale=args.perturb_scale)
+    weight_optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    next_train = BatchStream(train, args.batch_size, args.seed + 2)
+    next_val = BatchStream(val, args.batch_size, args.seed + 3)
+    schedule = []
+    if method == "stn":
+        trainer = stn.STNTrainer(
+            model, F.cross_entropy, hp, weight_optimizer,
+            hparam_optimizer=torch.optim.Adam([hp.unconstrained], lr=args.hparam_lr),
+            scale_optimizer=torch.optim.Adam([hp.raw_scale], lr=args.hparam_lr),
+            train_steps=2, valid_steps=1, warmup_steps=args.warmup_steps,
+            entropy_weight=args.entropy_weight, generator=torch.Generator().manual_seed(args.seed + 4))
+
+    best = {"val_loss": math.inf}
+    step = 0
+    next_eval, next_report = args.eval_every, args.steps // 4
+    while step < args.steps:
+        if method == "stn":
+            trainer.step(next_train, next_val)
+            step = trainer.train_steps_done
+            schedule.append({"step": step, **hp.values(), **{f"{k}_scale": v for k, v in hp.scales().items()}})
+        else:
+            model.train()
+            x, y = next_train()
+            weight_optimizer.zero_grad()
+            loss = F.cross_entropy(model(x, hp.sample(len(y), perturb=False)), y)
+            loss.backward()
+            weight_optimizer.step()
+            step += 1
+        if step >= next_eval or step >= args.steps:
+            next_eval += args.eval_every
+            val_loss, val_acc = evaluate(model, hp, val)
+            if val_loss < best["val_loss"]:
+                best = {"val_loss": val_loss, "val_acc": val_acc, "step": step,
+                        "model": copy.deepcopy(model.state_dict()), "hp": copy.deepcopy(hp.state_dict())}
+            if method == "stn" and step >= next_report:
+                next_report += args.steps // 4
+                shown = ", ".join(f"{k}={v:.3f}" for k, v in hp.values().items())
+                log(f"        step {step:5d}/{args.steps}  val loss {val_loss:.4f}  {shown}")
+    model.load_state_dict(best["model"])
+    hp.load_state_dict(best["hp"])
+    test_loss, test_acc = evaluate(model, hp, test)
+    return RunResult(kind, method, dict(hp.values()), best["val_loss"], best["val_acc"], test_loss, test_acc,
+                     best["step"], time.perf_counter() - start, schedule)
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+def grid_points(args) -> List[Dict[str, float]]:
+    return [{"dropout1": p, "dropout2": p, "noise": START["noise"]} for p in args.grid]
+
+
+def random_points(args) -> List[Dict[str, float]]:
+    generator = torch.Generator().manual_seed(args.seed + 100)
+    points = []
+    for _ in range(args.random_runs):
+        u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        points.append({"dropout1": 0.02 + 0.83 * u[0], "dropout2": 0.02 + 0.83 * u[1],
+                       # log-uniform noise std in [0.01, 0.5]
+                       "noise": math.exp(math.log(0.01) + (math.log(0.5) - math.log(0.01)) * u[2])})
+    return points
+
+
+def format_hparams(values: Dict[str, float]) -> str:
+    return f"{values['dropout1']:.2f} / {values['dropout2']:.2f} / {values['noise']:.3f}"
+
+
+def format_table(results: List[RunResult], args) -> str:
+    header = (f"{'model':5}  {'method':22}  {'dropout1 / dropout2 / noise':28}  {'val loss':>8}  {'val acc':>7}  "
+              f"{'test loss':>9}  {'test acc':>8}  {'runs':>4}")
+    lines = [header, "-" * len(header)]
+    for kind in args.models:
+        for method, label in (("stn", "STN (1 run)"), ("grid", "grid search, best"), ("random", "random search, best")):
+            runs = [r for r in results if r.model == kind and r.method == method]
+            if not runs:
+                continue
+            best = min(runs, key=lambda r: r.val_loss)
+            lines.append(f"{kind.upper():5}  {label:22}  {format_hparams(best.hparams):28}  {best.val_loss:8.4f}  "
+                         f"{best.val_acc:7.2%}  {best.test_loss:9.4f}  {best.test_acc:8.2%}  {len(runs):4d}")
+    return "\n".join(lines)
+
+
+def plot_schedules(results: List[RunResult], args, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stn_runs = [r for r in results if r.method == "stn"]
+    fig, axes = plt.subplots(2, len(stn_runs), figsize=(5.5 * len(stn_runs), 6.5), squeeze=False, sharex=True)
+    for column, run in enumerate(stn_runs):
+        steps = [s["step"] for s in run.schedule]
+        top, bottom = axes[0][column], axes[1][column]
+        for name, colour in (("dropout1", "tab:blue"), ("dropout2", "tab:orange")):
+            top.plot(steps, [s[name] for s in run.schedule], color=colour, label=f"STN {name}")
+        grid = [r for r in results if r.model == run.model and r.method == "grid"]
+        if grid:
+            best_grid = min(grid, key=lambda r: r.val_loss)
+            top.axhline(best_grid.hparams["dropout1"], color="grey", linestyle="--",
+                        label=f"best grid dropout ({best_grid.hparams['dropout1']:.2f})")
+        top.axvline(args.warmup_steps, color="black", linewidth=0.8, linestyle=":", label="end of warm-up")
+        top.set_ylabel("dropout rate")
+        top.set_title(f"{run.model.upper()}: hyperparameter schedules found by STN")
+        top.legend(fontsize=8)
+        bottom.plot(steps, [s["noise"] for s in run.schedule], color="tab:green", label="STN input noise std")
+        bottom.axvline(args.warmup_steps, color="black", linewidth=0.8, linestyle=":")
+        bottom.set_ylabel("noise std (pixels in [0, 1])")
+        bottom.set_xlabel("training step")
+        bottom.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and search runs (< 1 min)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+                        help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--steps", type=int, default=None, help="weight updates per run (default 1000, quick 150)")
+    parser.add_argument("--grid", default=None,
+                        help="comma-separated grid of dropout rates (default 0.05,0.25,0.45,0.65; quick 0.1,0.5)")
+    parser.add_argument("--random-runs", type=int, default=None, help="random-search runs (default 3, quick 1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the weights")
+    parser.add_argument("--hparam-lr", type=float, default=0.03, help="Adam learning rate of λ and σ")
+    parser.add_argument("--entropy-weight", type=float, default=1e-3, help="τ")
+    parser.add_argument("--perturb-scale", type=float, default=0.5, help="initial σ")
+    parser.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps before tuning starts")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel runs (processes; results do not depend on it)")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in args.models:
+        if m not in MODELS:
+            parser.error(f"--models: expected names from {sorted(MODELS)}, got {m!r}")
+    args.steps = args.steps or (150 if args.quick else 1000)
+    args.grid = [float(p) for p in (args.grid or ("0.1,0.5" if args.quick else "0.05,0.25,0.45,0.65")).split(",")]
+    for p in args.grid:
+        if not DROPOUT_RANGE[0] < p < DROPOUT_RANGE[1]:
+            parser.error(f"--grid: expected rates inside {DROPOUT_RANGE}, got {p}")
+    args.random_runs = args.random_runs if args.random_runs is not None else (1 if args.quick else 3)
+    if args.workers < 1:
+        parser.error(f"--workers: expected an int >= 1, got {args.workers}")
+    args.eval_every = max(args.steps // 30, 2)
+    args.warmup_steps = int(args.warmup_fraction * args.steps)
+    return args
+
+
+_WORKER_STATE: dict = {}
+
+
+def _say(line: str) -> None:
+    # One write per line, so that lines from two worker processes never interleave mid-line.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _run_planned(item):
+    number, kind, method, values = item
+    torch.set_num_threads(1)
+    total = _WORKER_STATE["total"]
+    _say(f"[{number:2d}/{total}] {kind.upper()} {method:6}  start {format_hparams(values)}")
+    log = lambda line: _say(f"[{number:2d}/{total}]   {line.strip()}")  # noqa: E731
+    return number, train_run(kind, method, values, _WORKER_STATE["data"], _WORKER_STATE["args"], log=log)
+
+
+def _print_done(number, total, result, started):
+    _say(f"[{number:2d}/{total}] {result.model.upper()} {result.method:6}  done: best val loss {result.val_loss:.4f} "
+         f"(acc {result.val_acc:.2%}) at step {result.best_step}, hparams {format_hparams(result.hparams)}  "
+         f"[{result.seconds:.1f} s; {time.perf_counter() - started:.0f} s elapsed]")
+
+
+def main(argv=None) -> List[RunResult]:
+    args = parse_args(argv)
+    # Tiny matrices: one thread is faster than two here, and a fixed thread count keeps every
+    # reduction in the same order, so the run is bit-for-bit repeatable.
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    os.makedirs(args.out, exist_ok=True)
+    data = load_digits_splits(args.seed)
+    print(f"digits: {len(data[0].y)} train / {len(data[1].y)} validation / {len(data[2].y)} test images; "
+          f"{args.steps} weight updates per run, batch {args.batch_size}; STN: T_train=2, T_valid=1, "
+          f"warm-up {args.warmup_steps} steps, τ={args.entropy_weight}", flush=True)
+    # The STN runs first: they are the longest, so two workers finish at about the same time.
+    plan = [(kind, "stn", dict(START)) for kind in args.models]
+    for kind in args.models:
+        plan += [(kind, "grid", point) for point in grid_points(args)]
+        plan += [(kind, "random", point) for point in random_points(args)]
+    plan = [(number, *run) for number, run in enumerate(plan, 1)]
+    started = time.perf_counter()
+    results = {}
+    _WORKER_STATE.update(data=data, args=args, total=len(plan))
+    if args.workers > 1:
+        # Independent runs, each seeded and single-threaded: the results do not depend on which worker
+        # runs what. fork shares the loaded data and needs no re-import.
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            for number, result in pool.imap_unordered(_run_planned, plan, chunksize=1):
+                results[number] = result
+                _print_done(number, len(plan), result, started)
+    else:
+        for item in plan:
+            number, result = _run_planned(item)
+            results[number] = result
+            _print_done(number, len(plan), result, started)
+    results = [results[number] for number in sorted(results)]
+
+    table = format_table(results, args)
+    print("\n" + table)
+    for kind in args.models:
+        stn_loss = min(r.val_loss for r in results if r.model == kind and r.method == "stn")
+        grid_loss = min((r.val_loss for r in results if r.model == kind and r.method == "grid"), default=math.inf)
+        verdict = "at least as low as" if stn_loss <= grid_loss else "HIGHER than"
+        print(f"{kind.upper()}: STN validation loss {stn_loss:.4f} is {verdict} the best fixed-dropout grid point "
+              f"({grid_loss:.4f}) with the same number of weight updates per run.")
+    plot_path = os.path.join(args.out, "stn_digits_schedules.png")
+    plot_schedules(results, args, plot_path)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "table": table,
+                   "runs": [r.__dict__ for r in results]}, f, indent=1)
+    print(f"wrote {plot_path} and results.json ({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""``convert(model)``: swap the layers of an existing STN codebase for stn_kernels layers, in place.
+
+Recognised by parameter and submodule names (the classes themselves live in other people's code):
+
+==========================  ===========================================================  =====================
+published layer             names                                                        becomes
+==========================  ===========================================================  =====================
+STN (CNN) linear / conv     ``elem_weight`` [N,K] / [C,C',kh,kw], ``hnet_weight``,       HyperLinear / HyperConv2d
+                            ``htensor_to_scalars.weight``, optional ``elem_bias``,
+                            ``hnet_bias``, ``elem_scalar``
+STN (LSTM) linear           ``elem_weight_raw``, ``hnet_weight_raw``,                    DropConnectHyperLinear
+                            ``hnet_tensor_to_scalars.weight``, opt. biases
+STN (LSTM) embedding        ``elem_embedding.weight``, ``hnet_embedding.weight``,        TimeMajorHyperEmbedding
+                            ``hnet_tensor_to_scalars.weight``
+Delta-STN linear / conv     ``general_weight``, ``response_weight``,                     HyperLinear / HyperConv2d
+                            ``hyper_bottleneck.weight``, opt. biases
+``nn.Linear``/``nn.Conv2d`` (only with ``num_hparams``)                                  HyperLinear / HyperConv2d
+==========================  ===========================================================  =====================
+
+The new layers take over the *same* ``nn.Parameter`` objects (no copy), so shared and tied
+weights stay shared (the LSTM's decoder tied to the embedding) and memory does not double.
+The exception is the official ``elem_scalar`` a: it multiplies the elementary path, so it is
+folded into new ``weight = a·elem_weight`` and ``bias = a·elem_bias`` parameters (as our
+``load_state_dict`` does). Build optimisers *after* converting. Forward signatures stay those of
+the published layers (``forward(input, htensor)``), so the model's own forward runs unchanged.
+
+Plain ``nn.Linear``/``nn.Conv2d`` get a hyper path whose λ-map ``hparam_weight`` starts at zero
+(outputs unchanged at conversion, as Delta-STN initialises its bottleneck) and whose
+``hyper_weight``/``hyper_bias`` get the usual U(±1/√fan_in) init (so the gradient w.r.t.
+``hparam_weight`` is not zero); your forward must then pass the hyperparameters as the second
+argument to use it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+
+__all__ = ["convert", "DropConnectHyperLinear", "TimeMajorHyperEmbedding", "published_layer_kind"]
+
+
+class DropConnectHyperLinear(HyperLinear):
+    """HyperLinear with the official STN LSTM's DropConnect: ``mask_weights(p)`` draws one Bernoulli(1−p)
+    mask over the weight matrix, scaled by 1/(1−p), shared by ``weight`` and ``hyper_weight`` and by the
+    whole batch, and used by every forward until the next call (the published HyperLSTM calls it
+    once per sequence). In eval mode the mask is all ones."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_mask: Optional[Tensor] = None
+
+    def mask_weights(self, wdrop) -> None:
+        wdrop = float(wdrop)
+        if not 0.0 <= wdrop < 1.0:
+            raise ValueError(f"wdrop: expected a DropConnect rate in [0, 1), got {wdrop}")
+        if not self.training or wdrop == 0.0:
+            self.weight_mask = None
+            return
+        keep = torch.empty_like(self.weight, memory_format=torch.contiguous_format).bernoulli_(1.0 - wdrop)
+        self.weight_mask = keep / (1.0 - wdrop)
+
+    def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        if self.weight_mask is None:
+            return super().forward(input, hparams)
+        weight_scale, bias_scale = self._scales()
+        return functional.hyper_linear(input, hparams, self.weight * self.weight_mask,
+                                       self.hyper_weight * self.weight_mask, self.bias, self.hyper_bias,
+                                       weight_scale, bias_scale)
+
+
+class TimeMajorHyperEmbedding(HyperEmbedding):
+    """HyperEmbedding with the official STN LSTM's interface: ``forward(input [T, B], hnet_tensor [B, H],
+    dropoute=0)``, where ``dropoute`` drops whole rows of both tables (one mask per call, shared by the
+    batch) and scales the kept ones by 1/(1−p)."""
+
+    def forward(self, input: Tensor, hparams: Optional[Tensor] = None,  # type: ignore[override]
+                dropoute=0.0) -> Tensor:
+        batch_dim = 1 if input.dim() >= 2 else 0
+        p = float(dropoute)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropoute: expected an embedding dropout rate in [0, 1), got {p}")
+        weight, hyper_weight = self.weight, self.hyper_weight
+        if p > 0.0:
+            keep = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device).bernoulli_(1.0 - p)
+            row_scale = keep / (1.0 - p)
+            weight, hyper_weight = weight * row_scale, hyper_weight * row_scale
+        if batch_dim == 1:
+            out = functional.hyper_embedding(input.transpose(0, 1), hparams, weight, hyper_weight,
+                                             self.hparam_weight)
+            return out.transpose(0, 1)
+        return functional.hyper_embedding(input, hparams, weight, hyper_weight, self.hparam_weight)
+
+
+# --------------------------------------------------------------------------- recognition
+
+# kind -> (direct parameter names that must all be present, submodule holding the λ map)
+_PUBLISHED = {
+    "stn": (("elem_weight", "hnet_weight"), "htensor_to_scalars"),
+    "stn_lstm": (("elem_weight_raw", "hnet_weight_raw"), "hnet_tensor_to_scalars"),
+    "delta_stn": (("general_weight", "response_weight"), "hyper_bottleneck"),
+}
+_EMBEDDING = (("elem_embedding", "hnet_embedding"), "hnet_tensor_to_scalars")
+_BIAS_NAMES = {"stn": ("elem_bias", "hnet_bias"), "stn_lstm": ("elem_bias", "hnet_bias"),
+               "delta_stn": ("general_bias", "response_bias")}
+# Any of these marks a module as "meant to be a published layer": a partial match is an error.
+_MARKERS = {"elem_weight", "hnet_weight", "elem_weight_raw", "hnet_weight_raw", "general_weight", "response_weight",
+            "elem_scalar"}
+
+
+def published_layer_kind(module: nn.Module) -> Optional[str]:
+    """"stn", "stn_lstm", "stn_embedding" or "delta_stn" for a published STN layer, else None.
+
+    Raises ValueError for a module that carries some of the published names but not all of them.
+    """
+    params = module._parameters
+    children = module._modules
+    if all(name in children for name in _EMBEDDING[0]):
+        if _EMBEDDING[1] not in children:
+            raise ValueError(f"module {type(module).__name__}: has elem_embedding and hnet_embedding like the "
+                             f"published HyperEmbedding but no {_EMBEDDING[1]!r} submodule")
+        return "stn_embedding"
+    for kind, (weights, scales) in _PUBLISHED.items():
+        present = [name for name in weights if params.get(name) is not None]
+        if not present:
+            continue
+        missing = [name for name in weights if params.get(name) is None]
+        if scales not in children or not hasattr(children[scales], "weight"):
+            missing.append(f"{scales}.weight")
+        if missing:
+            raise ValueError(f"module {type(module).__name__}: looks like a published {kind} layer (has "
+                             f"{present}) but lacks {missing}")
+        return kind
+    stray = _MARKERS.intersection(k for k, v in params.items() if v is not None)
+    if stray:
+        raise ValueError(f"module {type(module).__name__}: has published STN parameter names {sorted(stray)} "
+                         f"but does not match any published layer")
+    return None
+
+
+def _pair_attr(module: nn.Module, name: str, default):
+    value = getattr(module, name, default)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _meta_like(cls, *args, **kwargs):
+    # Built on the meta device: the parameters are replaced right away, so no memory is spent on an init.
+    return cls(*args, device="meta", **kwargs)
+
+
+def _take(new: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+    if param is None:
+        new.register_parameter(name, None)
+    elif isinstance(param, nn.Parameter):
+        setattr(new, name, param)
+    else:
+        setattr(new, name, nn.Parameter(param))
+
+
+def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int], where: str) -> nn.Module:
+    if kind == "stn_embedding":
+        elem, hnet = module.elem_embedding.weight, module.hnet_embedding.weight
+        scales = module.hnet_tensor_to_scalars.weight
+        _check_num_hparams(scales.shape[1], num_hparams, where)
+        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], scales.shape[1])
+        _take(new, "weight", elem)
+        _take(new, "hyper_weight", hnet)
+        _take(new, "hparam_weight", scales)
+        return new
+
+    weights, scales_name = _PUBLISHED[kind]
+    weight, hyper_weight = (module._parameters[name] for name in weights)
+    bias_name, hyper_bias_name = _BIAS_NAMES[kind]
+    bias, hyper_bias = module._parameters.get(bias_name), module._parameters.get(hyper_bias_name)
+    scales = module._modules[scales_name].weight
+    if getattr(module._modules[scales_name], "bias", None) is not None:
+        raise ValueError(f"{where}.{scales_name}: expected a bias-free linear map from λ, got one with a bias")
+    if (bias is None) != (hyper_bias is None):
+        raise ValueError(f"{where}: expected both {bias_name} and {hyper_bias_name} or neither, got "
+                         f"{bias_name}={'set' if bias is not None else None}, "
+                         f"{hyper_bias_name}={'set' if hyper_bias is not None else None}")
+    num_outputs, hparams_count = weight.shape[0], scales.shape[1]
+    if tuple(scales.shape) != (2 * num_outputs, hparams_count):
+        raise ValueError(f"{where}.{scales_name}.weight: expected shape [2·{num_outputs}, H], "
+                         f"got {tuple(scales.shape)}")
+    _check_num_hparams(hparams_count, num_hparams, where)
+
+    elem_scalar = module._parameters.get("elem_scalar")
+    if elem_scalar is not None:  # a·(xWᵀ + b) = x(aW)ᵀ + ab
+        with torch.no_grad():
+            weight = nn.Parameter(weight.detach() * elem_scalar.detach(), requires_grad=weight.requires_grad)
+            if bias is not None:
+                bias = nn.Parameter(bias.detach() * elem_scalar.detach(), requires_grad=bias.requires_grad)
+
+    factory = {"dtype": weight.dtype}
+    if weight.dim() == 2:
+        cls = DropConnectHyperLinear if kind == "stn_lstm" else HyperLinear
+        new = _meta_like(cls, weight.shape[1], num_outputs, hparams_count, bias=bias is not None, **factory)
+    elif weight.dim() == 4:
+        if kind == "stn_lstm":
+            raise ValueError(f"{where}: expected a 2-D elem_weight_raw for the LSTM layer, got {tuple(weight.shape)}")
+        groups = int(getattr(module, "groups", 1))
+        new = _meta_like(HyperConv2d, weight.shape[1] * groups, num_outputs, tuple(weight.shape[2:]), hparams_count,
+                         stride=_pair_attr(module, "stride", 1), padding=_pair_attr(module, "padding", 0),
+                         dilation=_pair_attr(module, "dilation", 1), groups=groups, bias=bias is not None, **factory)
+    else:
+        raise ValueError(f"{where}.{weights[0]}: expected a 2-D (linear) or 4-D (conv) weight, got "
+                         f"{tuple(weight.shape)}")
+    _take(new, "weight", weight)
+    _take(new, "hyper_weight", hyper_weight)
+    _take(new, "bias", bias)
+    _take(new, "hyper_bias", hyper_bias)
+    _take(new, "hparam_weight", scales)
+    if kind == "delta_stn":
+        # The published Delta-STN trainers build their two optimisers from these lists.
+        new.general_parameters = [p for p in (new.weight, new.bias) if p is not None]
+        new.response_parameters = [p for p in (new.hyper_weight, new.hyper_bias, new.hparam_weight) if p is not None]
+    return new
+
+
+def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module:
+    weight, bias = module.weight, module.bias
+    factory = {"dtype": weight.dtype, "device": weight.device}
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise ValueError(f"{where}: expected padding_mode='zeros' (HyperConv2d pads with zeros), "
+                             f"got {module.padding_mode!r}")
+        if isinstance(module.padding, str):
+            raise ValueError(f"{where}: expected integer padding, got padding={module.padding!r}")
+        new = HyperConv2d(module.in_channels, module.out_channels, module.kernel_size, num_hparams,
+                          stride=module.stride, padding=module.padding, dilation=module.dilation,
+                          groups=module.groups, bias=bias is not None, **factory)
+    else:
+        new = HyperLinear(module.in_features, module.out_features, num_hparams, bias=bias is not None, **factory)
+    _take(new, "weight", weight)
+    _take(new, "bias", bias)
+    with torch.no_grad():
+        new.hparam_weight.zero_()  # the hyper path adds (V·λ)⊙(W_h x) + (C·λ)⊙b_h = 0 until V, C learn
+    return new
+
+
+def _check_num_hparams(found: int, expected: Optional[int], where: str) -> None:
+    if expected is not None and found != expected:
+        raise ValueError(f"num_hparams: expected {expected} to match the published layer {where}, "
+                         f"which takes {found} hyperparameters")
+
+
+def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Iterable[str] = ()) -> nn.Module:
+    """Replaces, in place, every published STN / Delta-STN layer in ``model`` with the stn_kernels layer
+    computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear`` and
+    ``nn.Conv2d`` (exact types) with a Hyper layer whose hyper path starts at zero.
+
+    ``exclude``: qualified names (as in ``model.named_modules()``) of modules to leave as they are,
+    together with their children. Modules shared between several places are converted once and stay
+    shared; train/eval mode is kept. Returns ``model``, or the new layer if ``model`` itself is one.
+    Published layers must agree with ``num_hparams`` when it is given.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if num_hparams is not None and (isinstance(num_hparams, bool) or not isinstance(num_hparams, int)
+                                    or num_hparams < 1):
+        raise ValueError(f"num_hparams: expected an int >= 1 or None, got {num_hparams!r}")
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude: expected an iterable of module names, got the str {exclude!r}")
+    excluded = set(exclude)
+    known = {name for name, _ in model.named_modules()}
+    unknown = sorted(excluded - known)
+    if unknown:
+        raise ValueError(f"exclude: expected names of modules in the model, got unknown {unknown}")
+    converted: Dict[int, nn.Module] = {}
+
+    def replacement(module: nn.Module, where: str) -> Optional[nn.Module]:
+        if id(module) in converted:
+            return converted[id(module)]
+        if isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding)):
+            return None
+        kind = published_layer_kind(module)
+        if kind is not None:
+            new = _convert_published(module, kind, num_hparams, where)
+        elif num_hparams is not None and type(module) in (nn.Linear, nn.Conv2d):
+            new = _convert_plain(module, num_hparams, where)
+        else:
+            return None
+        new.train(module.training)
+        converted[id(module)] = new
+        return new
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            where = f"{prefix}.{name}" if prefix else name
+            if where in excluded:
+                continue
+            new = replacement(child, where)
+            if new is not None:
+                parent._modules[name] = new
+            else:
+                visit(child, where)
+
+    if "" in excluded:
+        return model
+    top = replacement(model, type(model).__name__)
+    if top is not None:
+        return top
+    visit(model, "")
+    return model

@@ -1,0 +1,31 @@
+"""The STN training toolkit: hyperparameters, per-example regularisers and the steps of Algorithm 1.
+
+A self-tuning loop in a few lines (see ``examples/stn_digits.py`` for a complete one)::
+
+    from stn_kernels import stn
+
+    hp = stn.HyperparameterSet([stn.Hyperparameter("dropout", init=0.1, low=0.0, high=0.9)])
+
+    def model_fn(x, sample):                      # sample: a HyperparameterSample
+        h = torch.relu(fc1(x, sample.layer_input))
+        h = stn.per_example_dropout(h, sample["dropout"], training=sample.regularize)
+        return fc2(h, sample.layer_input)
+
+    trainer = stn.STNTrainer(model_fn, F.cross_entropy, hp, torch.optim.Adam(weights, 1e-3))
+    for _ in range(cycles):
+        trainer.step(next_train_batch, next_valid_batch)   # T_train weight steps, T_valid λ/σ steps
+
+Importing this package registers ``torch.ops.stn_kernels.per_example_dropout`` and imports no
+Triton: the fused dropout kernel loads on first use by the ``triton`` backend.
+"""
+
+from .dropout import per_example_channel_dropout, per_example_dropout
+from .hyperparameters import (Hyperparameter, HyperparameterSample, HyperparameterSet, inverse_softplus,
+                              stretched_logit, stretched_sigmoid)
+from .training import STNTrainer, StepResult, cycle_batches, linearized_output, split_stn_parameters
+
+__all__ = [
+    "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult", "cycle_batches",
+    "inverse_softplus", "linearized_output", "per_example_channel_dropout", "per_example_dropout",
+    "split_stn_parameters", "stretched_logit", "stretched_sigmoid",
+]

@@ -1,0 +1,295 @@
+"""Algorithm 1 of the STN paper (and the Delta-STN variant) as steps for your own loop.
+
+The model is any callable ``model_fn(inputs, sample) -> output`` where ``sample`` is a
+:class:`~stn_kernels.stn.HyperparameterSample`: feed ``sample.layer_input`` to the hyper
+layers, use ``sample[name]`` for the regularisers and apply them only when
+``sample.regularize`` is True. ``criterion(output, targets)`` gives the loss.
+
+Training step (T_train of them per cycle)
+    λ_b = λ + σ ⊙ ε_b (detached), regularisers on, one step of the weight optimiser on the
+    training loss. Warm-up steps are training steps before any validation step.
+Validation step (T_valid per cycle)
+    regularisers off (dropout off, no augmentation, as in the published code); λ_b perturbed
+    when the scales are tuned (else λ itself); the objective is the validation loss − τ·entropy;
+    one step of the hyperparameter optimiser (λ) and of the scale optimiser (ρ, σ = softplus(ρ)).
+    Only λ and ρ are differentiated: the weights get no gradient here.
+Delta-STN (``delta_stn=True``)
+    the layers see λ_b − λ (centred); a training step first updates the general weights at the
+    current λ (centred input 0), then the response parameters (``hyper_weight``, ``hyper_bias``,
+    ``hparam_weight``) on perturbed λ_b, optionally through the linearised response
+    out(0) + J·(λ_b − λ) with J = ∂out/∂(layer input), a Jacobian-vector product computed by
+    double backward through the layers (``linearize=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .hyperparameters import HyperparameterSample, HyperparameterSet
+
+# Parameters of our layers that make up the response (the part that depends on λ).
+_RESPONSE_NAMES = ("hyper_weight", "hyper_bias", "hparam_weight")
+
+
+def split_stn_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(general, response) parameters of ``model`` for Delta-STN's two optimisers.
+
+    Response: ``hyper_weight``, ``hyper_bias`` and ``hparam_weight`` of every HyperLinear,
+    HyperConv2d and HyperEmbedding; general: every other parameter (each listed once).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    response_ids = set()
+    response = []
+    for module in model.modules():
+        if isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding)):
+            for name in _RESPONSE_NAMES:
+                p = getattr(module, name, None)
+                if p is not None and id(p) not in response_ids:
+                    response_ids.add(id(p))
+                    response.append(p)
+    general = [p for p in model.parameters() if id(p) not in response_ids]
+    return general, response
+
+
+def linearized_output(model_fn: Callable, inputs, sample: HyperparameterSample, direction: Tensor) -> Tensor:
+    """out(x, 0) + J·direction, with J the Jacobian of the output w.r.t. the centred layer input at 0.
+
+    The JVP uses the double-backward trick (differentiate the vector-Jacobian product w.r.t. its
+    vector), so it needs only reverse mode, which the layers support to any order. The result is
+    differentiable w.r.t. the model's parameters.
+    """
+    anchor = torch.zeros_like(sample.layer_input, requires_grad=True)
+    anchored = HyperparameterSample(sample.unconstrained, anchor, sample.values, sample.regularize, sample.names)
+    with torch.enable_grad():
+        out = model_fn(inputs, anchored)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"model_fn: expected a Tensor output for linearize=True, got {type(out).__name__}")
+        # The VJP is linear in its vector, so the vector's value does not matter; zeros keep it cheap.
+        vector = torch.zeros_like(out, requires_grad=True)
+        (vjp,) = torch.autograd.grad(out, anchor, vector, create_graph=True)
+        (jvp,) = torch.autograd.grad(vjp, vector, direction, create_graph=True)
+    return out + jvp
+
+
+@dataclass
+class StepResult:
+    """What one step did: ``kind`` is "warmup", "train", "response" (Delta-STN) or "valid"; ``loss``
+    the data loss (without the entropy term) as a float; ``output`` the model output, detached."""
+
+    kind: str
+    loss: float
+    output: Tensor
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> List[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _check_optimizer(value, name: str, required: bool = True) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, torch.optim.Optimizer):
+        raise TypeError(f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}")
+
+
+def _check_count(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+class STNTrainer:
+    """The steps of Algorithm 1 around your model, data and optimisers.
+
+    Arguments:
+        model_fn: ``model_fn(inputs, sample) -> output``. If it is an ``nn.Module`` the trainer puts
+            it in train mode for training steps and eval mode for validation steps (so dropout
+            modules and batch norm follow the published code).
+        criterion: ``criterion(output, targets) -> scalar loss``.
+        hparams: the :class:`HyperparameterSet` being tuned.
+        weight_optimizer: the model's weights (for Delta-STN: the general weights only, see
+            :func:`split_stn_parameters`).
+        hparam_optimizer: λ (``hparams.unconstrained``); default Adam(lr=3e-3), the published default.
+        scale_optimizer: ρ (``hparams.raw_scale``); default Adam(lr=3e-3). Unused if tune_scales=False.
+        response_optimizer: Delta-STN only: the response parameters.
+        train_steps, valid_steps: T_train and T_valid per cycle (published: 2 and 1; Delta-STN 5 and 1).
+        warmup_steps: training steps before the first validation step (warm-up epochs × batches per
+            epoch); λ stays at its initial value meanwhile.
+        entropy_weight: τ in loss − τ·entropy (1e-3, a typical published value; the official CNN script
+            defaults to 1e-5).
+        tune_scales: learn σ in validation steps (else validation steps use λ unperturbed).
+        constrained_layer_input: feed T(λ_b) to the layers instead of λ_b.
+        delta_stn: the Delta-STN variant (centred layer input, separate response step).
+        linearize: Delta-STN's linearised response in the response step.
+        generator: for the perturbations ε (dropout seeds come from the regularisers' own calls).
+    """
+
+    def __init__(self, model_fn: Callable, criterion: Callable, hparams: HyperparameterSet,
+                 weight_optimizer: torch.optim.Optimizer, *,
+                 hparam_optimizer: Optional[torch.optim.Optimizer] = None,
+                 scale_optimizer: Optional[torch.optim.Optimizer] = None,
+                 response_optimizer: Optional[torch.optim.Optimizer] = None,
+                 train_steps: int = 2, valid_steps: int = 1, warmup_steps: int = 0,
+                 entropy_weight: float = 1e-3, tune_scales: bool = True, constrained_layer_input: bool = False,
+                 delta_stn: bool = False, linearize: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
+        if not callable(model_fn):
+            raise TypeError(f"model_fn: expected a callable (inputs, sample) -> output, got {type(model_fn).__name__}")
+        if not callable(criterion):
+            raise TypeError(f"criterion: expected a callable (output, targets) -> loss, got {type(criterion).__name__}")
+        if not isinstance(hparams, HyperparameterSet):
+            raise TypeError(f"hparams: expected a HyperparameterSet, got {type(hparams).__name__}")
+        _check_optimizer(weight_optimizer, "weight_optimizer")
+        _check_optimizer(hparam_optimizer, "hparam_optimizer", required=False)
+        _check_optimizer(scale_optimizer, "scale_optimizer", required=False)
+        _check_optimizer(response_optimizer, "response_optimizer", required=False)
+        if delta_stn and response_optimizer is None:
+            raise ValueError("response_optimizer: required with delta_stn=True (the response parameters from "
+                             "split_stn_parameters), got None")
+        if not delta_stn and response_optimizer is not None:
+            raise ValueError("response_optimizer: only used with delta_stn=True, got an optimizer with delta_stn=False")
+        if linearize and not delta_stn:
+            raise ValueError("linearize: the linearised response is part of Delta-STN; expected delta_stn=True "
+                             "with linearize=True, got delta_stn=False")
+        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) \
+                or not math.isfinite(entropy_weight) or entropy_weight < 0:
+            raise ValueError(f"entropy_weight: expected a finite float >= 0, got {entropy_weight!r}")
+        self.model_fn = model_fn
+        self.criterion = criterion
+        self.hparams = hparams
+        self.weight_optimizer = weight_optimizer
+        self.hparam_optimizer = hparam_optimizer or torch.optim.Adam([hparams.unconstrained], lr=3e-3)
+        self.scale_optimizer = (scale_optimizer or torch.optim.Adam([hparams.raw_scale], lr=3e-3)) \
+            if tune_scales else scale_optimizer
+        self.response_optimizer = response_optimizer
+        self.train_steps = _check_count(train_steps, "train_steps", 1)
+        self.valid_steps = _check_count(valid_steps, "valid_steps", 0)
+        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", 0)
+        self.entropy_weight = float(entropy_weight)
+        self.tune_scales = bool(tune_scales)
+        self.constrained_layer_input = bool(constrained_layer_input)
+        self.delta_stn = bool(delta_stn)
+        self.linearize = bool(linearize)
+        self.generator = generator
+        self.train_steps_done = 0
+        self.valid_steps_done = 0
+
+    # -- helpers
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.train_steps_done < self.warmup_steps
+
+    def _set_mode(self, training: bool) -> None:
+        if isinstance(self.model_fn, nn.Module):
+            self.model_fn.train(training)
+
+    def _sample(self, batch: Tensor, regularize: bool) -> HyperparameterSample:
+        return self.hparams.make_sample(batch, regularize=regularize, constrained=self.constrained_layer_input,
+                                        centre=self.delta_stn)
+
+    def _batch_size(self, targets) -> int:
+        if isinstance(targets, Tensor) and targets.dim() > 0:
+            return targets.shape[0]
+        shape = f" of shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else ""
+        raise TypeError(f"targets: expected a tensor whose first dim is the batch, got {type(targets).__name__}{shape}")
+
+    def evaluation_sample(self, batch_size: int) -> HyperparameterSample:
+        """The current λ for every example, regularisers off: what evaluation uses."""
+        with torch.no_grad():
+            return self._sample(self.hparams.repeat(batch_size).detach(), regularize=False)
+
+    # -- the steps
+
+    def train_step(self, inputs, targets) -> List[StepResult]:
+        """One training step on perturbed λ_b (two updates, general then response, for Delta-STN)."""
+        batch_size = self._batch_size(targets)
+        kind = "warmup" if self.in_warmup else "train"
+        self._set_mode(True)
+        results = []
+        with torch.no_grad():
+            perturbed = self.hparams.perturb(batch_size, generator=self.generator)
+        if self.delta_stn:
+            # General weights at the current λ: centred input 0, regularisers at λ itself.
+            with torch.no_grad():
+                current = self.hparams.repeat(batch_size).detach()
+            self.weight_optimizer.zero_grad()
+            out = self.model_fn(inputs, self._sample(current, regularize=True))
+            loss = self.criterion(out, targets)
+            loss.backward(inputs=_optimizer_params(self.weight_optimizer))
+            self.weight_optimizer.step()
+            results.append(StepResult(kind, float(loss.detach()), out.detach()))
+            # Response parameters on perturbed λ_b.
+            sample = self._sample(perturbed, regularize=True)
+            self.response_optimizer.zero_grad()
+            if self.linearize:
+                out = linearized_output(self.model_fn, inputs, sample, sample.layer_input.detach())
+            else:
+                out = self.model_fn(inputs, sample)
+            loss = self.criterion(out, targets)
+            loss.backward(inputs=_optimizer_params(self.response_optimizer))
+            self.response_optimizer.step()
+            results.append(StepResult("response", float(loss.detach()), out.detach()))
+        else:
+            self.weight_optimizer.zero_grad()
+            out = self.model_fn(inputs, self._sample(perturbed, regularize=True))
+            loss = self.criterion(out, targets)
+            loss.backward(inputs=_optimizer_params(self.weight_optimizer))
+            self.weight_optimizer.step()
+            results.append(StepResult(kind, float(loss.detach()), out.detach()))
+        self.train_steps_done += 1
+        return results
+
+    def valid_step(self, inputs, targets) -> StepResult:
+        """One hyperparameter step: validation loss − τ·entropy, regularisers off."""
+        batch_size = self._batch_size(targets)
+        self._set_mode(False)
+        if self.tune_scales:
+            batch = self.hparams.perturb(batch_size, generator=self.generator)
+        else:
+            batch = self.hparams.repeat(batch_size)
+        out = self.model_fn(inputs, self._sample(batch, regularize=False))
+        loss = self.criterion(out, targets)
+        objective = loss - self.entropy_weight * self.hparams.entropy() if self.tune_scales else loss
+        optimizers = [self.hparam_optimizer] + ([self.scale_optimizer] if self.tune_scales else [])
+        params = [p for opt in optimizers for p in _optimizer_params(opt)]
+        # Only the hyperparameters are differentiated: no weight gradient is formed or accumulated.
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        for opt in optimizers:
+            opt.step()
+        self.valid_steps_done += 1
+        return StepResult("valid", float(loss.detach()), out.detach())
+
+    def step(self, next_train_batch: Callable[[], tuple], next_valid_batch: Callable[[], tuple]) -> List[StepResult]:
+        """One cycle of Algorithm 1: T_train training steps, then T_valid validation steps once the warm-up
+        is over. ``next_*_batch()`` return ``(inputs, targets)``."""
+        results = []
+        for _ in range(self.train_steps):
+            results += self.train_step(*next_train_batch())
+        if not self.in_warmup:
+            for _ in range(self.valid_steps):
+                results.append(self.valid_step(*next_valid_batch()))
+        return results
+
+
+def cycle_batches(batches: Iterable) -> Callable[[], tuple]:
+    """A ``next_batch()`` callable that restarts ``batches`` (e.g. a DataLoader) when it runs out."""
+    state = {"iterator": iter(batches)}
+
+    def next_batch():
+        try:
+            return next(state["iterator"])
+        except StopIteration:
+            state["iterator"] = iter(batches)
+            return next(state["iterator"])
+
+    return next_batch

@@ -1,0 +1,71 @@
+"""examples/stn_digits.py: the --quick run end to end (as a user runs it), and its determinism."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "stn_digits.py")
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("stn_digits_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_its_table_and_plot(tmp_path):
+    # No timed assertion (a loaded CI machine would make it flaky); the timeout only guards against a hang.
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, EXAMPLE, "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    print(f"--quick took {time.perf_counter() - start:.1f} s")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "dropout1 / dropout2 / noise" in out and "val loss" in out and "test acc" in out
+    for row in ("MLP    STN", "MLP    grid search", "MLP    random search", "CNN    STN", "CNN    grid search",
+                "CNN    random search"):
+        assert row in out, row
+    png = tmp_path / "stn_digits_schedules.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["table"] in out
+    runs = results["runs"]
+    expected_runs = {(m, k) for m in ("mlp", "cnn") for k in ("stn", "grid", "random")}
+    assert {(r["model"], r["method"]) for r in runs} == expected_runs
+    # Every run trained for the same number of weight updates, and STN recorded its schedule.
+    assert {r["best_step"] <= results["args"]["steps"] for r in runs} == {True}
+    stn_schedule = next(r for r in runs if r["method"] == "stn")["schedule"]
+    assert stn_schedule[-1]["step"] == results["args"]["steps"]
+    for r in runs:
+        assert 0.0 < r["val_loss"] < 2.3 and 0.5 < r["val_acc"] <= 1.0   # far better than chance (log 10 ≈ 2.3)
+
+
+def test_training_is_deterministic():
+    example = _load_example()
+    args = example.parse_args(["--steps", "12", "--workers", "1"])
+    args.eval_every = 4
+    data = example.load_digits_splits(0)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind, method in (("mlp", "stn"), ("cnn", "grid")):
+            values = dict(example.START)
+            first = example.train_run(kind, method, values, data, args, log=lambda line: None)
+            second = example.train_run(kind, method, values, data, args, log=lambda line: None)
+            assert (first.val_loss, first.test_loss, first.hparams) == (second.val_loss, second.test_loss,
+                                                                         second.hparams)
+            assert first.schedule == second.schedule
+    finally:
+        torch.set_num_threads(previous_threads)
