@@ -1,25 +1,17 @@
 """Checkpoints of the published STN layers load into ours (strict=True) and give the same outputs.
 
-The published layers are re-created here from their formulas and parameter names:
-
-* official STN HyperLinear / HyperConv2d: ``elem_weight``, ``hnet_weight``, ``elem_bias``, ``hnet_bias``,
-  ``htensor_to_scalars`` (nn.Linear(H, 2N, bias=False)) and ``elem_scalar`` a;
-  out = a·(x·W_eᵀ + b_e) + s_w ⊙ (x·W_hᵀ) + s_b ⊙ b_h with [s_w, s_b] = htensor_to_scalars(λ);
-* official STN HyperEmbedding: ``elem_embedding``, ``hnet_embedding``, ``hnet_tensor_to_scalars`` (H -> D),
-  time-major [T, B] indices;
-* official STN LSTM HyperLinear: ``elem_weight_raw``, ``hnet_weight_raw``, ``elem_bias``, ``hnet_bias``,
-  ``hnet_tensor_to_scalars``;
-* Delta-STN StnLinear: ``general_weight``, ``response_weight``, ``general_bias``, ``response_bias``,
-  ``hyper_bottleneck``.
+The published layers (official STN HyperLinear / HyperConv2d / HyperEmbedding / LSTM HyperLinear,
+Delta-STN StnLinear) are the stand-ins of ``_published``, written from their formulas and parameter names.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import stn_kernels
 from _naive import assert_close_rel
+from _published import (DeltaStnLinear, OfficialHyperConv2d, OfficialHyperEmbedding, OfficialHyperLinear,
+                        OfficialLstmHyperLinear, randomize)
 
 D64 = torch.float64
 K, N, H, B = 9, 6, 3, 4
@@ -30,111 +22,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _randomize(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p))
-    return module
-
-
-class OfficialHyperLinear(nn.Module):
-    def __init__(self, in_features, out_features, num_hparams, elem_scalar=1.7):
-        super().__init__()
-        self.out_features = out_features
-        self.elem_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
-        self.hnet_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
-        self.elem_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
-        self.hnet_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
-        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
-        self.elem_scalar = nn.Parameter(torch.ones(1, dtype=D64))
-        _randomize(self)
-        with torch.no_grad():
-            self.elem_scalar.fill_(elem_scalar)
-
-    def forward(self, x, hnet_tensor):
-        out = self.elem_scalar * F.linear(x, self.elem_weight, self.elem_bias)
-        s = self.htensor_to_scalars(hnet_tensor)
-        s_w, s_b = s[:, :self.out_features], s[:, self.out_features:]
-        return out + s_w * F.linear(x, self.hnet_weight) + s_b * self.hnet_bias
-
-
-class OfficialHyperConv2d(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size, num_hparams, padding=1, elem_scalar=1.7):
-        super().__init__()
-        self.out_channels, self.padding = out_channels, padding
-        shape = (out_channels, in_channels, kernel_size, kernel_size)
-        self.elem_weight = nn.Parameter(torch.empty(shape, dtype=D64))
-        self.hnet_weight = nn.Parameter(torch.empty(shape, dtype=D64))
-        self.elem_bias = nn.Parameter(torch.empty(out_channels, dtype=D64))
-        self.hnet_bias = nn.Parameter(torch.empty(out_channels, dtype=D64))
-        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_channels, bias=False, dtype=D64)
-        self.elem_scalar = nn.Parameter(torch.ones(1, dtype=D64))
-        _randomize(self)
-        with torch.no_grad():
-            self.elem_scalar.fill_(elem_scalar)
-
-    def forward(self, x, hnet_tensor):
-        out = self.elem_scalar * F.conv2d(x, self.elem_weight, self.elem_bias, padding=self.padding)
-        s = self.htensor_to_scalars(hnet_tensor)
-        s_w, s_b = s[:, :self.out_channels], s[:, self.out_channels:]
-        hnet = F.conv2d(x, self.hnet_weight, padding=self.padding)
-        return out + s_w[:, :, None, None] * hnet + (s_b * self.hnet_bias)[:, :, None, None]
-
-
-class OfficialHyperEmbedding(nn.Module):
-    def __init__(self, num_embeddings, embedding_dim, num_hparams):
-        super().__init__()
-        self.elem_embedding = nn.Embedding(num_embeddings, embedding_dim, dtype=D64)
-        self.hnet_embedding = nn.Embedding(num_embeddings, embedding_dim, dtype=D64)
-        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, embedding_dim, bias=False, dtype=D64)
-        _randomize(self)
-
-    def forward(self, x, hnet_tensor):  # x [T, B], hnet_tensor [B, H]
-        return self.elem_embedding(x) + self.hnet_tensor_to_scalars(hnet_tensor) * self.hnet_embedding(x)
-
-
-class OfficialLstmHyperLinear(nn.Module):
-    def __init__(self, in_features, out_features, num_hparams):
-        super().__init__()
-        self.out_features = out_features
-        self.elem_weight_raw = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
-        self.hnet_weight_raw = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
-        self.elem_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
-        self.hnet_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
-        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
-        _randomize(self)
-
-    def forward(self, x, hnet_tensor):
-        s = self.hnet_tensor_to_scalars(hnet_tensor)
-        s_w, s_b = s[:, :self.out_features], s[:, self.out_features:]
-        return (F.linear(x, self.elem_weight_raw, self.elem_bias) + s_w * F.linear(x, self.hnet_weight_raw)
-                + s_b * self.hnet_bias)
-
-
-class DeltaStnLinear(nn.Module):
-    def __init__(self, in_features, out_features, num_hparams):
-        super().__init__()
-        self.out_features = out_features
-        self.general_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
-        self.response_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=D64))
-        self.general_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
-        self.response_bias = nn.Parameter(torch.empty(out_features, dtype=D64))
-        self.hyper_bottleneck = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
-        _randomize(self)
-
-    def forward(self, x, h_net):
-        s = self.hyper_bottleneck(h_net)
-        s_w, s_b = s[:, :self.out_features], s[:, self.out_features:]
-        return (F.linear(x, self.general_weight, self.general_bias) + s_w * F.linear(x, self.response_weight)
-                + s_b * self.response_bias)
-
-
 # name -> (published factory, our factory, input factory, call ours)
 LAYERS = {
     "official-HyperLinear": (lambda: OfficialHyperLinear(K, N, H),
                              lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
                              lambda: torch.randn(B, K, dtype=D64), {}),
-    "official-HyperConv2d": (lambda: OfficialHyperConv2d(3, N, 3, H),
+    "official-HyperConv2d": (lambda: OfficialHyperConv2d(3, N, 3, 1, H),
                              lambda: stn_kernels.HyperConv2d(3, N, 3, H, padding=1, dtype=D64),
                              lambda: torch.randn(B, 3, 5, 7, dtype=D64), {}),
     "official-HyperEmbedding": (lambda: OfficialHyperEmbedding(11, N, H),
@@ -195,7 +88,7 @@ def test_load_published_state_dict_nested(name):
     x, lam = make_x(), torch.randn(B, H, dtype=D64)
     pub_net, our_net = Net(published()), Net(ours_factory(), **kwargs)
     width = pub_net.stn(x, lam).flatten(1).shape[1]
-    pub_net.head = _randomize(nn.Linear(width, 2, dtype=D64))
+    pub_net.head = randomize(nn.Linear(width, 2, dtype=D64))
     our_net.head = nn.Linear(width, 2, dtype=D64)
     pub_seq, our_seq = nn.Sequential(pub_net), nn.Sequential(our_net)
     state = pub_seq.state_dict()
@@ -223,7 +116,7 @@ def test_elem_scalar_is_folded_not_dropped():
 def test_own_state_dict_round_trip(name):
     _, ours_factory, make_x, kwargs = LAYERS[name]
     a, b = ours_factory(), ours_factory()
-    _randomize(a)
+    randomize(a)
     state = a.state_dict()
     expected_keys = ({"weight", "hyper_weight", "hparam_weight"} if name.endswith("Embedding")
                      else {"weight", "hyper_weight", "bias", "hyper_bias", "hparam_weight"})

@@ -1,140 +1,27 @@
-"""``stn_kernels.convert``: published-style STN / Delta-STN layers (written here from their documented
-formulas and parameter names) are swapped for ours with the outputs unchanged."""
+"""``stn_kernels.convert``: published-style STN / Delta-STN layers (the stand-ins of ``_published``, written
+from their documented formulas and parameter names) are swapped for ours with the outputs unchanged."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import stn_kernels
 from stn_kernels import HyperConv2d, HyperEmbedding, HyperLinear
 from stn_kernels.convert import DropConnectHyperLinear, TimeMajorHyperEmbedding, published_layer_kind
+from _published import (DeltaStnConv2d, DeltaStnLinear, OfficialHyperConv2d, OfficialHyperEmbedding,
+                        OfficialHyperLinear, OfficialLstmHyperLinear)
 
 F64 = torch.float64
 H = 2
 
 
-# --------------------------------------------------------------------------- published-style layers
-
-
-class OfficialHyperLinear(nn.Module):
-    """Official STN (CNN): y = a·(x W_eᵀ + b_e) + s_w ⊙ (x W_hᵀ) + s_b ⊙ b_h, s = λ Mᵀ."""
-
-    def __init__(self, in_features, out_features, num_hparams, bias=True):
-        super().__init__()
-        self.out_features = out_features
-        self.elem_weight = nn.Parameter(torch.randn(out_features, in_features, dtype=F64))
-        self.hnet_weight = nn.Parameter(torch.randn(out_features, in_features, dtype=F64))
-        self.elem_bias = nn.Parameter(torch.randn(out_features, dtype=F64)) if bias else None
-        self.hnet_bias = nn.Parameter(torch.randn(out_features, dtype=F64)) if bias else None
-        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=F64)
-        self.elem_scalar = nn.Parameter(torch.tensor([1.7], dtype=F64))  # ≠ 1 so that folding it is tested
-
-    def forward(self, input, htensor):
-        out = self.elem_scalar * F.linear(input, self.elem_weight, self.elem_bias)
-        if htensor is not None:
-            s = self.htensor_to_scalars(htensor)
-            out = out + s[:, :self.out_features] * F.linear(input, self.hnet_weight)
-            if self.hnet_bias is not None:
-                out = out + s[:, self.out_features:] * self.hnet_bias
-        return out
-
-
-class OfficialHyperConv2d(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size, padding, num_hparams, stride=1):
-        super().__init__()
-        self.out_channels, self.padding, self.stride = out_channels, padding, stride
-        shape = (out_channels, in_channels, kernel_size, kernel_size)
-        self.elem_weight = nn.Parameter(torch.randn(shape, dtype=F64))
-        self.hnet_weight = nn.Parameter(torch.randn(shape, dtype=F64))
-        self.elem_bias = nn.Parameter(torch.randn(out_channels, dtype=F64))
-        self.hnet_bias = nn.Parameter(torch.randn(out_channels, dtype=F64))
-        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_channels, bias=False, dtype=F64)
-        self.elem_scalar = nn.Parameter(torch.tensor([0.6], dtype=F64))
-
-    def forward(self, input, htensor):
-        out = self.elem_scalar * F.conv2d(input, self.elem_weight, self.elem_bias, self.stride, self.padding)
-        s = self.htensor_to_scalars(htensor)
-        hyper = F.conv2d(input, self.hnet_weight, None, self.stride, self.padding)
-        c = self.out_channels
-        return out + s[:, :c, None, None] * hyper + (s[:, c:] * self.hnet_bias)[:, :, None, None]
-
-
-class DeltaStnLinear(nn.Module):
-    def __init__(self, in_features, out_features, num_hyper):
-        super().__init__()
-        self.out_features = out_features
-        self.general_weight = nn.Parameter(torch.randn(out_features, in_features, dtype=F64))
-        self.response_weight = nn.Parameter(torch.randn(out_features, in_features, dtype=F64))
-        self.general_bias = nn.Parameter(torch.randn(out_features, dtype=F64))
-        self.response_bias = nn.Parameter(torch.randn(out_features, dtype=F64))
-        self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_features, bias=False, dtype=F64)  # non-zero here
-
-    def forward(self, inputs, h_net):
-        s = self.hyper_bottleneck(h_net)
-        n = self.out_features
-        return (F.linear(inputs, self.general_weight, self.general_bias)
-                + s[:, :n] * F.linear(inputs, self.response_weight) + s[:, n:] * self.response_bias)
-
-
-class DeltaStnConv2d(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size, num_hyper, stride=1, padding=0, groups=1, dilation=1):
-        super().__init__()
-        self.out_channels, self.stride, self.padding, self.groups, self.dilation = (
-            out_channels, stride, padding, groups, dilation)
-        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
-        self.general_weight = nn.Parameter(torch.randn(shape, dtype=F64))
-        self.response_weight = nn.Parameter(torch.randn(shape, dtype=F64))
-        self.register_parameter("general_bias", None)
-        self.register_parameter("response_bias", None)
-        self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_channels, bias=False, dtype=F64)
-
-    def forward(self, inputs, h_net):
-        conv = dict(stride=self.stride, padding=self.padding, groups=self.groups, dilation=self.dilation)
-        s = self.hyper_bottleneck(h_net)[:, :self.out_channels, None, None]
-        return F.conv2d(inputs, self.general_weight, **conv) + s * F.conv2d(inputs, self.response_weight, **conv)
-
-
-class LstmHyperLinear(nn.Module):
-    """Official STN LSTM layer: DropConnect mask set by mask_weights() before the forward."""
-
-    def __init__(self, in_features, out_features, num_hparams):
-        super().__init__()
-        self.out_features = out_features
-        self.elem_weight_raw = nn.Parameter(torch.randn(out_features, in_features, dtype=F64))
-        self.hnet_weight_raw = nn.Parameter(torch.randn(out_features, in_features, dtype=F64))
-        self.elem_bias = nn.Parameter(torch.randn(out_features, dtype=F64))
-        self.hnet_bias = nn.Parameter(torch.randn(out_features, dtype=F64))
-        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=F64)
-        self.mask_weights(0.0)
-
-    def mask_weights(self, wdrop):
-        self.elem_weight, self.hnet_weight = self.elem_weight_raw * 1.0, self.hnet_weight_raw * 1.0
-
-    def forward(self, input, hnet_tensor):
-        s = self.hnet_tensor_to_scalars(hnet_tensor)
-        n = self.out_features
-        return (F.linear(input, self.elem_weight, self.elem_bias) + s[:, :n] * F.linear(input, self.hnet_weight)
-                + s[:, n:] * self.hnet_bias)
-
-
-class LstmHyperEmbedding(nn.Module):
-    """Official STN LSTM embedding: time-major input [T, B], hnet_tensor [B, H]."""
-
-    def __init__(self, num_embeddings, embedding_size, num_hparams):
-        super().__init__()
-        self.elem_embedding = nn.Embedding(num_embeddings, embedding_size, dtype=F64)
-        self.hnet_embedding = nn.Embedding(num_embeddings, embedding_size, dtype=F64)
-        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, embedding_size, bias=False, dtype=F64)
-
-    def forward(self, input, hnet_tensor, dropoute=0):
-        return self.elem_embedding(input) + self.hnet_tensor_to_scalars(hnet_tensor) * self.hnet_embedding(input)
+# --------------------------------------------------------------------------- models of published-style layers
 
 
 class PublishedCnn(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = OfficialHyperConv2d(3, 4, 3, padding=1, num_hparams=H, stride=2)
+        self.conv = OfficialHyperConv2d(3, 4, 3, padding=1, num_hparams=H, stride=2, elem_scalar=0.6)
         self.delta_conv = DeltaStnConv2d(4, 6, 3, H, padding=2, groups=2, dilation=2)
         self.block = nn.ModuleDict({"fc": OfficialHyperLinear(6 * 4 * 4, 8, H), "delta_fc": DeltaStnLinear(8, 5, H)})
         self.head = nn.Linear(5, 3, dtype=F64)
@@ -149,8 +36,8 @@ class PublishedCnn(nn.Module):
 class PublishedLstmParts(nn.Module):
     def __init__(self, vocab=11, dim=5):
         super().__init__()
-        self.encoder = LstmHyperEmbedding(vocab, dim, H)
-        self.i2h = LstmHyperLinear(dim, 4 * dim, H)
+        self.encoder = OfficialHyperEmbedding(vocab, dim, H)
+        self.i2h = OfficialLstmHyperLinear(dim, 4 * dim, H)
         self.decoder = nn.Linear(dim, vocab, dtype=F64)
         self.decoder.weight = self.encoder.elem_embedding.weight  # tied, as in the published LSTM
 
@@ -218,7 +105,7 @@ def test_published_lstm_parts_convert_and_keep_weight_tying():
 
 
 def test_converted_lstm_layer_applies_dropconnect_shared_by_both_weights():
-    layer = stn_kernels.convert(LstmHyperLinear(40, 50, H))
+    layer = stn_kernels.convert(OfficialLstmHyperLinear(40, 50, H))
     assert type(layer) is DropConnectHyperLinear
     x, h = torch.randn(6, 40, dtype=F64), torch.randn(6, H, dtype=F64)
     torch.manual_seed(0)
@@ -272,8 +159,8 @@ def test_already_converted_models_are_left_alone():
 
 def test_recognition():
     assert published_layer_kind(OfficialHyperLinear(2, 3, H)) == "stn"
-    assert published_layer_kind(LstmHyperLinear(2, 3, H)) == "stn_lstm"
-    assert published_layer_kind(LstmHyperEmbedding(4, 3, H)) == "stn_embedding"
+    assert published_layer_kind(OfficialLstmHyperLinear(2, 3, H)) == "stn_lstm"
+    assert published_layer_kind(OfficialHyperEmbedding(4, 3, H)) == "stn_embedding"
     assert published_layer_kind(DeltaStnConv2d(2, 2, 3, H)) == "delta_stn"
     assert published_layer_kind(nn.Linear(2, 3)) is None
 

@@ -1,0 +1,187 @@
+"""Stand-ins of the published STN layers, for the checkpoint and conversion tests.
+
+Written here from the published formulas and parameter names (the official STN code and
+Delta-STN), not imported from either codebase and not sharing code with ``stn_kernels``, so
+that test_checkpoints.py (their state dicts load into ours) and test_convert.py
+(``stn_kernels.convert`` swaps them for ours) check the package against the published layers:
+
+* official STN HyperLinear / HyperConv2d: ``elem_weight``, ``hnet_weight``, ``elem_bias``, ``hnet_bias``,
+  ``htensor_to_scalars`` (nn.Linear(H, 2N, bias=False)) and ``elem_scalar`` a;
+  out = a·(x·W_eᵀ + b_e) + s_w ⊙ (x·W_hᵀ) + s_b ⊙ b_h with [s_w, s_b] = htensor_to_scalars(λ);
+* official STN (LSTM) HyperEmbedding: ``elem_embedding``, ``hnet_embedding``, ``hnet_tensor_to_scalars``
+  (H -> D), time-major [T, B] indices; out = E_e[i] + s ⊙ E_h[i];
+* official STN LSTM HyperLinear: ``elem_weight_raw``, ``hnet_weight_raw``, ``elem_bias``, ``hnet_bias``,
+  ``hnet_tensor_to_scalars``; ``mask_weights(wdrop)`` sets the ``elem_weight`` / ``hnet_weight`` used by
+  the forward (no ``elem_scalar``);
+* Delta-STN StnLinear / StnConv2d: ``general_weight``, ``response_weight``, ``general_bias``,
+  ``response_bias``, ``hyper_bottleneck`` (nn.Linear(H, 2N, bias=False)), same formula with a = 1.
+
+Every layer is float64, and every parameter (the λ maps included) is filled with standard normal
+values at construction, so that each path contributes O(1) to the output. ``elem_scalar`` defaults
+to 1.7 (≠ 1, so that folding it into the weights is tested).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D64 = torch.float64
+
+
+def randomize(module):
+    """Fills every parameter of ``module`` with standard normal values, in place; returns ``module``."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    return module
+
+
+def _weights(module, shape, bias, weight_names, bias_names, out_features):
+    """Registers the two weights of ``shape`` and the two [out_features] biases (or None) of a layer."""
+    for name in weight_names:
+        setattr(module, name, nn.Parameter(torch.empty(shape, dtype=D64)))
+    for name in bias_names:
+        if bias:
+            setattr(module, name, nn.Parameter(torch.empty(out_features, dtype=D64)))
+        else:
+            module.register_parameter(name, None)
+
+
+class OfficialHyperLinear(nn.Module):
+    """Official STN (CNN) HyperLinear: y = a·(x W_eᵀ + b_e) + s_w ⊙ (x W_hᵀ) + s_b ⊙ b_h, [s_w, s_b] = λ Mᵀ
+    (M = htensor_to_scalars.weight)."""
+
+    def __init__(self, in_features, out_features, num_hparams, bias=True, elem_scalar=1.7):
+        super().__init__()
+        self.out_features = out_features
+        _weights(self, (out_features, in_features), bias, ("elem_weight", "hnet_weight"),
+                 ("elem_bias", "hnet_bias"), out_features)
+        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
+        self.elem_scalar = nn.Parameter(torch.ones(1, dtype=D64))
+        randomize(self)
+        with torch.no_grad():
+            self.elem_scalar.fill_(elem_scalar)
+
+    def forward(self, input, htensor):
+        out = self.elem_scalar * F.linear(input, self.elem_weight, self.elem_bias)
+        if htensor is not None:
+            s = self.htensor_to_scalars(htensor)
+            out = out + s[:, :self.out_features] * F.linear(input, self.hnet_weight)
+            if self.hnet_bias is not None:
+                out = out + s[:, self.out_features:] * self.hnet_bias
+        return out
+
+
+class OfficialHyperConv2d(nn.Module):
+    """Official STN HyperConv2d (the official argument order): the HyperLinear formula per output channel."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding, num_hparams, stride=1, bias=True,
+                 elem_scalar=1.7):
+        super().__init__()
+        self.out_channels, self.padding, self.stride = out_channels, padding, stride
+        _weights(self, (out_channels, in_channels, kernel_size, kernel_size), bias, ("elem_weight", "hnet_weight"),
+                 ("elem_bias", "hnet_bias"), out_channels)
+        self.htensor_to_scalars = nn.Linear(num_hparams, 2 * out_channels, bias=False, dtype=D64)
+        self.elem_scalar = nn.Parameter(torch.ones(1, dtype=D64))
+        randomize(self)
+        with torch.no_grad():
+            self.elem_scalar.fill_(elem_scalar)
+
+    def forward(self, input, htensor):
+        out = self.elem_scalar * F.conv2d(input, self.elem_weight, self.elem_bias, self.stride, self.padding)
+        if htensor is not None:
+            s = self.htensor_to_scalars(htensor)
+            c = self.out_channels
+            hyper = F.conv2d(input, self.hnet_weight, None, self.stride, self.padding)
+            out = out + s[:, :c, None, None] * hyper
+            if self.hnet_bias is not None:
+                out = out + (s[:, c:] * self.hnet_bias)[:, :, None, None]
+        return out
+
+
+class OfficialHyperEmbedding(nn.Module):
+    """Official STN (LSTM) HyperEmbedding: time-major input [T, B], hnet_tensor [B, H]."""
+
+    def __init__(self, num_embeddings, embedding_dim, num_hparams):
+        super().__init__()
+        self.elem_embedding = nn.Embedding(num_embeddings, embedding_dim, dtype=D64)
+        self.hnet_embedding = nn.Embedding(num_embeddings, embedding_dim, dtype=D64)
+        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, embedding_dim, bias=False, dtype=D64)
+        randomize(self)
+
+    def forward(self, input, hnet_tensor, dropoute=0):
+        if dropoute:
+            raise NotImplementedError("this stand-in has no embedding dropout: the tests use dropoute=0")
+        return self.elem_embedding(input) + self.hnet_tensor_to_scalars(hnet_tensor) * self.hnet_embedding(input)
+
+
+class OfficialLstmHyperLinear(nn.Module):
+    """Official STN LSTM HyperLinear: the forward uses the weights set by ``mask_weights`` (DropConnect)."""
+
+    def __init__(self, in_features, out_features, num_hparams, bias=True):
+        super().__init__()
+        self.out_features = out_features
+        _weights(self, (out_features, in_features), bias, ("elem_weight_raw", "hnet_weight_raw"),
+                 ("elem_bias", "hnet_bias"), out_features)
+        self.hnet_tensor_to_scalars = nn.Linear(num_hparams, 2 * out_features, bias=False, dtype=D64)
+        randomize(self)
+        self.mask_weights(0.0)  # after randomize: the masked weights are copies of the raw ones
+
+    def mask_weights(self, wdrop):
+        if wdrop and self.training:
+            raise NotImplementedError("this stand-in draws no DropConnect mask: the tests use wdrop=0")
+        # Plain tensors (not Parameters), recomputed from the raw weights at every call.
+        self.elem_weight, self.hnet_weight = self.elem_weight_raw * 1.0, self.hnet_weight_raw * 1.0
+
+    def forward(self, input, hnet_tensor):
+        s = self.hnet_tensor_to_scalars(hnet_tensor)
+        n = self.out_features
+        out = F.linear(input, self.elem_weight, self.elem_bias) + s[:, :n] * F.linear(input, self.hnet_weight)
+        if self.hnet_bias is not None:
+            out = out + s[:, n:] * self.hnet_bias
+        return out
+
+
+class DeltaStnLinear(nn.Module):
+    """Delta-STN StnLinear: y = x W_gᵀ + b_g + s_w ⊙ (x W_rᵀ) + s_b ⊙ b_r, [s_w, s_b] = hyper_bottleneck(λ)."""
+
+    def __init__(self, in_features, out_features, num_hyper, bias=True):
+        super().__init__()
+        self.out_features = out_features
+        _weights(self, (out_features, in_features), bias, ("general_weight", "response_weight"),
+                 ("general_bias", "response_bias"), out_features)
+        self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_features, bias=False, dtype=D64)
+        randomize(self)  # non-zero bottleneck (Delta-STN starts it at zero)
+
+    def forward(self, inputs, h_net):
+        s = self.hyper_bottleneck(h_net)
+        n = self.out_features
+        out = F.linear(inputs, self.general_weight, self.general_bias) + s[:, :n] * F.linear(inputs,
+                                                                                           self.response_weight)
+        if self.response_bias is not None:
+            out = out + s[:, n:] * self.response_bias
+        return out
+
+
+class DeltaStnConv2d(nn.Module):
+    """Delta-STN StnConv2d: the StnLinear formula per output channel, with stride/padding/groups/dilation."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, num_hyper, stride=1, padding=0, groups=1, dilation=1,
+                 bias=False):
+        super().__init__()
+        self.out_channels, self.stride, self.padding, self.groups, self.dilation = (
+            out_channels, stride, padding, groups, dilation)
+        _weights(self, (out_channels, in_channels // groups, kernel_size, kernel_size), bias,
+                 ("general_weight", "response_weight"), ("general_bias", "response_bias"), out_channels)
+        self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_channels, bias=False, dtype=D64)
+        randomize(self)
+
+    def forward(self, inputs, h_net):
+        conv = dict(stride=self.stride, padding=self.padding, groups=self.groups, dilation=self.dilation)
+        s = self.hyper_bottleneck(h_net)
+        c = self.out_channels
+        out = (F.conv2d(inputs, self.general_weight, self.general_bias, **conv)
+               + s[:, :c, None, None] * F.conv2d(inputs, self.response_weight, **conv))
+        if self.response_bias is not None:
+            out = out + (s[:, c:] * self.response_bias)[:, :, None, None]
+        return out
