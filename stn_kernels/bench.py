@@ -385,21 +385,28 @@ def backend_unavailable(backend: str, device, dtype=torch.float32) -> Optional[s
     return _backend_probe_cache[key]
 
 
-def provider_unavailable(name: str, device, dtype=torch.float32) -> Optional[str]:
+def providers_of(case=None) -> Dict[str, ProviderSpec]:
+    """The provider registry of ``case`` (conv / embedding cases of stn_kernels.bench_layers carry
+    their own), else :data:`PROVIDERS`."""
+    return getattr(case, "providers", None) or PROVIDERS
+
+
+def provider_unavailable(name: str, device, dtype=torch.float32, case=None) -> Optional[str]:
     """None if provider ``name`` can run on ``device`` here, else why not."""
-    spec = PROVIDERS[name]
+    spec = providers_of(case)[name]
     device = torch.device(device)
     if device.type not in spec.devices:
         return f"runs on {', '.join(spec.devices)} only"
     if spec.backend is not None:
-        return backend_unavailable(spec.backend, device, dtype)
+        probe = getattr(case, "backend_unavailable", None) or backend_unavailable
+        return probe(spec.backend, device, dtype)
     return None
 
 
-def default_providers(device) -> List[str]:
+def default_providers(device, registry=None) -> List[str]:
     device = torch.device(device)
     gpu = device.type == "cuda"
-    return [p.name for p in PROVIDERS.values() if (p.gpu_default if gpu else p.cpu_default)]
+    return [p.name for p in (registry or PROVIDERS).values() if (p.gpu_default if gpu else p.cpu_default)]
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -414,11 +421,12 @@ def build_impl(provider: str, case: Case, opts: Optional[_Options] = None) -> _I
     """
     if provider in case.impls:
         return case.impls[provider]
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider: expected one of {sorted(PROVIDERS)}, got {provider!r}")
+    registry = providers_of(case)
+    if provider not in registry:
+        raise ValueError(f"provider: expected one of {sorted(registry)}, got {provider!r}")
     opts = opts or _Options()
     t0 = time.perf_counter()
-    impl = PROVIDERS[provider].build(case, opts)
+    impl = registry[provider].build(case, opts)
     grads = None
     with impl.scope(), torch.enable_grad():
         if impl.pre_call:
@@ -502,11 +510,11 @@ def provider_fn(provider: str, case: Case, mode: str, compile_mode: str = "defau
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    spec = PROVIDERS.get(provider)
+    spec = providers_of(case).get(provider)
     if spec is None:
-        raise ValueError(f"provider: expected one of {sorted(PROVIDERS)}, got {provider!r}")
+        raise ValueError(f"provider: expected one of {sorted(providers_of(case))}, got {provider!r}")
     if spec.backend is not None:
-        why = backend_unavailable(spec.backend, case.device, case.dtype)
+        why = provider_unavailable(provider, case.device, case.dtype, case)
         if why:
             raise BackendUnavailableError(f"{provider}: {why}")
     impl = build_impl(provider, case, _Options(compile_mode))
@@ -803,7 +811,7 @@ class _Report:
             self._csv = None
 
 
-def write_plot(rows: List[Row], path: str) -> Optional[str]:
+def write_plot(rows: List[Row], path: str, op: str = "hyper_linear") -> Optional[str]:
     """A bar chart of the speed-up over published per case and provider; returns a note if skipped."""
     try:
         import matplotlib
@@ -833,7 +841,7 @@ def write_plot(rows: List[Row], path: str) -> Optional[str]:
             ax.set_xticks(range(len(groups)))
             ax.set_xticklabels([f"{c}\n{d}" for c, d in groups], fontsize=7)
             ax.set_ylabel("speed-up over published")
-            ax.set_title(f"hyper_linear, {mode}")
+            ax.set_title(f"{op}, {mode}")
             ax.legend(fontsize=7, ncol=min(len(providers), 4))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -852,7 +860,7 @@ def _run_case(case: Case, providers: List[str], modes: List[str], cfg: _TimingCo
     impls: Dict[str, _Impl] = {}
     try:
         for p in providers:
-            why = provider_unavailable(p, device, case.dtype)
+            why = provider_unavailable(p, device, case.dtype, case)
             if why:
                 report.note(f"{p} skipped ({device.type}, {dtype_name(case.dtype)}): {why}")
                 continue
@@ -971,9 +979,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  epilog="providers:\n" + "\n".join(f"  {p.name:18s} {p.description}"
                                                                    for p in PROVIDERS.values()))
     ap.add_argument("--gpu", action="store_true", help="run the CUDA suite (errors without CUDA)")
+    ap.add_argument("--layer", default="linear", choices=("linear", "conv2d", "embedding"),
+                    help="the layer to time (default linear; conv2d and embedding: stn_kernels.bench_layers)")
     ap.add_argument("--shapes", help=f"comma list of shape names: {', '.join(ALL_SHAPES)}")
     ap.add_argument("--shape", action="append", default=[], metavar="B,H,K,N",
-                    help="a custom shape (repeatable); replaces the default shapes unless --shapes is given too")
+                    help="a custom shape (repeatable); replaces the default shapes unless --shapes is given too "
+                         "(conv2d: B,H,C_in,C_out,size[,kernel[,stride[,padding]]]; embedding: B,H,num,D,T)")
     ap.add_argument("--dtypes", help="comma list (default: float32 on CPU; bfloat16,float16,float32 with --gpu)")
     ap.add_argument("--modes", help="comma list of fwd, bwd, fwd+bwd (default: fwd,fwd+bwd on CPU; all with --gpu)")
     ap.add_argument("--providers", help=f"comma list of {', '.join(PROVIDERS)} (default: per device)")
@@ -1003,21 +1014,23 @@ def main(argv=None) -> List[Row]:
     gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .bench_layers import LAYERS
 
+    layer = LAYERS[args.layer]
     try:
-        shapes = [parse_shape(s) for s in (_parse_list(args.shapes, list(ALL_SHAPES), "shape") or [])]
-        shapes += [parse_shape(s) for s in args.shape]
+        shapes = [layer.parse_shape(s) for s in (_parse_list(args.shapes, list(layer.shapes), "shape") or [])]
+        shapes += [layer.parse_shape(s) for s in args.shape]
     except ValueError as exc:
         raise SystemExit(f"stn_kernels.bench: {exc}") from None
     if not shapes:
-        shapes = list(STN_SHAPES + LARGE_SHAPES) if gpu else list(STN_SHAPES)
+        shapes = [layer.shapes[n] for n in (layer.gpu_shapes if gpu else layer.cpu_shapes)]
     dtype_names = _parse_list(args.dtypes, list(_DTYPES), "dtype") or (
         ["bfloat16", "float16", "float32"] if gpu else ["float32"])
     dtypes = list(dict.fromkeys(_DTYPES[d] for d in dtype_names))
     modes = _parse_list(args.modes, list(MODES), "mode") or (list(MODES) if gpu else ["fwd", "fwd+bwd"])
-    providers = _parse_list(args.providers, list(PROVIDERS), "provider")
+    providers = _parse_list(args.providers, list(layer.providers), "provider")
     if providers is None:
-        providers = default_providers(device)
+        providers = default_providers(device, layer.providers)
         if args.compile and "published+compile" not in providers:
             providers.insert(providers.index("published") + 1, "published+compile")
     if "published" not in providers:
@@ -1025,7 +1038,7 @@ def main(argv=None) -> List[Row]:
     cfg = _QUICK if args.quick else _FULL
     opts = _Options(compile_mode=args.compile_mode or ("max-autotune" if gpu else "default"))
 
-    header = ["stn_kernels benchmark: hyper_linear"] + machine_info(device) + [
+    header = [f"stn_kernels benchmark: {layer.op}"] + machine_info(device) + [
         f"run: device {device}, providers {', '.join(providers)}; modes {', '.join(modes)}; "
         f"dtypes {', '.join(dtype_name(d) for d in dtypes)}; compile mode {opts.compile_mode}"
         + ("; quick" if args.quick else "")
@@ -1059,7 +1072,7 @@ def main(argv=None) -> List[Row]:
             for shape in shapes:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError
-                case = make_case(shape, dtype, device)
+                case = layer.make_case(shape, dtype, device)
                 t0 = time.monotonic()
                 ok = _run_case(case, providers, modes, cfg, opts, report, deadline, compile_state)
                 print(f"[bench] {case.label} done in {time.monotonic() - t0:.1f} s "
@@ -1082,7 +1095,7 @@ def main(argv=None) -> List[Row]:
         elapsed = time.monotonic() - start
         report.notes.append(f"wall time {elapsed:.0f} s" + ("" if completed else " (partial run)"))
         if args.out:
-            why = write_plot(report.rows, os.path.join(args.out, "speedup.png"))
+            why = write_plot(report.rows, os.path.join(args.out, "speedup.png"), layer.op)
             if why:
                 report.notes.append(why)
         report.close()

@@ -40,8 +40,8 @@ from ._backend import resolve_backend
 # Which module implements each op on each non-reference backend (imported on first use).
 _KERNEL_MODULES = {
     "hyper_linear": {"triton": "stn_kernels.triton_kernels.hyper_linear"},
-    "hyper_conv2d": {},
-    "hyper_embedding": {},
+    "hyper_conv2d": {"triton": "stn_kernels.triton_kernels.hyper_conv2d"},
+    "hyper_embedding": {"triton": "stn_kernels.triton_kernels.hyper_embedding"},
 }
 
 

@@ -78,3 +78,12 @@ def test_gpu_without_cuda_is_a_clear_error(capsys):
         bench.main(["--gpu", "--quick"])
     assert isinstance(info.value.code, str) and "--gpu needs a CUDA device" in info.value.code
     assert capsys.readouterr().out == ""  # nothing run, no table started
+
+
+@pytest.mark.parametrize("layer, shape", [("conv2d", "4,3,8,16,8"), ("embedding", "4,3,50,32,6")])
+def test_other_layers_run_through_the_same_harness(layer, shape, tmp_path, capsys):
+    bench.main(["--layer", layer, "--quick", "--shape", shape, "--modes", "fwd,fwd+bwd", "--out", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    for provider in ("published", "stn:reference"):
+        assert f"| {provider} |" in table, provider
+    assert "MISMATCH" not in table and "error" not in table.lower()
