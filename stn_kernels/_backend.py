@@ -87,20 +87,22 @@ def cuda_extension_available(device: torch.device) -> bool:
     return _extension.loaded()
 
 
-def resolve_backend(device: torch.device, op: str, implemented: tuple = ("reference",)) -> str:
+def resolve_backend(device: torch.device, op: str, implemented: tuple = ("reference",),
+                    auto_choices: tuple = ()) -> str:
     """The concrete backend ("reference", "triton" or "cuda") for ``op`` on ``device``.
 
-    ``implemented`` names the backends that have a kernel for ``op``. An explicit
-    request that cannot run raises BackendUnavailableError; "auto" takes the first
-    of triton, cuda (CUDA tensors only) that can run, else the reference.
+    ``implemented`` names the backends that have a kernel for ``op``; ``auto_choices``
+    those of them that "auto" may pick (kernels checked on a GPU). An explicit request
+    that cannot run raises BackendUnavailableError; "auto" takes the first of
+    ``auto_choices`` that can run on CUDA tensors, else the reference.
     """
     name = requested_backend()
     if name == "auto":
         # The fused kernels on CUDA, the reference on the CPU (the interpreter is for testing only).
         if device.type == "cuda":
-            if "triton" in implemented and _triton_importable():
+            if "triton" in auto_choices and _triton_importable():
                 return "triton"
-            if "cuda" in implemented and cuda_extension_available(device):
+            if "cuda" in auto_choices and cuda_extension_available(device):
                 return "cuda"
         return "reference"
     if name != "reference" and name not in implemented:

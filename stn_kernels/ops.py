@@ -43,12 +43,20 @@ _KERNEL_MODULES = {
     "hyper_conv2d": {"triton": "stn_kernels.triton_kernels.hyper_conv2d"},
     "hyper_embedding": {"triton": "stn_kernels.triton_kernels.hyper_embedding"},
 }
+# What "auto" may pick on CUDA tensors: only kernels whose GPU tests have passed on a GPU
+# (benchmarks/results/). The conv and embedding kernels have run only in the Triton
+# interpreter so far: they stay opt-in (use_backend("triton")) until a GPU run checks them.
+_AUTO_CHOICES = {
+    "hyper_linear": ("triton",),
+    "hyper_conv2d": (),
+    "hyper_embedding": (),
+}
 
 
 def _kernels(op: str, x: Tensor):
     """The module holding the chosen backend's ``{op}_forward`` and ``{op}_backward``."""
     modules = _KERNEL_MODULES[op]
-    backend = resolve_backend(x.device, f"stn_kernels::{op}", ("reference", *modules))
+    backend = resolve_backend(x.device, f"stn_kernels::{op}", ("reference", *modules), _AUTO_CHOICES[op])
     if backend == "reference" or x.numel() == 0:  # empty problems need no kernel launch
         return reference
     return importlib.import_module(modules[backend])
