@@ -7,12 +7,15 @@ PY := $(VENV)/bin/python
 # pinned so that no multi-GB download happens.
 TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.stn_kernels_installed
+# Sources of the optional CUDA extension: editing them reinstalls, which rebuilds it where nvcc
+# is on the PATH (setup.py builds nothing without nvcc, or with STN_KERNELS_BUILD_CUDA=0).
+CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
 
 .PHONY: run test bench install clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib ninja
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -28,4 +31,4 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info stn_kernels/_C*.so

@@ -1,36 +1,137 @@
-"""Build script. The CUDA extension in csrc/ is optional and import-safe.
+"""Build script. The CUDA extension in csrc/ (``stn_kernels._C``) is optional and import-safe.
 
-It is built only when csrc/ has sources and a CUDA toolkit plus a CUDA build of
-torch are present (or FORCE_CUDA=1), and never when STN_KERNELS_BUILD_CUDA=0. On a
-machine without them, ``pip install`` compiles nothing.
+It is built when csrc/ has sources and a CUDA toolkit (nvcc) plus a CUDA build of torch
+are present, or when FORCE_CUDA=1; never when STN_KERNELS_BUILD_CUDA=0. On a machine
+without them, ``pip install`` compiles nothing. :func:`cuda_build_decision` makes that
+choice (importable: ``setup()`` runs only when this file is executed).
+
+Knobs (environment variables):
+
+* ``STN_KERNELS_BUILD_CUDA=0``: never build the extension.
+* ``FORCE_CUDA=1``: build it even where torch or the toolkit are not detected.
+* ``CUDA_HOME`` / ``CUDA_PATH``: the toolkit folder. When unset, it is found from the nvcc on
+  the PATH, following symlinks and wrapper scripts that ``exec`` the toolkit's own nvcc.
+* ``TORCH_CUDA_ARCH_LIST``: target GPUs; default ``8.0;9.0+PTX`` (sm_80, sm_90 and PTX for
+  newer GPUs). No GPU is queried.
+* ``MAX_JOBS``: parallel compile jobs (ninja is used when installed, e.g. ``pip install ninja``).
 """
 
 import glob
 import os
+import re
+import shutil
+import sys
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def cuda_sources(root: str = HERE) -> list:
+    """The extension's translation units (csrc/*.cpp and csrc/*.cu; csrc/emulate/ is for the tests)."""
+    csrc = os.path.join(root, "csrc")
+    return sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.cu")))
+
+
+def _toolkit_root_of(nvcc: str):
+    """The toolkit folder of an nvcc executable: <root>/bin/nvcc, after symlinks; for a wrapper
+    script (e.g. ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``), the toolkit it execs."""
+    real = os.path.realpath(nvcc)
+    root = os.path.dirname(os.path.dirname(real))
+    if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+        return root
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    for target in re.findall(rb"(/[^\s'\"]*/bin/nvcc)\b", head):
+        target = target.decode(errors="replace")
+        if os.path.realpath(target) != real and os.access(target, os.X_OK):
+            return _toolkit_root_of(target)
+    return None
+
+
+def find_cuda_home(env=None):
+    """CUDA_HOME / CUDA_PATH if set, else the toolkit of the nvcc on the PATH, else None."""
+    env = os.environ if env is None else env
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc", path=env.get("PATH", os.defpath))
+    return _toolkit_root_of(nvcc) if nvcc else None
+
+
+def cuda_build_decision(env=None, root: str = HERE):
+    """``(build, reason)``: whether ``pip install`` builds the CUDA extension here, and why.
+
+    Imports torch only when the answer depends on it.
+    """
+    env = os.environ if env is None else env
+    if env.get("STN_KERNELS_BUILD_CUDA", "").strip() == "0":
+        return False, "STN_KERNELS_BUILD_CUDA=0"
+    if not cuda_sources(root):
+        return False, "no sources in csrc/"
+    force = env.get("FORCE_CUDA", "").strip() == "1"
+    home = find_cuda_home(env)
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if force:
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    return True, f"CUDA toolkit at {home}, torch {torch.__version__} (CUDA {torch.version.cuda})"
+
+
+def _nvidia_wheel_include(torch_module):
+    """site-packages/nvidia/cu<major>/include of the CUDA wheels torch came with (cuBLAS and
+    cuSPARSE headers that some ATen CUDA headers include), when present."""
+    site = os.path.dirname(os.path.dirname(torch_module.__file__))
+    major = (torch_module.version.cuda or "").split(".")[0]
+    path = os.path.join(site, "nvidia", f"cu{major}", "include")
+    return path if major and os.path.isdir(path) else None
+
 
 def cuda_extensions():
-    if os.environ.get("STN_KERNELS_BUILD_CUDA", "1") == "0":
+    build, reason = cuda_build_decision()
+    if not build:
+        print(f"stn_kernels: not building the CUDA extension ({reason})")
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
-    if not sources:
-        return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    print(f"stn_kernels: building the CUDA extension stn_kernels._C ({reason})")
+    home = find_cuda_home()
+    if home and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        os.environ["CUDA_HOME"] = home  # read when torch.utils.cpp_extension is imported
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    bindir = os.path.dirname(sys.executable)  # ninja installed in this environment, not yet on the PATH
+    if os.path.exists(os.path.join(bindir, "ninja")):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
-    force = os.environ.get("FORCE_CUDA", "0") == "1"
-    if not force and (CUDA_HOME is None or torch.version.cuda is None):
-        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    cxx = ["-O3", "-g0"]  # no debug info: Python's own -g makes the torch headers slower to compile
+    wheel_include = _nvidia_wheel_include(torch)
+    if wheel_include:
+        cxx += ["-idirafter", wheel_include]  # after the toolkit's own headers: never shadows them
     ext = CUDAExtension(
         "stn_kernels._C",
-        sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
-        define_macros=[("TORCH_VERSION_STRING", f'"{torch.__version__.split("+")[0]}"')],
+        [os.path.relpath(s, HERE) for s in cuda_sources()],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--threads", "2"]},
+        define_macros=[
+            ("TORCH_VERSION_STRING", f'"{torch.__version__.split("+")[0]}"'),
+            ("TORCH_CUDA_VERSION_STRING", f'"{torch.version.cuda}"'),
+        ],
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":
+    ext_modules, cmdclass = cuda_extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

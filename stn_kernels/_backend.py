@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -87,23 +87,40 @@ def cuda_extension_available(device: torch.device) -> bool:
     return _extension.loaded()
 
 
+def _rules_prefer_cuda(rows: Optional[int], dtype: Optional[torch.dtype]) -> bool:
+    """Whether the measured table stn_kernels/backend_rules.json picks the compiled extension over
+    Triton for this shape class (dtype, bucket of rows); False when the call gives neither."""
+    if rows is None or dtype is None:
+        return False
+    from .backend_rules import prefers_cuda
+
+    return prefers_cuda(rows, dtype)
+
+
 def resolve_backend(device: torch.device, op: str, implemented: tuple = ("reference",),
-                    auto_choices: tuple = ()) -> str:
+                    auto_choices: tuple = (), rows: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> str:
     """The concrete backend ("reference", "triton" or "cuda") for ``op`` on ``device``.
 
     ``implemented`` names the backends that have a kernel for ``op``; ``auto_choices``
     those of them that "auto" may pick (kernels checked on a GPU). An explicit request
     that cannot run raises BackendUnavailableError; "auto" takes the first of
-    ``auto_choices`` that can run on CUDA tensors, else the reference.
+    ``auto_choices`` that can run on CUDA tensors, else the reference; between triton and
+    cuda it follows stn_kernels/backend_rules.json for the problem's ``rows`` and ``dtype``
+    (triton where the table has no measured entry).
     """
     name = requested_backend()
     if name == "auto":
         # The fused kernels on CUDA, the reference on the CPU (the interpreter is for testing only).
         if device.type == "cuda":
-            if "triton" in auto_choices and _triton_importable():
-                return "triton"
-            if "cuda" in auto_choices and cuda_extension_available(device):
+            triton_ok = "triton" in auto_choices and _triton_importable()
+            # Triton, except where the rules table measured the extension faster for this
+            # (dtype, rows) class, or where Triton is missing; the extension only if it is loaded.
+            if ("cuda" in auto_choices and (not triton_ok or _rules_prefer_cuda(rows, dtype))
+                    and cuda_extension_available(device)):
                 return "cuda"
+            if triton_ok:
+                return "triton"
         return "reference"
     if name != "reference" and name not in implemented:
         raise BackendUnavailableError(f"{op}: backend {name!r} has no kernel for this op yet; "

@@ -39,7 +39,7 @@ from ._backend import resolve_backend
 
 # Which module implements each op on each non-reference backend (imported on first use).
 _KERNEL_MODULES = {
-    "hyper_linear": {"triton": "stn_kernels.triton_kernels.hyper_linear"},
+    "hyper_linear": {"triton": "stn_kernels.triton_kernels.hyper_linear", "cuda": "stn_kernels.cuda_ops"},
     "hyper_conv2d": {"triton": "stn_kernels.triton_kernels.hyper_conv2d"},
     "hyper_embedding": {"triton": "stn_kernels.triton_kernels.hyper_embedding"},
 }
@@ -47,7 +47,7 @@ _KERNEL_MODULES = {
 # (benchmarks/results/). The conv and embedding kernels have run only in the Triton
 # interpreter so far: they stay opt-in (use_backend("triton")) until a GPU run checks them.
 _AUTO_CHOICES = {
-    "hyper_linear": ("triton",),
+    "hyper_linear": ("triton",),  # add "cuda" once its GPU tests have passed on a GPU
     "hyper_conv2d": (),
     "hyper_embedding": (),
 }
@@ -56,7 +56,8 @@ _AUTO_CHOICES = {
 def _kernels(op: str, x: Tensor):
     """The module holding the chosen backend's ``{op}_forward`` and ``{op}_backward``."""
     modules = _KERNEL_MODULES[op]
-    backend = resolve_backend(x.device, f"stn_kernels::{op}", ("reference", *modules), _AUTO_CHOICES[op])
+    backend = resolve_backend(x.device, f"stn_kernels::{op}", ("reference", *modules), _AUTO_CHOICES[op],
+                              rows=x.shape[0], dtype=x.dtype)
     if backend == "reference" or x.numel() == 0:  # empty problems need no kernel launch
         return reference
     return importlib.import_module(modules[backend])

@@ -1,0 +1,188 @@
+"""The ``"cuda"`` backend of ``stn_kernels::hyper_linear``: cuBLAS GEMMs around the
+hand-written kernels of the compiled extension ``stn_kernels._C`` (csrc/).
+
+Same contract as :func:`stn_kernels.reference.hyper_linear_forward` and
+:func:`stn_kernels.reference.hyper_linear_backward` (2-D: x [M, K], hparams [M, H]).
+
+Forward: acc = x·W_eᵀ and z = x·W_hᵀ by cuBLAS (``torch.mm``), then one kernel
+(private op ``stn_kernels::_cuda_hyper_linear_epilogue``) forms s = λ·Vᵀ and
+t = λ·Cᵀ in registers and writes out = acc + s⊙z + b_e + t⊙b_h in the input dtype.
+
+Backward: one kernel pass over g and z (private op
+``stn_kernels::_cuda_hyper_linear_backward_reduce``) writes g⊙s, the operand of
+the dx and dW_h GEMMs, and reduces dλ = (g⊙z)·V + (g⊙b_h)·C, dV = (g⊙z)ᵀ·λ,
+dC = (g⊙b_h)ᵀ·λ, db_e = Σ_m g and db_h = Σ_m g⊙t; then cuBLAS does
+dx = g·W_e + (g⊙s)·W_h, dW_e = gᵀ·x and dW_h = (g⊙s)ᵀ·x. With
+``torch.use_deterministic_algorithms(True)`` the reductions run their deterministic
+variant (per-block partial sums added in a fixed order, no float atomics), and
+results repeat bitwise; otherwise the partial sums are added with float atomics.
+
+The private ops' schemas and fake kernels are defined here; their CUDA kernels are
+registered by the extension (``TORCH_LIBRARY_IMPL(stn_kernels, CUDA, m)`` in
+csrc/hyper_linear_ops.cpp) when ``stn_kernels._C`` is loaded. Importing this module
+does not load the extension; calling the functions on CUDA tensors needs it loaded.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _extension, reference
+from ._backend import BackendUnavailableError
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+EPILOGUE_OP = "stn_kernels::_cuda_hyper_linear_epilogue"
+REDUCE_OP = "stn_kernels::_cuda_hyper_linear_backward_reduce"
+SCHEMAS = {
+    EPILOGUE_OP: "_cuda_hyper_linear_epilogue(Tensor? acc, Tensor z, Tensor hparams, Tensor weight_scale, "
+                 "Tensor? bias, Tensor? hyper_bias, Tensor? bias_scale) -> Tensor",
+    REDUCE_OP: "_cuda_hyper_linear_backward_reduce(Tensor grad_out, Tensor? z_hyper, Tensor hparams, "
+               "Tensor weight_scale, Tensor? hyper_bias, Tensor? bias_scale, bool grad_scaled, bool need_hparams, "
+               "bool need_weight_scale, bool need_bias_scale, bool need_bias, bool need_hyper_bias, "
+               "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+_lib = torch.library.Library("stn_kernels", "FRAGMENT")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+@torch.library.register_fake(EPILOGUE_OP, lib=_lib)
+def _epilogue_fake(acc, z, hparams, weight_scale, bias, hyper_bias, bias_scale):
+    return z.new_empty(z.shape)
+
+
+@torch.library.register_fake(REDUCE_OP, lib=_lib)
+def _reduce_fake(grad_out, z_hyper, hparams, weight_scale, hyper_bias, bias_scale, grad_scaled, need_hparams,
+                 need_weight_scale, need_bias_scale, need_bias, need_hyper_bias, deterministic):
+    M, N = grad_out.shape
+    H = hparams.shape[1]
+    has_hb = hyper_bias is not None and bias_scale is not None
+
+    def none():
+        return grad_out.new_empty(0)
+
+    return (grad_out.new_empty(M, N) if grad_scaled else none(),
+            hparams.new_empty(M, H) if need_hparams else none(),
+            weight_scale.new_empty(N, H) if need_weight_scale else none(),
+            bias_scale.new_empty(N, H) if (need_bias_scale and has_hb) else none(),
+            grad_out.new_empty(N) if need_bias else none(),
+            hyper_bias.new_empty(N) if (need_hyper_bias and has_hb) else none())
+
+
+def _epilogue(*args) -> Tensor:
+    return torch.ops.stn_kernels._cuda_hyper_linear_epilogue(*args)
+
+
+def _reduce(*args):
+    return torch.ops.stn_kernels._cuda_hyper_linear_backward_reduce(*args)
+
+
+def _require(x: Tensor) -> None:
+    if x.device.type != "cuda":
+        raise BackendUnavailableError(f"stn_kernels::hyper_linear: backend 'cuda' cannot run here: tensors are on "
+                                      f"{x.device}, the extension runs CUDA tensors only")
+    if not _extension.loaded():
+        raise BackendUnavailableError("stn_kernels::hyper_linear: backend 'cuda' cannot run here: the compiled "
+                                      f"extension is not loaded ({_extension.load_error()})")
+
+
+def _fallback(M: int, N: int, K: int, *ts: Optional[Tensor]) -> bool:
+    """Empty sizes and dtypes the kernels do not take go to the reference implementation."""
+    if M == 0 or N == 0 or K == 0:
+        return True
+    return any(t is not None and t.dtype not in _DTYPES for t in ts)
+
+
+def hyper_linear_forward(
+    x: Tensor,
+    hparams: Optional[Tensor],
+    weight: Tensor,
+    hyper_weight: Tensor,
+    bias: Optional[Tensor],
+    hyper_bias: Optional[Tensor],
+    weight_scale: Optional[Tensor],
+    bias_scale: Optional[Tensor],
+):
+    """Forward; returns ``(out, z_hyper)`` like the reference (z_hyper empty without hparams)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if _fallback(M, N, K, x, hparams, weight_scale, bias_scale):
+        return reference.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
+                                              bias_scale)
+    _require(x)
+    if hparams is None:
+        return F.linear(x, weight, bias), x.new_empty(0)
+    has_hb = hyper_bias is not None and bias_scale is not None
+    acc = torch.mm(x, weight.t())
+    z = torch.mm(x, hyper_weight.t())
+    out = _epilogue(acc, z, hparams, weight_scale, bias, hyper_bias if has_hb else None,
+                    bias_scale if has_hb else None)
+    return out, z
+
+
+def hyper_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    hparams: Optional[Tensor],
+    weight: Tensor,
+    hyper_weight: Tensor,
+    hyper_bias: Optional[Tensor],
+    weight_scale: Optional[Tensor],
+    bias_scale: Optional[Tensor],
+    z_hyper: Optional[Tensor],
+    output_mask: Sequence[bool] = (True,) * 8,
+) -> List[Optional[Tensor]]:
+    """Gradients in argument order (x, hparams, weight, hyper_weight, bias, hyper_bias,
+    weight_scale, bias_scale); None where the input is None or ``output_mask`` is False
+    (the bias gradient Σ_m g is returned whenever asked for, as in the reference).
+    """
+    need = [bool(v) for v in output_mask]
+    M, K = x.shape
+    N = weight.shape[0]
+    if _fallback(M, N, K, x, hparams, weight_scale, bias_scale):
+        ref = reference.hyper_linear_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+                                              bias_scale, z_hyper, output_mask)
+        srcs = (x, hparams, weight, hyper_weight, grad_out, hyper_bias, weight_scale, bias_scale)
+        return [None if r is None else r.to(src.dtype) for r, src in zip(ref, srcs)]
+    _require(x)
+    g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
+    grads: List[Optional[Tensor]] = [None] * 8
+    if hparams is None:
+        if need[0]:
+            grads[0] = g.mm(weight)
+        if need[2]:
+            grads[2] = g.t().mm(x)
+        if need[4]:
+            grads[4] = g.sum(0)
+        return grads
+
+    has_hb = hyper_bias is not None and bias_scale is not None
+    need_gs = need[0] or need[3]
+    need_dc = has_hb and need[7]
+    need_dbh = has_hb and need[5]
+    gs = None
+    if need_gs or need[1] or need[6] or need_dc or need[4] or need_dbh:
+        z = None
+        if need[1] or need[6]:
+            z = z_hyper if (z_hyper is not None and z_hyper.numel() > 0) else F.linear(x, hyper_weight)
+        gs, dlam, dv, dc, dbe, dbh = _reduce(
+            g, z, hparams, weight_scale, hyper_bias if has_hb else None, bias_scale if has_hb else None,
+            need_gs, need[1], need[6], need_dc, need[4], need_dbh, torch.are_deterministic_algorithms_enabled())
+        grads[1] = dlam if need[1] else None
+        grads[6] = dv if need[6] else None
+        grads[7] = dc if need_dc else None
+        grads[4] = dbe if need[4] else None
+        grads[5] = dbh if need_dbh else None
+    if need[0]:
+        grads[0] = g.mm(weight).addmm_(gs, hyper_weight)
+    if need[2]:
+        grads[2] = g.t().mm(x)
+    if need[3]:
+        grads[3] = gs.t().mm(x)
+    return grads
