@@ -22,3 +22,8 @@ from . import stn  # noqa: E402  (registers torch.ops.stn_kernels.per_example_dr
 from .convert import convert  # noqa: E402
 
 __all__ += ["convert", "stn"]
+
+# HyperLSTM (registers torch.ops.stn_kernels.hyper_lstm_recurrence and _backward)
+from .lstm import HyperLSTM, HyperLSTMCell, hyper_lstm_layer, hyper_lstm_recurrence  # noqa: E402
+
+__all__ += ["HyperLSTM", "HyperLSTMCell", "hyper_lstm_layer", "hyper_lstm_recurrence"]

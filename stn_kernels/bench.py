@@ -996,6 +996,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", help="write results.csv, results.md and speedup.png into this folder")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (CPU timings)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke tests)")
+    ap.add_argument("--lstm", nargs="?", const="lstm-ptb", default=None, metavar="SHAPES",
+                    help="also time the HyperLSTM stack (stn_kernels.bench_lstm): comma list of lstm-ptb "
+                         "(B=40, T=70, 2x650, H=7; the default), lstm-tiny or B,T,K,N,L,H")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds; what was measured is still reported")
     return ap.parse_args(argv)
@@ -1083,6 +1086,14 @@ def main(argv=None) -> List[Row]:
                     torch.cuda.empty_cache()
                 if not ok:
                     raise TimeoutError
+        if args.lstm:
+            from . import bench_lstm
+            for dtype in dtypes:
+                for case in bench_lstm.lstm_benchmark_cases(args.lstm.split(","), dtype, device):
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError
+                    if not bench_lstm.run_case(case, providers, modes, cfg, opts, report, deadline, compile_state):
+                        raise TimeoutError
     except TimeoutError:
         completed = False
         report.note(f"time budget of {args.time_budget:g} s reached: later cases were not run")

@@ -87,3 +87,11 @@ def test_other_layers_run_through_the_same_harness(layer, shape, tmp_path, capsy
     for provider in ("published", "stn:reference"):
         assert f"| {provider} |" in table, provider
     assert "MISMATCH" not in table and "error" not in table.lower()
+
+
+def test_lstm_cases_run_through_the_same_harness(tmp_path):
+    bench.main(["--quick", "--shape", "6,3,16,24", "--modes", "fwd,fwd+bwd", "--lstm", "lstm-tiny",
+                "--providers", "published,stn:reference", "--out", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    assert "| lstm-tiny" in table
+    assert "MISMATCH" not in table and "error" not in table.lower()

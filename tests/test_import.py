@@ -20,9 +20,11 @@ print(json.dumps({
     "cuda_initialized": torch.cuda.is_initialized(),
     "ops": {name: hasattr(ops, name) for name in (
         "hyper_linear", "hyper_linear_backward", "hyper_conv2d", "hyper_conv2d_backward",
-        "hyper_embedding", "hyper_embedding_backward")},
+        "hyper_embedding", "hyper_embedding_backward", "hyper_lstm_recurrence",
+        "hyper_lstm_recurrence_backward", "per_example_dropout")},
     "public": [name for name in ("hyper_linear", "hyper_conv2d", "hyper_embedding", "HyperLinear",
-                                 "HyperConv2d", "HyperEmbedding", "use_backend", "BackendUnavailableError")
+                                 "HyperConv2d", "HyperEmbedding", "HyperLSTM", "HyperLSTMCell", "convert",
+                                 "use_backend", "BackendUnavailableError")
                if not hasattr(stn_kernels, name)],
 }))
 """
@@ -56,7 +58,7 @@ def test_cuda_not_initialized(probe):
 
 def test_ops_registered(probe):
     assert probe["ops"] == {name: True for name in probe["ops"]}
-    assert len(probe["ops"]) == 6
+    assert len(probe["ops"]) == 9
 
 
 def test_public_names(probe):
