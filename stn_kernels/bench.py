@@ -854,13 +854,19 @@ def write_plot(rows: List[Row], path: str, op: str = "hyper_linear") -> Optional
 # ----------------------------------------------------------------------------- the run
 
 def _run_case(case: Case, providers: List[str], modes: List[str], cfg: _TimingConfig, opts: _Options,
-              report: _Report, deadline: Optional[float], compile_state: dict) -> bool:
-    """Time every provider for every mode of one (shape, dtype); False if the time budget ran out."""
+              report: _Report, deadline: Optional[float], compile_state: dict, *,
+              unavailable: Optional[Callable[[str, Case], Optional[str]]] = None,
+              build: Callable[[str, Case, _Options], _Impl] = build_impl) -> bool:
+    """Time every provider for every mode of one (shape, dtype); False if the time budget ran out.
+
+    ``unavailable(provider, case)`` (default :func:`provider_unavailable`) and ``build`` (default
+    :func:`build_impl`) let other harnesses (stn_kernels.bench_lstm) run their cases here."""
     device = case.device
     impls: Dict[str, _Impl] = {}
     try:
         for p in providers:
-            why = provider_unavailable(p, device, case.dtype, case)
+            why = (unavailable(p, case) if unavailable is not None
+                   else provider_unavailable(p, device, case.dtype, case))
             if why:
                 report.note(f"{p} skipped ({device.type}, {dtype_name(case.dtype)}): {why}")
                 continue
@@ -870,7 +876,7 @@ def _run_case(case: Case, providers: List[str], modes: List[str], cfg: _TimingCo
                             f"{compile_state['budget']:.0f} s is spent")
                 continue
             try:
-                impl = build_impl(p, case, opts)
+                impl = build(p, case, opts)
             except Exception as exc:
                 report.note(f"{p} failed at {case.label}: {type(exc).__name__}: {_one_line(exc)}")
                 continue

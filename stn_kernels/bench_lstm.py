@@ -315,39 +315,9 @@ def provider_fn(provider: str, case: LSTMCase, mode: str, compile_mode: str = "d
 def run_case(case: LSTMCase, providers: List[str], modes: List[str], cfg, opts, report, deadline: Optional[float],
              compile_state: dict) -> bool:
     """``stn_kernels.bench._run_case`` for an LSTM case: providers outside LSTM_PROVIDERS are ignored."""
-    impls: Dict[str, bench._Impl] = {}
-    try:
-        for p in providers:
-            if p not in LSTM_PROVIDERS:
-                continue
-            why = provider_unavailable(p, case.device, case.dtype)
-            if why:
-                report.note(f"{p} skipped ({case.device.type}, {bench.dtype_name(case.dtype)}): {why}")
-                continue
-            if p == "published+compile" and compile_state.get("budget") is not None \
-                    and compile_state["spent"] >= compile_state["budget"]:
-                report.note(f"{p} skipped from {case.label} on: the compile budget is spent")
-                continue
-            try:
-                impl = build_impl(p, case, opts)
-            except Exception as exc:
-                report.note(f"{p} failed at {case.label}: {type(exc).__name__}: {bench._one_line(exc)}")
-                continue
-            if p == "published+compile":
-                compile_state["spent"] += impl.build_s
-                report.note(f"{p} ({opts.compile_mode}) compiled for {case.label} in {impl.build_s:.1f} s")
-            impls[p] = impl
-        for mode in modes:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            report.add(bench._run_mode(case, impls, mode, cfg))
-        return True
-    finally:
-        compiled = "published+compile" in case.impls
-        impls.clear()
-        case.impls.clear()
-        if compiled:
-            bench._reset_compiled()
+    return bench._run_case(case, [p for p in providers if p in LSTM_PROVIDERS], modes, cfg, opts, report, deadline,
+                           compile_state, unavailable=lambda p, c: provider_unavailable(p, c.device, c.dtype),
+                           build=build_impl)
 
 
 def main(argv=None) -> List[bench.Row]:

@@ -33,8 +33,7 @@ from torch import Tensor
 
 from . import _extension, reference
 from ._backend import BackendUnavailableError
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._fallback import hyper_linear_needs_reference, reference_fallback_backward
 
 EPILOGUE_OP = "stn_kernels::_cuda_hyper_linear_epilogue"
 REDUCE_OP = "stn_kernels::_cuda_hyper_linear_backward_reduce"
@@ -92,13 +91,6 @@ def _require(x: Tensor) -> None:
                                       f"extension is not loaded ({_extension.load_error()})")
 
 
-def _fallback(M: int, N: int, K: int, *ts: Optional[Tensor]) -> bool:
-    """Empty sizes and dtypes the kernels do not take go to the reference implementation."""
-    if M == 0 or N == 0 or K == 0:
-        return True
-    return any(t is not None and t.dtype not in _DTYPES for t in ts)
-
-
 def hyper_linear_forward(
     x: Tensor,
     hparams: Optional[Tensor],
@@ -110,9 +102,7 @@ def hyper_linear_forward(
     bias_scale: Optional[Tensor],
 ):
     """Forward; returns ``(out, z_hyper)`` like the reference (z_hyper empty without hparams)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if _fallback(M, N, K, x, hparams, weight_scale, bias_scale):
+    if hyper_linear_needs_reference(x, weight, hparams, weight_scale, bias_scale):
         return reference.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
                                               bias_scale)
     _require(x)
@@ -143,13 +133,9 @@ def hyper_linear_backward(
     (the bias gradient Σ_m g is returned whenever asked for, as in the reference).
     """
     need = [bool(v) for v in output_mask]
-    M, K = x.shape
-    N = weight.shape[0]
-    if _fallback(M, N, K, x, hparams, weight_scale, bias_scale):
-        ref = reference.hyper_linear_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
-                                              bias_scale, z_hyper, output_mask)
-        srcs = (x, hparams, weight, hyper_weight, grad_out, hyper_bias, weight_scale, bias_scale)
-        return [None if r is None else r.to(src.dtype) for r, src in zip(ref, srcs)]
+    if hyper_linear_needs_reference(x, weight, hparams, weight_scale, bias_scale):
+        return reference_fallback_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+                                           bias_scale, z_hyper, output_mask)
     _require(x)
     g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
     grads: List[Optional[Tensor]] = [None] * 8

@@ -247,6 +247,112 @@ def check_against_naive(op_fn, naive_fn, inputs: dict, dtype: torch.dtype, tol_d
         assert_close_rel(a, e, tol_dtype, f"grad {name}")
 
 
+# ----------------------------------------------------------------------------- HyperLinear kernel checks
+# Direct tests of the 2-D hyper_linear_forward / hyper_linear_backward of a backend module (Triton
+# kernels, CUDA extension): inputs in the ops' argument order and a float64 autograd ground truth.
+
+HL_NAMES = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
+# Largest max|got - want| / max|want| of :func:`close_to_ref64` (tests may raise an entry for a block).
+KERNEL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def make_hl_inputs(M, K, N, H, dtype, lam_dtype=None, bias=True, hyper_bias=True, hparams=True, seed=0,
+                   device="cpu"):
+    """Inputs in argument order (x, hparams, weight, hyper_weight, bias, hyper_bias, V, C) and grad_out."""
+    gen = torch.Generator().manual_seed(seed)
+    lam_dtype = lam_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(device)
+
+    x = rnd(M, K)
+    lam = rnd(M, H, dt=lam_dtype) if hparams else None
+    we = rnd(N, K, scale=K ** -0.5)
+    wh = rnd(N, K, scale=K ** -0.5)
+    be = rnd(N) if bias else None
+    has_hb = hparams and hyper_bias
+    bh = rnd(N) if has_hb else None
+    V = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if hparams else None
+    C = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if has_hb else None
+    g = rnd(M, N)
+    return [x, lam, we, wh, be, bh, V, C], g
+
+
+def hl_ref64(inputs, g):
+    """float64 forward (out, z) and autograd gradients of Σ out⊙g, on the CPU."""
+    leaves = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_() for t in inputs]
+    x, lam, we, wh, be, bh, V, C = leaves
+    out = F.linear(x, we, be)
+    z = None
+    if lam is not None:
+        z = F.linear(x, wh)
+        out = out + (lam @ V.t()) * z
+        if bh is not None:
+            out = out + (lam @ C.t()) * bh
+    used = [t for t in leaves if t is not None and (lam is not None or t is not wh)]
+    gr = torch.autograd.grad(out, used, g.to("cpu", torch.float64), allow_unused=True)
+    grads = dict(zip(map(id, used), gr))
+    return out.detach(), None if z is None else z.detach(), [None if t is None else grads.get(id(t)) for t in leaves]
+
+
+def close_to_ref64(got, want, dtype, what):
+    """got finite, of want's shape, and max|got - want| <= KERNEL_TOL[dtype]·max|want| (want float64, CPU)."""
+    assert got is not None, what
+    assert tuple(got.shape) == tuple(want.shape), (what, got.shape, want.shape)
+    got = got.detach().to("cpu", torch.float64)
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = want.abs().max().clamp_min(1e-6)
+    err = ((got - want).abs().max() / scale).item()
+    tol = KERNEL_TOL[dtype]
+    assert err <= tol, f"{what}: max error {err:.3g} relative to max|ref| > {tol}"
+
+
+def check_hl_kernels(kernels, inputs, g, mask=None, tol_dtype=None, z_given=True):
+    """Forward and backward of ``kernels`` (a module with hyper_linear_forward/backward) against hl_ref64;
+    returns (out, z, grads)."""
+    x, lam, we, wh, be, bh, V, C = inputs
+    tol_dtype = tol_dtype or x.dtype
+    out, z = kernels.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
+    ref_out, ref_z, ref_grads = hl_ref64(inputs, g)
+    assert out.dtype == x.dtype
+    close_to_ref64(out, ref_out, tol_dtype, "out")
+    if lam is None:
+        assert z.numel() == 0
+    else:
+        assert z.dtype == x.dtype
+        close_to_ref64(z, ref_z, tol_dtype, "z_hyper")
+    if mask is None:
+        mask = [t is not None for t in inputs]
+    grads = kernels.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z if z_given else None, mask)
+    assert len(grads) == 8
+    for i, (name, t, gr, want) in enumerate(zip(HL_NAMES, inputs, grads, ref_grads)):
+        if not mask[i] or t is None or (lam is None and name in ("hyper_weight", "hyper_bias")):
+            if t is None and i == 4 and mask[i]:
+                continue  # like the reference: Σ_m g whenever asked for
+            assert gr is None, f"{name}: expected None"
+            continue
+        assert gr.dtype == t.dtype, (name, gr.dtype, t.dtype)
+        close_to_ref64(gr, want, tol_dtype, "d" + name)
+    return out, z, grads
+
+
+def hl_deterministic_runs(kernels, inputs, g, runs: int = 2) -> list:
+    """``runs`` forward + backward evaluations of ``kernels`` under torch.use_deterministic_algorithms(True)
+    (then restored), every gradient asked for: a list of [out, z, *grads] per run."""
+    x, lam, we, wh, be, bh, V, C = inputs
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(runs):
+            out, z = kernels.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
+            grads = kernels.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, [True] * 8)
+            results.append([out, z, *grads])
+    finally:
+        torch.use_deterministic_algorithms(old)
+    return results
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """torch on one intra-op thread for the block (then restored).

@@ -28,17 +28,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import stn_kernels
 from stn_kernels import _extension, backend_rules
 from stn_kernels._backend import BackendUnavailableError, resolve_backend, use_backend
+# float64 ground truth, shared with test_triton_hyper_linear.py; run_and_check(kernels, inputs, g, ...)
+from _naive import HL_NAMES as NAMES, check_hl_kernels as run_and_check, close_to_ref64 as close
+from _naive import hl_deterministic_runs, hl_ref64 as ref64, make_hl_inputs as make
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-TOL = {torch.float64: 1e-10, F32: 1e-4, F16: 1e-2, BF16: 3e-2}
-NAMES = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
 EPILOGUE = "stn_kernels::_cuda_hyper_linear_epilogue"
 REDUCE = "stn_kernels::_cuda_hyper_linear_backward_reduce"
 
@@ -347,85 +347,6 @@ def test_rules_regenerated_from_results_csv(tmp_path):
     bad.write_text('{"format": 1, "rules": {"float16/M<=64": "cudnn"}}')
     with pytest.warns(RuntimeWarning, match="ignoring"):
         assert backend_rules.load_rules(str(bad))["rules"] == {}
-
-
-# ----------------------------------------------------------------------------- float64 ground truth
-
-
-def make(M, K, N, H, dtype, lam_dtype=None, bias=True, hyper_bias=True, hparams=True, seed=0, device="cpu"):
-    """Inputs in argument order (x, hparams, weight, hyper_weight, bias, hyper_bias, V, C) and grad_out."""
-    gen = torch.Generator().manual_seed(seed)
-    lam_dtype = lam_dtype or dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(device)
-
-    x = rnd(M, K)
-    lam = rnd(M, H, dt=lam_dtype) if hparams else None
-    we = rnd(N, K, scale=K ** -0.5)
-    wh = rnd(N, K, scale=K ** -0.5)
-    be = rnd(N) if bias else None
-    has_hb = hparams and hyper_bias
-    bh = rnd(N) if has_hb else None
-    V = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if hparams else None
-    C = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if has_hb else None
-    g = rnd(M, N)
-    return [x, lam, we, wh, be, bh, V, C], g
-
-
-def ref64(inputs, g):
-    """float64 forward (out, z) and autograd gradients of Σ out⊙g, on the CPU."""
-    leaves = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_() for t in inputs]
-    x, lam, we, wh, be, bh, V, C = leaves
-    out = F.linear(x, we, be)
-    z = None
-    if lam is not None:
-        z = F.linear(x, wh)
-        out = out + (lam @ V.t()) * z
-        if bh is not None:
-            out = out + (lam @ C.t()) * bh
-    used = [t for t in leaves if t is not None and (lam is not None or t is not wh)]
-    gr = torch.autograd.grad(out, used, g.to("cpu", torch.float64), allow_unused=True)
-    grads = dict(zip(map(id, used), gr))
-    return out.detach(), None if z is None else z.detach(), [None if t is None else grads.get(id(t)) for t in leaves]
-
-
-def close(got, want, dtype, what):
-    assert got is not None, what
-    assert tuple(got.shape) == tuple(want.shape), (what, got.shape, want.shape)
-    got = got.detach().to("cpu", torch.float64)
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = want.abs().max().clamp_min(1e-6)
-    err = ((got - want).abs().max() / scale).item()
-    assert err <= TOL[dtype], f"{what}: max error {err:.3g} relative to max|ref| > {TOL[dtype]}"
-
-
-def run_and_check(kernels, inputs, g, mask=None, tol_dtype=None, z_given=True):
-    """Forward and backward of ``kernels`` (a module with hyper_linear_forward/backward) against ref64."""
-    x, lam, we, wh, be, bh, V, C = inputs
-    tol_dtype = tol_dtype or x.dtype
-    out, z = kernels.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
-    ref_out, ref_z, ref_grads = ref64(inputs, g)
-    assert out.dtype == x.dtype
-    close(out, ref_out, tol_dtype, "out")
-    if lam is None:
-        assert z.numel() == 0
-    else:
-        assert z.dtype == x.dtype
-        close(z, ref_z, tol_dtype, "z_hyper")
-    if mask is None:
-        mask = [t is not None for t in inputs]
-    grads = kernels.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z if z_given else None, mask)
-    assert len(grads) == 8
-    for i, (name, t, gr, want) in enumerate(zip(NAMES, inputs, grads, ref_grads)):
-        if not mask[i] or t is None or (lam is None and name in ("hyper_weight", "hyper_bias")):
-            if t is None and i == 4 and mask[i]:
-                continue  # like the reference: Σ_m g whenever asked for
-            assert gr is None, f"{name}: expected None"
-            continue
-        assert gr.dtype == t.dtype, (name, gr.dtype, t.dtype)
-        close(gr, want, tol_dtype, "d" + name)
-    return out, z, grads
 
 
 # ----------------------------------------------------------------------------- CPU emulation of the kernels
@@ -863,16 +784,7 @@ def test_gpu_deterministic_bitwise(cuda_backend, monkeypatch, dtype):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     inputs, g = make(257, 300, 520, 15, dtype, seed=3, device="cuda")
     x, lam, we, wh, be, bh, V, C = inputs
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(2):
-            out, z = cuda_backend.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
-            grads = cuda_backend.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, [True] * 8)
-            runs.append([out, z, *grads])
-    finally:
-        torch.use_deterministic_algorithms(old)
+    runs = hl_deterministic_runs(cuda_backend, inputs, g)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     _, _, ref = ref64(inputs, g)

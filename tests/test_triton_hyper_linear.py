@@ -1,7 +1,7 @@
 """Direct tests of the fused Triton HyperLinear kernels (stn_kernels.triton_kernels.hyper_linear).
 
 On a machine without CUDA the kernels run on CPU tensors through the Triton interpreter.
-Ground truth is a float64 computation written here (two F.linear calls and autograd), on
+Ground truth is a float64 computation (two F.linear calls and autograd, tests/_naive.py), on
 float64 copies of the same rounded inputs, never the package's reference module.
 """
 
@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -19,13 +18,13 @@ os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 from stn_kernels.triton_kernels import hyper_linear as hl  # noqa: E402
+from _naive import HL_NAMES as NAMES, check_hl_kernels, close_to_ref64 as close, hl_ref64 as ref64  # noqa: E402
+from _naive import KERNEL_TOL as TOL, hl_deterministic_runs, make_hl_inputs  # noqa: E402  (TOL: the dict close() reads)
 
 pytestmark = pytest.mark.triton
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-TOL = {F32: 1e-4, F16: 1e-2, BF16: 3e-2}
-NAMES = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
 
 
 @pytest.fixture(autouse=True)
@@ -38,79 +37,13 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def make(M, K, N, H, dtype, lam_dtype=None, bias=True, hyper_bias=True, hparams=True, seed=0):
-    """Inputs in argument order (x, hparams, weight, hyper_weight, bias, hyper_bias, V, C) and grad_out."""
-    gen = torch.Generator().manual_seed(seed)
-    lam_dtype = lam_dtype or dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(DEVICE)
-
-    x = rnd(M, K)
-    lam = rnd(M, H, dt=lam_dtype) if hparams else None
-    we = rnd(N, K, scale=K ** -0.5)
-    wh = rnd(N, K, scale=K ** -0.5)
-    be = rnd(N) if bias else None
-    has_hb = hparams and hyper_bias
-    bh = rnd(N) if has_hb else None
-    V = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if hparams else None
-    C = rnd(N, H, scale=H ** -0.5, dt=lam_dtype) if has_hb else None
-    g = rnd(M, N)
-    return [x, lam, we, wh, be, bh, V, C], g
-
-
-def ref64(inputs, g):
-    """float64 forward (out, z) and autograd gradients of Σ out⊙g, on the CPU."""
-    leaves = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_() for t in inputs]
-    x, lam, we, wh, be, bh, V, C = leaves
-    out = F.linear(x, we, be)
-    z = None
-    if lam is not None:
-        z = F.linear(x, wh)
-        out = out + (lam @ V.t()) * z
-        if bh is not None:
-            out = out + (lam @ C.t()) * bh
-    used = [t for t in leaves if t is not None and (lam is not None or t is not wh)]
-    gr = torch.autograd.grad(out, used, g.to("cpu", torch.float64), allow_unused=True)
-    grads = dict(zip(map(id, used), gr))
-    return out.detach(), None if z is None else z.detach(), [None if t is None else grads.get(id(t)) for t in leaves]
-
-
-def close(got, want, dtype, what):
-    assert got is not None, what
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    got = got.detach().to("cpu", torch.float64)
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = want.abs().max().clamp_min(1e-6)
-    err = ((got - want).abs().max() / scale).item()
-    assert err <= TOL[dtype], f"{what}: max error {err:.3g} relative to max|ref| > {TOL[dtype]}"
+def make(*args, **kwargs):
+    """Inputs (x, hparams, weight, hyper_weight, bias, hyper_bias, V, C) and grad_out on DEVICE."""
+    return make_hl_inputs(*args, device=DEVICE, **kwargs)
 
 
 def run_and_check(inputs, g, mask=None, tol_dtype=None):
-    x, lam, we, wh, be, bh, V, C = inputs
-    tol_dtype = tol_dtype or x.dtype
-    out, z = hl.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
-    ref_out, ref_z, ref_grads = ref64(inputs, g)
-    assert out.dtype == x.dtype
-    close(out, ref_out, tol_dtype, "out")
-    if lam is None:
-        assert z.numel() == 0
-    else:
-        assert z.dtype == x.dtype
-        close(z, ref_z, tol_dtype, "z_hyper")
-    if mask is None:
-        mask = [t is not None for t in inputs]
-    grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, mask)
-    assert len(grads) == 8
-    for i, (name, t, gr, want) in enumerate(zip(NAMES, inputs, grads, ref_grads)):
-        if not mask[i] or t is None or (lam is None and name in ("hyper_weight", "hyper_bias")):
-            if t is None and i == 4 and mask[i]:
-                continue  # like the reference: Σ_m g whenever asked for
-            assert gr is None, f"{name}: expected None"
-            continue
-        assert gr.dtype == t.dtype, (name, gr.dtype, t.dtype)
-        close(gr, want, tol_dtype, "d" + name)
-    return out, z, grads
+    return check_hl_kernels(hl, inputs, g, mask, tol_dtype)
 
 
 SHAPES = [(1, 37, 53, 1), (5, 70, 53, 7), (33, 37, 53, 16)]
@@ -232,17 +165,7 @@ def test_deterministic_bitwise(monkeypatch):
     """Deterministic mode: no float atomics, two runs bitwise equal (split reductions too)."""
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 2)
     inputs, g = make(33, 70, 53, 7, F32, seed=3)
-    x, lam, we, wh, be, bh, V, C = inputs
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(2):
-            out, z = hl.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
-            grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, [True] * 8)
-            runs.append([out, z, *grads])
-    finally:
-        torch.use_deterministic_algorithms(old)
+    runs = hl_deterministic_runs(hl, inputs, g)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     _, _, ref = ref64(inputs, g)

@@ -45,7 +45,6 @@ STN_KERNELS_CONV_PACK_CACHE ("0" turns one off) and may be set on the module at 
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
@@ -56,10 +55,11 @@ import triton
 import triton.language as tl
 
 from ..reference import dense_format
+# Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) and ``_num_sms``.
+from ._common import alloc as _alloc, block_h as _block_h, fallback as _fallback, inner as _inner
+from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row, vec as _vec
 
 Tensor = torch.Tensor
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # One convolution over [W_e; W_h] packed per group (True) or two convolutions (False).
 PACKED = os.environ.get("STN_KERNELS_CONV_PACKED", "1") != "0"
@@ -68,11 +68,6 @@ CACHE_PACKED_WEIGHT = os.environ.get("STN_KERNELS_CONV_PACK_CACHE", "1") != "0"
 
 _TILE = 2048  # elements per [BLOCK_C, BLOCK_P] tile of the pixel kernels
 _HP_BLOCKS = (16, 64)  # (BLOCK_B, BLOCK_C) of _hparam_kernel (tl.dot needs >= 16)
-
-
-def _alloc(shape, dtype, device, memory_format=torch.contiguous_format) -> Tensor:
-    """Allocates a buffer that a kernel writes in full (tests replace this to NaN-fill)."""
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -277,25 +272,6 @@ def _pixels(t: Tensor, layout: torch.memory_format) -> Tuple[Tensor, Tuple[int, 
     return t, (sb, sc, sp)
 
 
-def _inner(t: Optional[Tensor]) -> Optional[Tensor]:
-    """2-D operands (λ, V, C) need unit stride along the last dim."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
-
-
-def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
-def _row(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.stride(0)
-
-
-def _block_h(h: int, floor: int = 2) -> int:
-    return max(floor, triton.next_power_of_2(max(int(h), 1)))
-
-
 def _tiles(C: int, P: int, channel_inner: bool, max_c: int = 128) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of a pixel kernel: long along whichever of channels / pixels is contiguous."""
     np2 = triton.next_power_of_2
@@ -306,37 +282,6 @@ def _tiles(C: int, P: int, channel_inner: bool, max_c: int = 128) -> Tuple[int, 
         bp = max(2, min(np2(P), 256))
         bc = max(2, min(np2(C), _TILE // bp))
     return bc, bp
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
-def _reduce(slots: Tensor, dtype: torch.dtype) -> Tensor:
-    """Sum of fp32 partial sums over dim 0 in a fixed order (a copy even for one slot)."""
-    if slots.shape[0] == 1:
-        return slots[0].to(dtype, copy=True)
-    return torch.sum(slots, 0, dtype=dtype)
-
-
-def _fallback(x: Tensor, *ts: Optional[Tensor]) -> bool:
-    """Dtypes the kernels do not take (float64, ...) and empty problems go to the reference."""
-    if x.numel() == 0:
-        return True
-    return any(t is not None and t.dtype not in _DTYPES for t in (x, *ts))
-
-
-def _reference():
-    from .. import reference
-
-    return reference
 
 
 # --------------------------------------------------------------------------- packed weight
@@ -467,7 +412,7 @@ def _epilogue(ye, yh, packed, og, bias, hparams, weight_scale, hyper_bias, bias_
         s_eb, s_ec, s_ep, s_hb, s_hc, s_hp, s_ob, s_oc, s_op, *zs,
         _row(lam), _row(V), _row(Cm),
         PACKED=packed, HAS_BIAS=bias is not None, HAS_HB=has_hb, WRITE_Z=z is not None,
-        BLOCK_C=bc, BLOCK_P=bp, BLOCK_H=_block_h(H), num_warps=4,
+        BLOCK_C=bc, BLOCK_P=bp, BLOCK_H=_block_h(H, 2), num_warps=4,
     )
 
 
@@ -582,7 +527,7 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
             B, c_out, P, H, og, pix_per_split,
             s_gb, s_gc, s_gp, s_zb, s_zc, s_zp, s_Gb, s_Gc, s_Gp, _row(lam), _row(V),
             PACKED=packed, WRITE_GE=write_ge, WRITE_GH=write_gh, NEED_DS=need_ds, NEED_GSUM=need_gsum,
-            BLOCK_C=bc, BLOCK_P=bp, BLOCK_H=_block_h(H), num_warps=4,
+            BLOCK_C=bc, BLOCK_P=bp, BLOCK_H=_block_h(H, 2), num_warps=4,
         )
     else:
         splits = 1
@@ -619,7 +564,7 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
     if need_dlam or need_dv or need_dc or need_dbe or need_dbh:
         bb, bc = _HP_BLOCKS
         c_blocks = triton.cdiv(c_out, bc)
-        bhh = _block_h(H, 16)
+        bhh = _block_h(H)
         dlam = _alloc((c_blocks, B, H), f32, dev) if need_dlam else None
         dv = _alloc((c_out, H), f32, dev) if need_dv else None
         dc = _alloc((c_out, H), f32, dev) if need_dc else None
@@ -636,7 +581,7 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
             BLOCK_B=bb, BLOCK_C=bc, BLOCK_H=bhh, num_warps=4,
         )
         if need_dlam:
-            grads[1] = _reduce(dlam, hparams.dtype)
+            grads[1] = _reduce(dlam, hparams.dtype, copy=True)
         if need_dv:
             grads[6] = dv.to(weight_scale.dtype)
         if need_dc:

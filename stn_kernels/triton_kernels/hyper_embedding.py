@@ -29,7 +29,6 @@ or "sorted"; from STN_KERNELS_EMBEDDING_TABLE_GRAD at import) picks the table-gr
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import List, Optional
 
@@ -37,10 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-Tensor = torch.Tensor
+from .._fallback import needs_reference
+# Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
+from ._common import INTERPRET as _INTERPRET, alloc as _alloc, block_h as _block_h, inner as _inner
+from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Tensor = torch.Tensor
 
 TABLE_GRAD = os.environ.get("STN_KERNELS_EMBEDDING_TABLE_GRAD", "auto")
 
@@ -50,11 +51,6 @@ _SEG_BLOCKS = (16, 128)     # (BLOCK_K, BLOCK_D) of _segment_kernel
 if _INTERPRET:
     _FWD_BLOCKS = _ROWS_BLOCKS = (32, 128)
     _SEG_BLOCKS = (16, 128)
-
-
-def _alloc(shape, dtype, device) -> Tensor:
-    """Allocates a buffer that a kernel writes in full (tests replace this to NaN-fill)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -190,48 +186,9 @@ def _segment_kernel(
 # --------------------------------------------------------------------------- helpers
 
 
-def _inner(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Row-major 2-D operands with unit stride along the last dim (row stride free, 0 included)."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
-
-
-def _row(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.stride(0)
-
-
-def _block_h(h: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(h), 1)))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
-def _reduce(slots: Tensor, dtype: torch.dtype) -> Tensor:
-    if slots.shape[0] == 1:
-        return slots[0].to(dtype, copy=True)
-    return torch.sum(slots, 0, dtype=dtype)
-
-
 def _fallback(indices: Tensor, weight: Tensor, *ts: Optional[Tensor]) -> bool:
-    if indices.numel() == 0 or weight.numel() == 0:
-        return True
-    return any(t is not None and t.dtype not in _DTYPES for t in (weight, *ts))
-
-
-def _reference():
-    from .. import reference
-
-    return reference
+    """No indices, an empty table, or a dtype of the table or ``ts`` the kernels do not take."""
+    return needs_reference(indices.numel() == 0 or weight.numel() == 0, weight, *ts)
 
 
 def _table_grad_mode() -> str:
@@ -333,9 +290,9 @@ def hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, w
             BLOCK_M=bm, BLOCK_D=bd, BLOCK_H=block_h, num_warps=4,
         )
         if need_dlam:
-            grads[1] = _reduce(dlam, hparams.dtype)
+            grads[1] = _reduce(dlam, hparams.dtype, copy=True)
         if need_dv:
-            grads[4] = _reduce(dv, weight_scale.dtype)
+            grads[4] = _reduce(dv, weight_scale.dtype, copy=True)
         if atomic_e:
             grads[2] = de.to(weight.dtype)
         if atomic_h:

@@ -38,32 +38,21 @@ or when ``STN_KERNELS_TRITON_AUTOTUNE=0``). Nothing queries the GPU at import.
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .._fallback import hyper_linear_needs_reference, reference_fallback_backward
+# Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
+from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
+from ._common import alloc as _alloc, block_h as _block_h, configs as _configs, dot_prec as _dot_prec
+from ._common import inner as _inner, num_sms as _num_sms, reduce_slots as _reduce, row as _row, vec as _vec
+
 Tensor = torch.Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_AUTOTUNE = (not _INTERPRET) and os.environ.get("STN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _alloc(shape, dtype, device) -> Tensor:
-    """Allocates a buffer that a kernel writes in full (tests replace this to NaN-fill)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 # --------------------------------------------------------------------------- configs
-
-
-def _configs(names, tuples, group):
-    return [triton.Config({names[0]: a, names[1]: b, names[2]: c, "GROUP": group}, num_warps=w, num_stages=s)
-            for (a, b, c, w, s) in tuples]
 
 
 # (rows of the output tile, cols of the output tile, reduction chunk, num_warps, num_stages).
@@ -105,9 +94,9 @@ else:
 if not _AUTOTUNE:
     _TWO_ACC, _ONE_ACC = _DEFAULT_TWO, _DEFAULT_ONE
 
-_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _TWO_ACC, _GROUP)
-_DX_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _ONE_ACC, _GROUP)
-_DW_CONFIGS = _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _TWO_ACC, _GROUP)
+_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _TWO_ACC, GROUP=_GROUP)
+_DX_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _ONE_ACC, GROUP=_GROUP)
+_DW_CONFIGS = _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _TWO_ACC, GROUP=_GROUP)
 
 
 def _prune_rows(configs, nargs, **kwargs):
@@ -405,47 +394,6 @@ def _small_kernel(
 # --------------------------------------------------------------------------- helpers
 
 
-def _inner(t: Optional[Tensor]) -> Optional[Tensor]:
-    """The kernels take one stride per 2-D operand (rows) and assume unit stride along the
-    last dim: keep views that have it (or whose last dim has size ≤ 1), copy the others."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
-
-
-def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
-def _row(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.stride(0)
-
-
-def _dot_prec(dtype: torch.dtype) -> str:
-    """input_precision of fp32 tl.dot: TF32 only where torch allows it for fp32 matmuls.
-
-    Half inputs: the big dots ignore it, and the small λ dots (fp32 operands) use TF32, whose
-    rounding is that of the half-precision s and t the reference forms."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _block_h(h: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(h), 1)))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
 def _num_splits(rows: int, cols: int, red: int, sms: int) -> int:
     """How many programs share one output tile's reduction (split-K) in a GEMM rows×cols over red.
 
@@ -456,20 +404,6 @@ def _num_splits(rows: int, cols: int, red: int, sms: int) -> int:
     if tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(sms, tiles), red // 256, 16))
-
-
-def _reduce(slots: Tensor, dtype: torch.dtype) -> Tensor:
-    """Sum of the fp32 per-program partial sums over dim 0, in a fixed order (one launch)."""
-    if slots.shape[0] == 1:
-        return slots[0].to(dtype)
-    return torch.sum(slots, 0, dtype=dtype)
-
-
-def _fallback(x: Tensor, M: int, N: int, K: int, *ts: Optional[Tensor]) -> bool:
-    """Empty sizes and dtypes the kernels do not take go to the reference implementation."""
-    if M == 0 or N == 0 or K == 0:
-        return True
-    return any(t is not None and t.dtype not in _DTYPES for t in (x, *ts))
 
 
 # --------------------------------------------------------------------------- forward
@@ -486,12 +420,12 @@ def hyper_linear_forward(
     bias_scale: Optional[Tensor],
 ):
     """Fused forward; returns ``(out, z_hyper)`` like the reference (z_hyper empty without hparams)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if _fallback(x, M, N, K, hparams, weight_scale, bias_scale):
+    if hyper_linear_needs_reference(x, weight, hparams, weight_scale, bias_scale):
         from .. import reference
         return reference.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
                                               bias_scale)
+    M, K = x.shape
+    N = weight.shape[0]
     has_hp = hparams is not None
     has_hb = has_hp and hyper_bias is not None
     x, weight = _inner(x), _inner(weight)
@@ -542,14 +476,11 @@ def hyper_linear_backward(
     (the bias gradient Σ_m g is returned whenever asked for, as in the reference).
     """
     need = [bool(v) for v in output_mask]
+    if hyper_linear_needs_reference(x, weight, hparams, weight_scale, bias_scale):
+        return reference_fallback_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+                                           bias_scale, z_hyper, output_mask)
     M, K = x.shape
     N = weight.shape[0]
-    if _fallback(x, M, N, K, hparams, weight_scale, bias_scale):
-        from .. import reference
-        ref = reference.hyper_linear_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, weight_scale,
-                                              bias_scale, z_hyper, output_mask)
-        srcs = (x, hparams, weight, hyper_weight, grad_out, hyper_bias, weight_scale, bias_scale)
-        return [None if r is None else r.to(src.dtype) for r, src in zip(ref, srcs)]
 
     has_hp = hparams is not None
     has_hb = has_hp and hyper_bias is not None and bias_scale is not None

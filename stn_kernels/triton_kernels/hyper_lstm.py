@@ -31,7 +31,6 @@ to NaN-fill). tanh is 2σ(2x) − 1 (no libdevice: runs under TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -39,18 +38,12 @@ import triton
 import triton.language as tl
 
 from . import hyper_linear as hl
+# Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
+from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
+from ._common import alloc as _alloc, configs as _configs, dot_prec as _dot_prec, fallback as _fallback
+from ._common import inner as _inner, row as _row
 
 Tensor = torch.Tensor
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_AUTOTUNE = (not _INTERPRET) and os.environ.get("STN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _alloc(shape, dtype, device) -> Tensor:
-    """Allocates a buffer that a kernel writes in full (tests replace this to NaN-fill)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 # --------------------------------------------------------------------------- configs
 # Forward (BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages): 8 fp32 accumulators of [BLOCK_B, BLOCK_J],
@@ -74,10 +67,8 @@ if _INTERPRET:
 if not _AUTOTUNE:
     _FWD, _BWD = _DEFAULT_FWD, _DEFAULT_BWD
 
-_FWD_CONFIGS = [triton.Config({"BLOCK_B": b, "BLOCK_J": j, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for (b, j, k, w, s) in _FWD]
-_BWD_CONFIGS = [triton.Config({"BLOCK_B": b, "BLOCK_K": k, "BLOCK_J": j}, num_warps=w, num_stages=s)
-                for (b, k, j, w, s) in _BWD]
+_FWD_CONFIGS = _configs(("BLOCK_B", "BLOCK_J", "BLOCK_K"), _FWD)
+_BWD_CONFIGS = _configs(("BLOCK_B", "BLOCK_K", "BLOCK_J"), _BWD)
 
 
 def _prune(configs, nargs, **kwargs):
@@ -271,24 +262,6 @@ def _bwd_step_kernel(
 # --------------------------------------------------------------------------- helpers
 
 
-def _inner(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Unit stride along the last dim (the kernels take one row stride per operand)."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
-
-
-def _row(t: Optional[Tensor], dim: int = 0) -> int:
-    return 0 if t is None else t.stride(dim)
-
-
-def _fallback(x_proj: Tensor, *ts: Optional[Tensor]) -> bool:
-    """Empty sizes and dtypes the kernels do not take go to the reference implementation."""
-    if x_proj.numel() == 0:
-        return True
-    return any(t is not None and t.dtype not in _DTYPES for t in (x_proj, *ts))
-
-
 def _sequence_terms(hparams, bias, hyper_bias, weight_scale, bias_scale, B: int, G: int):
     """fp32 s = λ·Vᵀ [B, 4N] and β = b + (λ·Cᵀ) ⊙ b_h (stride-0 rows for b alone), once per sequence."""
     s = beta = None
@@ -326,7 +299,7 @@ def hyper_lstm_recurrence_forward(x_proj, h0, c0, hparams, weight, hyper_weight,
     gates = _alloc((T, B, G), dtype, dev)
     z = _alloc((T, B, G), dtype, dev) if has_hp else x_proj.new_empty(0)
     d = out  # stands in for absent pointer arguments (never read)
-    prec = hl._dot_prec(dtype)
+    prec = _dot_prec(dtype)
 
     def grid(meta):
         return (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(N, meta["BLOCK_J"]))
@@ -375,7 +348,7 @@ def hyper_lstm_recurrence_backward(grad_out, grad_cT, h0, c0, hparams, weight, h
     dh_bufs = [_alloc((B, N), f32, dev), _alloc((B, N), f32, dev)]
     dc_bufs = [_alloc((B, N), f32, dev), _alloc((B, N), f32, dev)]
     d = D
-    prec = hl._dot_prec(dtype)
+    prec = _dot_prec(dtype)
     for t in reversed(range(T)):
         need_dh = t > 0 or need[1]
         dc_in = grad_cT if t == T - 1 else dc_bufs[(t + 1) % 2]

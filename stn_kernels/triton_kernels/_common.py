@@ -1,0 +1,100 @@
+"""Host-side helpers shared by the Triton kernel modules (hyper_linear, hyper_conv2d,
+hyper_embedding, hyper_lstm).
+
+The kernel modules import these under their own private names (``from ._common import
+alloc as _alloc``, ...) and call them through those module globals, so that tests can
+still patch one module's helper (``monkeypatch.setattr(module, "_alloc", ...)``).
+Constants fixed at import: ``INTERPRET`` (TRITON_INTERPRET=1) and ``AUTOTUNE`` (off under
+the interpreter or when STN_KERNELS_TRITON_AUTOTUNE=0). Nothing queries the GPU at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from .._fallback import needs_reference
+
+Tensor = torch.Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = (not INTERPRET) and os.environ.get("STN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def alloc(shape, dtype, device, memory_format=torch.contiguous_format) -> Tensor:
+    """Allocates a buffer that a kernel writes in full (tests replace this to NaN-fill)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def configs(names, tuples, **meta):
+    """triton.Config list from (a, b, c, num_warps, num_stages) tuples: names[i] = the i-th block
+    size, plus the constant meta-parameters ``meta`` (e.g. GROUP)."""
+    return [triton.Config({names[0]: a, names[1]: b, names[2]: c, **meta}, num_warps=w, num_stages=s)
+            for (a, b, c, w, s) in tuples]
+
+
+def inner(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels take one stride per 2-D operand (rows) and assume unit stride along the
+    last dim: keep views that have it (or whose last dim has size ≤ 1), copy the others."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def row(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def dot_prec(dtype: torch.dtype) -> str:
+    """input_precision of fp32 tl.dot: TF32 only where torch allows it for fp32 matmuls.
+
+    Half inputs: the big dots ignore it, and the small λ dots (fp32 operands) use TF32, whose
+    rounding is that of the half-precision s and t the reference forms."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def block_h(h: int, floor: int = 16) -> int:
+    """Block over the H hyperparameters: a power of two ≥ h and ≥ ``floor`` (tl.dot needs 16)."""
+    return max(floor, triton.next_power_of_2(max(int(h), 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def reduce_slots(slots: Tensor, dtype: torch.dtype, copy: bool = False) -> Tensor:
+    """Sum of the fp32 per-program partial sums over dim 0, in a fixed order (one launch).
+
+    With one slot: ``slots[0]`` in ``dtype`` (a copy even when no cast is needed if ``copy``)."""
+    if slots.shape[0] == 1:
+        return slots[0].to(dtype, copy=copy)
+    return torch.sum(slots, 0, dtype=dtype)
+
+
+def fallback(x: Tensor, *ts: Optional[Tensor]) -> bool:
+    """An empty x, or a dtype of x or ``ts`` the kernels do not take: run the reference."""
+    return needs_reference(x.numel() == 0, x, *ts)
+
+
+def reference():
+    """The module :mod:`stn_kernels.reference` (imported on first use)."""
+    from .. import reference as ref
+
+    return ref
