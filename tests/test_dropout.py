@@ -287,3 +287,20 @@ def test_triton_bfloat16_keeps_the_same_mask():
         torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=0)
     else:
         assert torch.equal(got, expected)
+
+
+def test_forward_mode_ad_gives_the_masked_tangent():
+    """torch.func.jvp and forward_ad through the dropout: the tangent is dropped with the same mask."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    rates = torch.full((4,), 0.5)
+    tangent = torch.randn_like(x)
+    apply = lambda t: per_example_dropout(t, rates, seed=3)  # noqa: E731
+    expected = apply(tangent)  # linear in x: the JVP is the same dropout of the tangent
+    assert expected.abs().sum() > 0
+    _, jvp = torch.func.jvp(apply, (x,), (tangent,))
+    torch.testing.assert_close(jvp, expected, rtol=0, atol=0)
+    with fwAD.dual_level():
+        out = apply(fwAD.make_dual(x, tangent))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected, rtol=0, atol=0)

@@ -151,15 +151,20 @@ def _kernel(x: Tensor):
     return importlib.import_module(_KERNEL_MODULE).per_example_dropout_forward
 
 
-@torch.library.custom_op("stn_kernels::per_example_dropout", mutates_args=())
-def _per_example_dropout_op(x: Tensor, rates: Tensor, seed_offset: Tensor, unit_size: int) -> Tensor:
+def _dropout(x: Tensor, rates: Tensor, seed_offset: Tensor, unit_size: int, kernel=None) -> Tensor:
     x = x.contiguous()
     rates = rates.to(torch.float32).contiguous()
     # 1/(1 − p) is formed once, here, for both backends: the kernel then only multiplies, so the
     # Triton and reference outputs agree bit for bit (a division inside the kernel could round
     # differently on the GPU).
     scales = 1.0 / (1.0 - rates.to(compute_dtype(x.dtype)))
-    return _kernel(x)(x, rates, scales, seed_offset.to(device=x.device, dtype=torch.int64), unit_size)
+    kernel = kernel or _kernel(x)
+    return kernel(x, rates, scales, seed_offset.to(device=x.device, dtype=torch.int64), unit_size)
+
+
+@torch.library.custom_op("stn_kernels::per_example_dropout", mutates_args=())
+def _per_example_dropout_op(x: Tensor, rates: Tensor, seed_offset: Tensor, unit_size: int) -> Tensor:
+    return _dropout(x, rates, seed_offset, unit_size)
 
 
 @_per_example_dropout_op.register_fake
@@ -182,6 +187,33 @@ def _backward(ctx, grad_out):
 
 
 _per_example_dropout_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """Eager path over the same kernels, without the custom-op dispatcher's Python overhead
+    (as stn_kernels.ops does for the layers)."""
+
+    @staticmethod
+    def forward(ctx, x, rates, seed_offset, unit_size):
+        ctx.save_for_backward(rates, seed_offset)
+        ctx.unit_size = unit_size
+        return _dropout(x, rates, seed_offset, unit_size)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rates, seed_offset = ctx.saved_tensors
+        return _DropoutFunction.apply(grad_out, rates, seed_offset, ctx.unit_size), None, None, None
+
+
+def _apply_dropout(x: Tensor, rates: Tensor, seed_offset: Tensor, unit_size: int) -> Tensor:
+    """The registered op under torch.compile; the reference composition under torch.func transforms
+    and forward-mode AD (custom ops have no forward-mode rule: their tangent would be silently
+    zero); the autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        return _per_example_dropout_op(x, rates, seed_offset, unit_size)
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return _dropout(x, rates, seed_offset, unit_size, kernel=per_example_dropout_forward)
+    return _DropoutFunction.apply(x, rates, seed_offset, unit_size)
 
 
 # --------------------------------------------------------------------------- public API
@@ -268,7 +300,7 @@ def per_example_dropout(x: Tensor, rates: Union[Tensor, float], *, training: boo
         return x
     unit_size = math.prod(x.shape[2:]) if per_channel else 1
     seed_offset = _seed_offset(seed, offset, x.device, generator)
-    return _per_example_dropout_op(x, rates, seed_offset, max(unit_size, 1))
+    return _apply_dropout(x, rates, seed_offset, max(unit_size, 1))
 
 
 def per_example_channel_dropout(x: Tensor, rates: Union[Tensor, float], **kwargs) -> Tensor:
