@@ -17,10 +17,10 @@ friends, used by the public functions) go through a ``torch.autograd.Function``
 that calls the same kernels and shares the gradient code with the registered
 op: the custom-op dispatcher path costs about 110 µs of Python per call on the
 CPU here (measured; ~70 µs for the Function), more than the whole fused layer
-takes on an H100 at the STN shapes. Under torch.compile the registered op is
+takes on an H200 at the STN shapes. Under torch.compile the registered op is
 traced instead; under torch.func transforms and forward-mode AD, which custom
-ops do not support, the reference composition of aten ops runs. The backend (reference, triton, cuda) is chosen
-inside the op when it runs. Double backward (create_graph=True) differentiates
+ops do not support, the reference composition of aten ops runs. The backend
+(reference, triton, cuda) is chosen inside the op when it runs. Double backward (create_graph=True) differentiates
 the reference formulation instead of calling the backward op, so
 Jacobian-vector products through the layers (Delta-STN) are exact too.
 """
