@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -368,3 +369,9 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# Parametrisations shared by the layer test files.
+DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
+HALF_DTYPES = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
+HPARAMS = ["per_example", "shared", "none"]

@@ -30,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "triton" in item.keywords and not (HAS_TRITON and (HAS_CUDA or INTERPRETING)):
             item.add_marker(skip_triton)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: gradchecks on a shared 2-core machine slow down badly once a large conv
+    has started torch's thread pool (see tests/_naive.py single_threaded)."""
+    from _naive import single_threaded
+
+    with single_threaded():
+        yield

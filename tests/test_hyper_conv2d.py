@@ -6,23 +6,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import stn_kernels
-from _naive import (TOL, OpCheckError, assert_close_rel, check_against_naive, make_conv_params, make_hparams,
-                    naive_hyper_conv2d, randomize_module_, rel_err, single_threaded, strided_layout)
+from _naive import (DTYPES, HALF_DTYPES, HPARAMS, TOL, assert_close_rel, check_against_naive, make_conv_params,
+                    make_hparams, naive_hyper_conv2d, randomize_module_, rel_err, strided_layout)
 
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
-HALF_DTYPES = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
-HPARAMS = ["per_example", "shared", "none"]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def one_thread():
-    with single_threaded():
-        yield
 
 
 class Conf:

@@ -6,13 +6,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import stn_kernels
-from _naive import (TOL, OpCheckError, assert_close_rel, check_against_naive, make_embedding_params, make_hparams,
-                    naive_hyper_embedding, randomize_module_, rel_err, single_threaded, strided_layout)
+from _naive import (DTYPES, HALF_DTYPES, HPARAMS, TOL, assert_close_rel, check_against_naive, make_embedding_params,
+                    make_hparams, naive_hyper_embedding, randomize_module_, rel_err, single_threaded, strided_layout)
 
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
-HALF_DTYPES = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
 INDEX_DTYPES = [pytest.param(torch.int64, id="i64"), pytest.param(torch.int32, id="i32")]
-HPARAMS = ["per_example", "shared", "none"]
 IDX_SHAPES = [pytest.param((5,), id="B5"), pytest.param((1,), id="B1"), pytest.param((5, 3), id="B5-T3"),
               pytest.param((2, 3, 4), id="B2-3x4")]
 NUM, DIM, H = 7, 11, 4  # few rows: every index batch below repeats rows

@@ -11,27 +11,18 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import stn_kernels
-from _naive import (TOL, OpCheckError, assert_close_rel, check_against_naive, make_hparams, make_linear_params,
-                    naive_hyper_linear, randomize_module_, rel_err, single_threaded, strided_layout,
+from _naive import (DTYPES, HALF_DTYPES, HPARAMS, TOL, assert_close_rel, check_against_naive, make_hparams,
+                    make_linear_params, naive_hyper_linear, randomize_module_, rel_err, strided_layout,
                     transposed_layout)
 
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
-HALF_DTYPES = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
 SHAPES = [pytest.param((37, 53, 1), id="K37-N53-H1"), pytest.param((37, 53, 7), id="K37-N53-H7")]
 BATCHES = [pytest.param(1, id="B1"), pytest.param(5, id="B5")]
-HPARAMS = ["per_example", "shared", "none"]
 BIAS = [pytest.param(True, id="bias"), pytest.param(False, id="nobias")]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def one_thread():
-    with single_threaded():
-        yield
 
 
 def functional(x, hparams, W, Wh, b, bh, V, C):

@@ -4,7 +4,6 @@ covered by tests/test_stn_toolkit.py instead)."""
 import os
 import re
 
-import pytest
 import torch
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
