@@ -33,7 +33,7 @@ def check_dtype(expected: torch.dtype, expected_from: str, **tensors: Optional[T
 
 
 def check_shape(t: Optional[Tensor], name: str, expected: tuple) -> None:
-    if t is not None and tuple(t.shape) != tuple(expected):
+    if t is not None and t.shape != expected:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
