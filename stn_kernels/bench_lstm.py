@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -267,39 +266,11 @@ def provider_unavailable(name: str, device, dtype=torch.float32) -> Optional[str
     return None
 
 
-def build_impl(provider: str, case: LSTMCase, opts=None) -> bench._Impl:
-    """Build ``provider`` for ``case`` (cached on the case) and run one checked forward and backward."""
-    if provider in case.impls:
-        return case.impls[provider]
-    if provider not in LSTM_PROVIDERS:
-        raise ValueError(f"provider: expected one of {sorted(LSTM_PROVIDERS)}, got {provider!r}")
-    opts = opts or bench._Options()
-    t0 = time.perf_counter()
-    impl = LSTM_PROVIDERS[provider].build(case, opts)
-    grads = None
-    with impl.scope(), torch.enable_grad():
-        if impl.pre_call:
-            impl.pre_call()
-        out = impl.forward()
-        impl.grad = case.grad_out(out.shape)
-        try:
-            grads = torch.autograd.grad(out, impl.inputs, impl.grad)
-        except Exception as exc:
-            impl.backward_error = f"backward failed: {type(exc).__name__}: {bench._one_line(exc)}"
-    bench._synchronize(case.device)
-    impl.build_s = time.perf_counter() - t0
-    err = bench._mismatch(case, out, None if grads is None else impl.canonical(grads))
-    if err:
-        impl.notes.append(err)
-    case.impls[provider] = impl
-    return impl
-
-
 def provider_fn(provider: str, case: LSTMCase, mode: str, compile_mode: str = "default"):
     """A callable running ``provider`` on ``case`` in ``mode`` (as :func:`stn_kernels.bench.provider_fn`)."""
     if mode not in bench.MODES:
         raise ValueError(f"mode: expected one of {bench.MODES}, got {mode!r}")
-    impl = build_impl(provider, case, bench._Options(compile_mode))
+    impl = bench.build_impl(provider, case, bench._Options(compile_mode))  # LSTM_PROVIDERS via case.providers
     with impl.scope():
         fn = bench._mode_closure(impl, mode)
     if impl.scope is contextlib.nullcontext:
@@ -316,8 +287,7 @@ def run_case(case: LSTMCase, providers: List[str], modes: List[str], cfg, opts, 
              compile_state: dict) -> bool:
     """``stn_kernels.bench._run_case`` for an LSTM case: providers outside LSTM_PROVIDERS are ignored."""
     return bench._run_case(case, [p for p in providers if p in LSTM_PROVIDERS], modes, cfg, opts, report, deadline,
-                           compile_state, unavailable=lambda p, c: provider_unavailable(p, c.device, c.dtype),
-                           build=build_impl)
+                           compile_state, unavailable=lambda p, c: provider_unavailable(p, c.device, c.dtype))
 
 
 def main(argv=None) -> List[bench.Row]:
