@@ -38,6 +38,7 @@ or when ``STN_KERNELS_TRITON_AUTOTUNE=0``). Nothing queries the GPU at import.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -106,6 +107,64 @@ def _prune_rows(configs, nargs, **kwargs):
     return kept or configs
 
 
+@functools.lru_cache(maxsize=None)
+def _max_shared(index: int) -> Optional[int]:
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    except (AttributeError, KeyError):  # another Triton's driver API: no pruning, autotune skips misfits
+        return None
+
+
+def _smem_limit(t: Tensor) -> Optional[int]:
+    """Shared memory per block (opt-in maximum) of t's GPU; None off the GPU (no pruning).
+    Queried on the first autotuning, never at import (tests patch this helper)."""
+    if t.device.type != "cuda":
+        return None
+    return _max_shared(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _prune_smem(configs, t, rows, cols, red, n_b, small):
+    """Drop configs whose pipelined tiles cannot fit the shared memory of t's GPU.
+
+    The K loop keeps num_stages copies of its operand tiles in shared memory: the [rows, red]
+    tile plus ``n_b`` [red, cols] tiles in t's dtype, plus ``small`` fp32 elements per unit of
+    red (a λ tile). With fp32 inputs (4-byte tiles) several configs exceed even sm_90's 227 KB
+    (e.g. 128x128x64 with two accumulators: 288 KB at 3 stages); the autotuner would compile
+    each of them only to skip it (OutOfResources). This estimate matches what Triton allocates
+    for the tf32 / half-precision tiles and bounds the rest (tests/test_triton_aot.py checks
+    the kept configs' compiled shared memory). Keeps the smallest config if none fits."""
+    limit = _smem_limit(t)
+    if limit is None:
+        return configs
+    es = t.dtype.itemsize
+
+    def need(c):
+        k = c.kwargs
+        per_stage = (k[rows] * k[red] + n_b * k[red] * k[cols]) * es + small * k[red] * 4
+        return c.num_stages * per_stage
+
+    kept = [c for c in configs if need(c) <= limit]
+    return kept or [min(configs, key=need)]
+
+
+def _prune_fwd(configs, nargs, **kwargs):
+    configs = _prune_rows(configs, nargs)
+    return _prune_smem(configs, nargs["x_ptr"], "BLOCK_M", "BLOCK_N", "BLOCK_K", 1 + bool(kwargs.get("HAS_HP")), 0)
+
+
+def _prune_dx(configs, nargs, **kwargs):
+    configs = _prune_rows(configs, nargs)
+    hp = bool(kwargs.get("HAS_HP"))
+    return _prune_smem(configs, nargs["g_ptr"], "BLOCK_M", "BLOCK_K", "BLOCK_N", 1 + hp,
+                       kwargs.get("BLOCK_H", 16) if hp else 0)
+
+
+def _prune_dw(configs, nargs, **kwargs):
+    # One g tile [BLOCK_N, BLOCK_M] and one x tile [BLOCK_M, BLOCK_K] feed both accumulators.
+    return _prune_smem(configs, nargs["g_ptr"], "BLOCK_N", "BLOCK_K", "BLOCK_M", 1,
+                       kwargs.get("BLOCK_H", 16) if kwargs.get("NEED_H") else 0)
+
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -122,7 +181,7 @@ def _swizzle(pid, num_rows, num_cols, GROUP: tl.constexpr):
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K", "HAS_HP"],
-                 prune_configs_by={"early_config_prune": _prune_rows})
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _fwd_kernel(
     x_ptr, we_ptr, wh_ptr, be_ptr, bh_ptr, lam_ptr, v_ptr, c_ptr, out_ptr, z_ptr,
@@ -180,7 +239,7 @@ def _fwd_kernel(
 
 
 @triton.autotune(configs=_DX_CONFIGS, key=["M", "N", "K", "HAS_HP", "SPLIT_OUT"],
-                 prune_configs_by={"early_config_prune": _prune_rows})
+                 prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit
 def _dx_kernel(
     g_ptr, we_ptr, wh_ptr, lam_ptr, v_ptr, out_ptr,
@@ -244,7 +303,8 @@ def _dx_kernel(
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=["M", "N", "K", "NEED_E", "NEED_H", "SPLIT_OUT"])
+@triton.autotune(configs=_DW_CONFIGS, key=["M", "N", "K", "NEED_E", "NEED_H", "SPLIT_OUT"],
+                 prune_configs_by={"early_config_prune": _prune_dw})
 @triton.jit
 def _dw_kernel(
     g_ptr, x_ptr, lam_ptr, v_ptr, dwe_ptr, dwh_ptr,
