@@ -120,6 +120,16 @@ def parse_shape(spec) -> Shape:
     return Shape(f"custom-{b}x{h}x{k}x{n}", b, h, k, n)
 
 
+def random_factory(device: torch.device, dtype: torch.dtype, seed: int) -> Callable:
+    """``rand(*size, scale=1.0)``: seeded standard-normal data (never zeros) times ``scale``, in ``dtype``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(size, generator=gen, device=device) * scale).to(dtype)
+
+    return rand
+
+
 @dataclass
 class Case:
     """Random inputs and parameters for one (shape, dtype, device); all leaves require grad.
@@ -169,11 +179,7 @@ def make_case(shape, dtype=torch.float32, device="cpu", seed: int = 0) -> Case:
         dtype = _DTYPES[dtype]
     device = torch.device(device)
     B, H, K, N = shape.B, shape.H, shape.K, shape.N
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def rand(*size, scale=1.0):
-        return (torch.randn(size, generator=gen, device=device) * scale).to(dtype)
-
+    rand = random_factory(device, dtype, seed)
     t = {
         "x": rand(B, K),
         "hparams": rand(B, H),

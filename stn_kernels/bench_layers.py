@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,17 +81,22 @@ EMBEDDING_SHAPES = (Shape("lstm-embedding", 40, 7, 10000, 650),)
 GEOMETRY["lstm-embedding"] = EmbeddingGeometry(70)
 
 
+def _ints(spec) -> List[int]:
+    """The ints of "a,b,c" or a sequence; [] when any field is not an int."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        return [int(p) for p in parts]
+    except (TypeError, ValueError):
+        return []
+
+
 def parse_conv_shape(spec) -> Shape:
     """A conv Shape from a Shape, a name, or "B,H,C_in,C_out,size[,kernel[,stride[,padding]]]"."""
     if isinstance(spec, Shape):
         return spec
     if isinstance(spec, str) and spec in _CONV_BY_NAME:
         return _CONV_BY_NAME[spec]
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    try:
-        values = [int(p) for p in parts]
-    except (TypeError, ValueError):
-        values = []
+    values = _ints(spec)
     if not 5 <= len(values) <= 8 or min(values[:5]) < 1:
         raise ValueError(f"shape: expected one of {sorted(_CONV_BY_NAME)} or "
                          f"'B,H,C_in,C_out,size[,kernel[,stride[,padding]]]' (positive ints), got {spec!r}")
@@ -108,11 +113,7 @@ def parse_embedding_shape(spec) -> Shape:
         return spec
     if isinstance(spec, str) and spec in _EMBEDDING_BY_NAME:
         return _EMBEDDING_BY_NAME[spec]
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    try:
-        values = [int(p) for p in parts]
-    except (TypeError, ValueError):
-        values = []
+    values = _ints(spec)
     if len(values) != 5 or min(values) < 1:
         raise ValueError(f"shape: expected one of {sorted(_EMBEDDING_BY_NAME)} or 'B,H,num_embeddings,D,T' "
                          f"(five positive ints), got {spec!r}")
@@ -207,12 +208,8 @@ def make_conv_case(shape, dtype=torch.float32, device="cpu", seed: int = 0) -> L
     device = torch.device(device)
     geo = GEOMETRY[shape.name]
     B, H, c_in, c_out = shape.B, shape.H, shape.K, shape.N
-    gen = torch.Generator(device=device).manual_seed(seed)
     fan_in = c_in * geo.kernel ** 2
-
-    def rand(*size, scale=1.0):
-        return (torch.randn(size, generator=gen, device=device) * scale).to(dtype)
-
+    rand = bench.random_factory(device, dtype, seed)
     t = {
         "x": rand(B, c_in, geo.size, geo.size),
         "hparams": rand(B, H),
@@ -238,7 +235,7 @@ def make_embedding_case(shape, dtype=torch.float32, device="cpu", seed: int = 0)
     device = torch.device(device)
     geo = GEOMETRY[shape.name]
     B, H, num, D = shape.B, shape.H, shape.K, shape.N
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # also draws the indices below
 
     def rand(*size, scale=1.0):
         return (torch.randn(size, generator=gen, device=device) * scale).to(dtype)
