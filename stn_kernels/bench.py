@@ -24,6 +24,9 @@ Providers (one registry, :data:`PROVIDERS`):
 * ``stn:reference``, ``stn:triton``, ``stn:cuda``: ``stn_kernels.hyper_linear``
   under ``use_backend(name)``, each included when a small call succeeds on the
   device (on the CPU only ``stn:reference`` by default).
+* ``stn:triton+compile``: ``stn:triton`` under ``torch.compile(mode=--compile-mode)`` (GPU
+  default): the registered op inside a compiled graph; with max-autotune also CUDA graphs, so
+  that it is compared with ``published+compile`` without the launch overhead either side.
 
 Timing: CUDA uses ``triton.testing.do_bench`` (median), CPU a median of
 ``time.perf_counter`` samples with an adaptive count. Providers of one case run
@@ -309,23 +312,38 @@ def _uses_cudagraphs(mode: str) -> bool:
     return mode in ("reduce-overhead", "max-autotune")
 
 
-def _build_compiled(case, opts):
+def is_compiled(provider: str) -> bool:
+    """Providers named ``*+compile`` run under torch.compile: they share the compile budget and
+    the per-case reset of compiled code."""
+    return provider.endswith("+compile")
+
+
+def compiled_impl(name: str, fn: Callable, args: Tuple[Tensor, ...], canonical, case, opts: _Options,
+                  inputs: Optional[Tuple[Tensor, ...]] = None,
+                  scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> _Impl:
+    """An _Impl running ``torch.compile(fn, mode=opts.compile_mode)`` on ``args`` (built inside ``scope``)."""
     import torch._dynamo
     import torch._functorch.config
 
     # A fresh compile per case (static shapes): no recompile limit, no automatic dynamic shapes.
-    torch._dynamo.reset()
+    # Only the case's first compiled provider resets: a reset would drop the others' compiled code.
+    if not any(is_compiled(p) for p in case.impls):
+        torch._dynamo.reset()
     # The bwd mode calls the compiled backward with retain_graph=True, which a backward compiled
     # with donated buffers refuses; donation only saves memory, so it is switched off here.
     if hasattr(torch._functorch.config, "donated_buffer"):
         torch._functorch.config.donated_buffer = False
-    compiled = torch.compile(published_forward, mode=opts.compile_mode, dynamic=False)
-    args = _names(case, *_PUBLISHED_ARGS)
-    impl = _Impl("published+compile", lambda: compiled(*args), args, _by_name(_PUBLISHED_ARGS))
+    compiled = torch.compile(fn, mode=opts.compile_mode, dynamic=False)
+    impl = _Impl(name, lambda: compiled(*args), args if inputs is None else inputs, canonical, scope=scope)
     if case.device.type == "cuda" and _uses_cudagraphs(opts.compile_mode):
         impl.pre_call = torch.compiler.cudagraph_mark_step_begin
         impl.recheck = True
     return impl
+
+
+def _build_compiled(case, opts):
+    args = _names(case, *_PUBLISHED_ARGS)
+    return compiled_impl("published+compile", published_forward, args, _by_name(_PUBLISHED_ARGS), case, opts)
 
 
 def stn_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale):
@@ -334,18 +352,33 @@ def stn_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale
     return stn_kernels.hyper_linear(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
 
 
+_STN_ARGS = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
+
+
+def _stn_canonical(grads):
+    d = dict(zip(_STN_ARGS, grads))
+    d["hparam_weight"] = torch.cat([d.pop("weight_scale"), d.pop("bias_scale")])
+    return d
+
+
 def _build_stn(backend):
-    names = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
-
-    def canonical(grads):
-        d = dict(zip(names, grads))
-        d["hparam_weight"] = torch.cat([d.pop("weight_scale"), d.pop("bias_scale")])
-        return d
-
     def build(case, opts):
-        args = _names(case, *names)
-        return _Impl(f"stn:{backend}", lambda: stn_forward(*args), args, canonical,
+        args = _names(case, *_STN_ARGS)
+        return _Impl(f"stn:{backend}", lambda: stn_forward(*args), args, _stn_canonical,
                      scope=lambda: use_backend(backend))
+
+    return build
+
+
+def _build_stn_compiled(backend):
+    """stn_kernels.hyper_linear under torch.compile: the registered op inside the compiled graph, and
+    with a CUDA-graph mode (max-autotune) the same launch-overhead removal published+compile gets."""
+    def build(case, opts):
+        args = _names(case, *_STN_ARGS)
+        scope = lambda: use_backend(backend)  # noqa: E731
+        with scope():
+            return compiled_impl(f"stn:{backend}+compile", stn_forward, args, _stn_canonical, case, opts,
+                                 scope=scope)
 
     return build
 
@@ -365,6 +398,8 @@ PROVIDERS: Dict[str, ProviderSpec] = {p.name: p for p in (
                  gpu_default=True, backend="triton"),
     ProviderSpec("stn:cuda", _build_stn("cuda"), "stn_kernels.hyper_linear, backend 'cuda'", devices=("cuda",),
                  gpu_default=True, backend="cuda"),
+    ProviderSpec("stn:triton+compile", _build_stn_compiled("triton"),
+                 "stn_kernels.hyper_linear, backend 'triton', under torch.compile", gpu_default=True, backend="triton"),
 )}
 
 _backend_probe_cache: Dict[tuple, Optional[str]] = {}
@@ -876,7 +911,7 @@ def _run_case(case: Case, providers: List[str], modes: List[str], cfg: _TimingCo
             if why:
                 report.note(f"{p} skipped ({device.type}, {dtype_name(case.dtype)}): {why}")
                 continue
-            if p == "published+compile" and compile_state.get("budget") is not None \
+            if is_compiled(p) and compile_state.get("budget") is not None \
                     and compile_state["spent"] >= compile_state["budget"]:
                 report.note(f"{p} skipped from {case.label} on: the compile budget of "
                             f"{compile_state['budget']:.0f} s is spent")
@@ -886,7 +921,7 @@ def _run_case(case: Case, providers: List[str], modes: List[str], cfg: _TimingCo
             except Exception as exc:
                 report.note(f"{p} failed at {case.label}: {type(exc).__name__}: {_one_line(exc)}")
                 continue
-            if p == "published+compile":
+            if is_compiled(p):
                 compile_state["spent"] += impl.build_s
                 report.note(f"{p} ({opts.compile_mode}) compiled for {case.label} in {impl.build_s:.1f} s")
             impls[p] = impl
@@ -896,7 +931,7 @@ def _run_case(case: Case, providers: List[str], modes: List[str], cfg: _TimingCo
             report.add(_run_mode(case, impls, mode, cfg))
         return True
     finally:
-        compiled = "published+compile" in case.impls
+        compiled = any(is_compiled(p) for p in case.impls)
         impls.clear()
         case.impls.clear()
         if compiled:
@@ -1059,12 +1094,13 @@ def main(argv=None) -> List[Row]:
         + ("; quick" if args.quick else "")
         + (f"; time budget {args.time_budget:g} s" if args.time_budget else "")]
     report = _Report(args.out, header)
-    if "published+compile" in providers and gpu and _uses_cudagraphs(opts.compile_mode):
-        report.notes.append(f"published+compile uses CUDA graphs (mode {opts.compile_mode}): each fwd and "
-                            "fwd+bwd call starts with torch.compiler.cudagraph_mark_step_begin(); its peak "
+    compiled = ", ".join(p for p in providers if is_compiled(p))
+    if compiled and gpu and _uses_cudagraphs(opts.compile_mode):
+        report.notes.append(f"{compiled} use CUDA graphs (mode {opts.compile_mode}): each fwd and "
+                            "fwd+bwd call starts with torch.compiler.cudagraph_mark_step_begin(); their peak "
                             "memory counts only what the graphs allocate outside their recorded pool")
-    if "published+compile" in providers:
-        report.notes.append("published+compile: torch._functorch.config.donated_buffer is off so that the "
+    if compiled:
+        report.notes.append(f"{compiled}: torch._functorch.config.donated_buffer is off so that the "
                             "compiled backward can run with retain_graph=True (bwd mode)")
 
     start = time.monotonic()

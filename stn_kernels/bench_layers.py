@@ -283,12 +283,6 @@ def _embedding_published(case, opts):
 
 def _compiled(case, opts):
     """published+compile for either layer (a fresh static-shape compile per case, as in the harness)."""
-    import torch._dynamo
-    import torch._functorch.config
-
-    torch._dynamo.reset()
-    if hasattr(torch._functorch.config, "donated_buffer"):
-        torch._functorch.config.donated_buffer = False
     if case.layer == "conv2d":
         kw = case.conv_args()
 
@@ -301,12 +295,7 @@ def _compiled(case, opts):
         fn = published_embedding_forward
         args = bench._names(case, *_EMB_PUBLISHED)
         inputs, canonical = args[1:], _by_name(_EMB_GRADS)
-    compiled = torch.compile(fn, mode=opts.compile_mode, dynamic=False)
-    impl = _Impl("published+compile", lambda: compiled(*args), inputs, canonical)
-    if case.device.type == "cuda" and bench._uses_cudagraphs(opts.compile_mode):
-        impl.pre_call = torch.compiler.cudagraph_mark_step_begin
-        impl.recheck = True
-    return impl
+    return bench.compiled_impl("published+compile", fn, args, canonical, case, opts, inputs=inputs)
 
 
 @contextlib.contextmanager

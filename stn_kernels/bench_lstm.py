@@ -220,19 +220,8 @@ def _build_published(case, opts):
 
 
 def _build_compiled(case, opts):
-    import torch._dynamo
-    import torch._functorch.config
-
-    torch._dynamo.reset()
-    if hasattr(torch._functorch.config, "donated_buffer"):
-        torch._functorch.config.donated_buffer = False
-    compiled = torch.compile(published_lstm_forward, mode=opts.compile_mode, dynamic=False)
-    args = case.args()
-    impl = bench._Impl("published+compile", lambda: compiled(*args), _inputs(case), _canonical(case))
-    if case.device.type == "cuda" and bench._uses_cudagraphs(opts.compile_mode):
-        impl.pre_call = torch.compiler.cudagraph_mark_step_begin
-        impl.recheck = True
-    return impl
+    return bench.compiled_impl("published+compile", published_lstm_forward, case.args(), _canonical(case), case, opts,
+                               inputs=_inputs(case))
 
 
 def _build_stn(backend):

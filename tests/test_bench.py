@@ -95,3 +95,23 @@ def test_lstm_cases_run_through_the_same_harness(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| lstm-tiny" in table
     assert "MISMATCH" not in table and "error" not in table.lower()
+
+
+@pytest.mark.triton
+def test_compiled_providers_share_a_case_without_recompiling():
+    """stn:triton+compile (the registered op in a compiled graph; Triton interpreter on CPU) agrees with
+    published, and building it does not reset published+compile's compiled code in the same case."""
+    from torch._dynamo.utils import counters
+
+    case = bench.make_case("5,2,12,10", torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+    expected = bench.provider_fn("published", case, "fwd")()
+    published_compiled = bench.provider_fn("published+compile", case, "fwd")
+    stn_compiled = bench.provider_fn("stn:triton+compile", case, "fwd")
+    frames = counters["frames"]["total"]
+    torch.testing.assert_close(published_compiled(), expected)
+    torch.testing.assert_close(stn_compiled(), expected, rtol=1e-5, atol=1e-5)
+    assert counters["frames"]["total"] == frames, "a compiled provider was recompiled"
+    grads = bench.provider_fn("stn:triton+compile", case, "fwd+bwd")()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert bench.is_compiled("stn:triton+compile") and not bench.is_compiled("stn:triton")
+    assert all(not impl.notes for impl in case.impls.values()), {k: v.notes for k, v in case.impls.items()}

@@ -206,3 +206,97 @@ def test_tf32_allowed():
 def test_stn_shapes_fp16(M, K, N, H):
     inputs, g = make(M, K, N, H, F16, lam_dtype=F32)
     run_and_check(inputs, g)
+
+
+# ----------------------------------------------------------------------------- 64-bit offsets
+# Problems where M·N or N·K exceeds 2^31 elements: every pointer offset must be computed in int64.
+# Too big for a full float64 reference, so the kernels' results are compared on a few rows (R) and
+# columns (Cn of N, Ck of K), chosen at both ends, against a float64 evaluation of just those entries.
+
+
+def _large_inputs(M, K, N, H, dtype, seed=0):
+    """Inputs as make_hl_inputs gives them (λ, V, C in float32), generated on DEVICE: the large ones
+    would take seconds and gigabytes of host memory on the CPU."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen, device=DEVICE, dtype=dt) * scale).to(dt)
+
+    x, lam = rnd(M, K), rnd(M, H, dt=F32)
+    we, wh = rnd(N, K, scale=K ** -0.5), rnd(N, K, scale=K ** -0.5)
+    be, bh = rnd(N), rnd(N)
+    V, C = rnd(N, H, scale=H ** -0.5, dt=F32), rnd(N, H, scale=H ** -0.5, dt=F32)
+    return [x, lam, we, wh, be, bh, V, C], rnd(M, N)
+
+
+def sliced_ref64(inputs, g, R, Cn, Ck, chunk=2048):
+    """float64 values of out[R][:, Cn], z[R][:, Cn], dx[R][:, Ck], dλ[R] and, for the rows Cn of the
+    [N, ·] parameters, dW_e, dW_h, db_e, db_h, dV, dC (textbook formulas, on the inputs' device).
+    z[R] over all N, which dλ needs, is formed ``chunk`` rows of W_h at a time."""
+    d = lambda t: t.double()  # noqa: E731
+    x, lam, we, wh, be, bh, V, C = inputs
+    R, Cn, Ck = (torch.as_tensor(i, device=x.device) for i in (R, Cn, Ck))
+    xr, lr, gr = d(x[R]), d(lam[R]), d(g[R])
+    s_r, t_r = lr @ d(V).t(), lr @ d(C).t()  # [|R|, N]
+    z_r = torch.cat([xr @ d(wh[i:i + chunk]).t() for i in range(0, wh.shape[0], chunk)], 1)
+    out = xr @ d(we[Cn]).t() + s_r[:, Cn] * z_r[:, Cn] + d(be[Cn]) + t_r[:, Cn] * d(bh[Cn])
+    dx = gr @ d(we[:, Ck]) + (gr * s_r) @ d(wh[:, Ck])
+    dlam = (gr * z_r) @ d(V) + (gr * d(bh)) @ d(C)
+    xa, la, gc = d(x), d(lam), d(g[:, Cn])
+    s_c, t_c, z_c = la @ d(V[Cn]).t(), la @ d(C[Cn]).t(), xa @ d(wh[Cn]).t()  # [M, |Cn|]
+    return {
+        "out": out, "z": z_r[:, Cn], "dx": dx, "dlam": dlam,
+        "dwe": gc.t() @ xa, "dwh": (gc * s_c).t() @ xa, "dbe": gc.sum(0), "dbh": (gc * t_c).sum(0),
+        "dv": (gc * z_c).t() @ la, "dc": (gc * d(bh[Cn])).t() @ la,
+    }
+
+
+def check_sliced(inputs, g, R, Cn, Ck, tol_dtype):
+    """Forward and backward kernels against sliced_ref64 on the rows R and columns Cn, Ck."""
+    x, lam, we, wh, be, bh, V, C = inputs
+    out, z = hl.hyper_linear_forward(x, lam, we, wh, be, bh, V, C)
+    ref = sliced_ref64(inputs, g, R, Cn, Ck)
+    cpu = lambda t: t.to("cpu", torch.float64)  # noqa: E731
+    R, Cn, Ck = (torch.as_tensor(i, device=x.device) for i in (R, Cn, Ck))
+    close(out[R][:, Cn], cpu(ref["out"]), tol_dtype, "out")
+    close(z[R][:, Cn], cpu(ref["z"]), tol_dtype, "z_hyper")
+    del out
+    grads = hl.hyper_linear_backward(g, x, lam, we, wh, bh, V, C, z, [True] * 8)
+    del z
+    got = {"dx": grads[0][R][:, Ck], "dlam": grads[1][R], "dwe": grads[2][Cn], "dwh": grads[3][Cn],
+           "dbe": grads[4][Cn], "dbh": grads[5][Cn], "dv": grads[6][Cn], "dc": grads[7][Cn]}
+    for name, value in got.items():
+        close(value, cpu(ref[name]), tol_dtype, name)
+
+
+def test_sliced_reference_is_the_full_one():
+    """sliced_ref64 (what the 64-bit offset tests compare with) agrees with hl_ref64 at a small size."""
+    inputs, g = make(9, 13, 11, 3, torch.float64)
+    out, z, grads = ref64(inputs, g)
+    R, Cn, Ck = [0, 4, 8], [0, 5, 10], [0, 12]
+    s = sliced_ref64(inputs, g, R, Cn, Ck, chunk=4)
+    want = {"out": out[R][:, Cn], "z": z[R][:, Cn], "dx": grads[0][R][:, Ck], "dlam": grads[1][R],
+            "dwe": grads[2][Cn], "dwh": grads[3][Cn], "dbe": grads[4][Cn], "dbh": grads[5][Cn],
+            "dv": grads[6][Cn], "dc": grads[7][Cn]}
+    for name, w in want.items():
+        torch.testing.assert_close(s[name].cpu(), w, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_sliced_check_of_the_kernels():
+    """The check the 64-bit offset tests run, at a size the interpreter can do."""
+    inputs, g = _large_inputs(33, 37, 53, 7, F16, seed=4)
+    check_sliced(inputs, g, [0, 17, 32], [0, 30, 52], [0, 36], F16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,H", [
+    (65539, 16, 32771, 1),   # M·N = 2^31 + 294,921: out, z_hyper and grad_out
+    (3, 32771, 65539, 2),    # N·K = 2^31 + 294,921: both weights and their gradients
+], ids=["MxN", "NxK"])
+def test_offsets_past_2_to_31(M, K, N, H):
+    need = 6 * M * N * 2 + 5 * N * K * 2  # bytes of the fp16 tensors alive at once, about
+    if torch.cuda.get_device_properties(0).total_memory < need + (8 << 30):
+        pytest.skip(f"needs about {need / 2**30 + 8:.0f} GiB of GPU memory")
+    assert M * N > 2**31 or N * K > 2**31
+    inputs, g = _large_inputs(M, K, N, H, F16, seed=5)
+    check_sliced(inputs, g, [0, M // 2, M - 1], [0, N // 2, N - 2, N - 1], [0, K // 2, K - 1], F16)

@@ -180,7 +180,7 @@ def _swizzle(pid, num_rows, num_cols, GROUP: tl.constexpr):
     return row, col
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K", "HAS_HP"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K", "HAS_HP", "PREC"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _fwd_kernel(
@@ -238,7 +238,7 @@ def _fwd_kernel(
     tl.store(out_ptr + om[:, None] * N + on[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=["M", "N", "K", "HAS_HP", "SPLIT_OUT"],
+@triton.autotune(configs=_DX_CONFIGS, key=["M", "N", "K", "HAS_HP", "SPLIT_OUT", "PREC"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit
 def _dx_kernel(
@@ -303,7 +303,7 @@ def _dx_kernel(
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=["M", "N", "K", "NEED_E", "NEED_H", "SPLIT_OUT"],
+@triton.autotune(configs=_DW_CONFIGS, key=["M", "N", "K", "NEED_E", "NEED_H", "SPLIT_OUT", "PREC"],
                  prune_configs_by={"early_config_prune": _prune_dw})
 @triton.jit
 def _dw_kernel(

@@ -86,7 +86,7 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["B", "N", "HAS_HP", "HAS_BETA"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["B", "N", "HAS_HP", "HAS_BETA", "PREC"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_step_kernel(
@@ -178,7 +178,7 @@ def _fwd_step_kernel(
     tl.store(out_ptr + n_offs, h.to(st), mask=mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["B", "N", "HAS_HP", "HAS_DH", "NEED_DH"],
+@triton.autotune(configs=_BWD_CONFIGS, key=["B", "N", "HAS_HP", "HAS_DH", "NEED_DH", "PREC"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["N"])
 def _bwd_step_kernel(
