@@ -101,8 +101,9 @@ _ROLES = {
     ("hyper_linear", "_fwd_kernel"): dict(L=("lam_ptr", "v_ptr", "c_ptr")),
     ("hyper_linear", "_dx_kernel"): dict(L=("lam_ptr", "v_ptr"), f32_when=("SPLIT_OUT", ("out_ptr",))),
     ("hyper_linear", "_dw_kernel"): dict(L=("lam_ptr", "v_ptr"), f32_when=("SPLIT_OUT", ("dwe_ptr", "dwh_ptr"))),
-    ("hyper_linear", "_small_kernel"): dict(L=("lam_ptr", "v_ptr", "c_ptr"),
-                                            F=("dlam_ptr", "dv_ptr", "dc_ptr", "dbe_ptr", "dbh_ptr")),
+    # dV, dC (λ-side) and db_e, db_h (X) as stored final by one chunk; the per-chunk partial sums
+    # (all fp32) are the same signature as the fp32 variant.
+    ("hyper_linear", "_small_kernel"): dict(L=("lam_ptr", "v_ptr", "c_ptr", "dv_ptr", "dc_ptr"), F=("dlam_ptr",)),
     ("hyper_conv2d", "_epilogue_kernel"): dict(L=("lam_ptr", "v_ptr", "c_ptr")),
     ("hyper_conv2d", "_bwd_prep_kernel"): dict(L=("lam_ptr", "v_ptr"), F=("ds_ptr", "gsum_ptr")),
     ("hyper_conv2d", "_hparam_kernel"): dict(L=("lam_ptr", "v_ptr", "c_ptr"),

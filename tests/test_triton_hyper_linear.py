@@ -122,9 +122,11 @@ def _nan_alloc(shape, dtype, device):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_nan_poisoned_outputs_and_split(monkeypatch, deterministic):
-    """Every buffer the kernels write in full starts as NaN; the reduction is split in 3 (one split empty)."""
+    """Every buffer the kernels write in full starts as NaN; the reduction is split in 3 (one split empty),
+    the [N]-side gradients go through per-chunk partial sums."""
     monkeypatch.setattr(hl, "_alloc", _nan_alloc)
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 3)
+    monkeypatch.setattr(hl, "_DIRECT_ROW_BLOCKS", 0)
     inputs, g = make(33, 37, 53, 7, F32, seed=1)
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
@@ -134,17 +136,34 @@ def test_nan_poisoned_outputs_and_split(monkeypatch, deterministic):
         torch.use_deterministic_algorithms(old)
 
 
-def test_nan_poisoned_unsplit(monkeypatch):
+@pytest.mark.parametrize("row_path", ["direct", "slots"])
+def test_nan_poisoned_unsplit(monkeypatch, row_path):
+    """No split reductions; dV, dC, db_e, db_h stored final by one program per N block ("direct", M ≤
+    _DIRECT_ROW_BLOCKS row blocks) or summed from per-chunk slots: only dλ's reduction in the first."""
     monkeypatch.setattr(hl, "_alloc", _nan_alloc)
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 1)
-    inputs, g = make(5, 70, 53, 16, F16, lam_dtype=F32, seed=2)
-    run_and_check(inputs, g)
+    if row_path == "slots":
+        monkeypatch.setattr(hl, "_DIRECT_ROW_BLOCKS", 0)
+    reductions = []
+    reduce = hl._reduce
+
+    def counting_reduce(slots, dtype, *args):
+        reductions.append(tuple(slots.shape))
+        return reduce(slots, dtype, *args)
+
+    monkeypatch.setattr(hl, "_reduce", counting_reduce)
+    inputs, g = make(70, 37, 53, 16, F16, lam_dtype=F32, seed=2)
+    _, _, grads = run_and_check(inputs, g)
+    assert len(reductions) == (1 if row_path == "direct" else 5), reductions
+    assert [grads[i].dtype for i in (4, 5, 6, 7)] == [F16, F16, F32, F32]
 
 
+@pytest.mark.parametrize("direct_row_blocks", [0, 4])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_outputs_own_their_storage(monkeypatch, deterministic):
+def test_outputs_own_their_storage(monkeypatch, deterministic, direct_row_blocks):
     """torch.library custom ops may not return tensors that alias inputs or each other."""
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 2)
+    monkeypatch.setattr(hl, "_DIRECT_ROW_BLOCKS", direct_row_blocks)
     inputs, g = make(33, 37, 53, 7, F32)
     x, lam, we, wh, be, bh, V, C = inputs
     old = torch.are_deterministic_algorithms_enabled()
@@ -161,9 +180,11 @@ def test_outputs_own_their_storage(monkeypatch, deterministic):
         storages.append(ptr)
 
 
-def test_deterministic_bitwise(monkeypatch):
+@pytest.mark.parametrize("direct_row_blocks", [0, 4])
+def test_deterministic_bitwise(monkeypatch, direct_row_blocks):
     """Deterministic mode: no float atomics, two runs bitwise equal (split reductions too)."""
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 2)
+    monkeypatch.setattr(hl, "_DIRECT_ROW_BLOCKS", direct_row_blocks)
     inputs, g = make(33, 70, 53, 7, F32, seed=3)
     runs = hl_deterministic_runs(hl, inputs, g)
     for a, b in zip(*runs):

@@ -25,7 +25,8 @@ Same contract as :func:`stn_kernels.reference.hyper_linear_forward` and
     dλ = (g⊙z)·V + (g⊙b_h)·C, dV = (g⊙z)ᵀ·λ, dC = (g⊙b_h)ᵀ·λ, db_e = Σ_m g and
     db_h = Σ_m g⊙t in one pass over g and z. Grid (M chunks, N blocks of 64): each program
     loops over the rows of its chunk; dλ partials go to one slot per N block and the
-    [N]-side partials to one slot per M chunk, summed by ``torch.sum``.
+    [N]-side partials to one slot per M chunk, summed by ``torch.sum`` (for M ≤ 256 a single
+    chunk, whose [N]-side results are final).
 
 No float atomics anywhere, so results are bitwise repeatable whether or not
 ``torch.use_deterministic_algorithms`` is on. (Measured on an H200, M=N=K=4096, H=15:
@@ -84,6 +85,10 @@ _ONE_ACC = [
 _DEFAULT_TWO = [(64, 128, 32, 4, 3)]
 _DEFAULT_ONE = [(64, 128, 32, 4, 3)]
 _SMALL_BLOCKS = (64, 64)  # (BLOCK_M, BLOCK_N) of _small_kernel on a GPU
+# Up to this many BLOCK_M row blocks (M ≤ 256 on a GPU: the STN batch sizes), one program per N
+# block loops over all rows, so dV, dC, db_e and db_h are stored final: four fewer launches
+# (reductions of per-chunk partial sums, casts) in a backward that is launch-bound at these sizes.
+_DIRECT_ROW_BLOCKS = 4
 
 if _INTERPRET:
     # Autotune with several configs fails in the interpreter, and every op costs Python time.
@@ -384,7 +389,8 @@ def _small_kernel(
     """Program (pid_m, pid_n): rows [pid_m·rows_per_prog, +rows_per_prog) × one BLOCK_N block.
 
     Writes fp32 partial sums, no atomics: dλ rows into slot pid_n of dlam [n_blocks, M, H], and
-    the rows of this N block of dV / dC [chunks, N, H] and db_e / db_h [chunks, N] into slot pid_m.
+    the rows of this N block of dV / dC [chunks, N, H] and db_e / db_h [chunks, N] into slot pid_m
+    (with one chunk, [N, H] / [N] in their own dtypes: the store casts).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -624,16 +630,25 @@ def hyper_linear_backward(
         bm, bn = _SMALL_BLOCKS
         n_blocks = triton.cdiv(N, bn)
         m_blocks = triton.cdiv(M, bm)
-        chunks = min(m_blocks, max(1, triton.cdiv(4 * sms, n_blocks)))
+        if m_blocks <= _DIRECT_ROW_BLOCKS:
+            chunks = 1
+        else:
+            chunks = min(m_blocks, max(1, triton.cdiv(4 * sms, n_blocks)))
         rows_per_prog = triton.cdiv(m_blocks, chunks) * bm
         chunks = triton.cdiv(M, rows_per_prog)
         f32 = torch.float32
-        # Partial sums: dλ per N block, the [N]-side gradients per M chunk.
+        # dλ: partial sums per N block. The [N]-side gradients: partial sums per M chunk, or with a
+        # single chunk the final values, stored in their own dtypes (no reduction, no cast launched).
+        direct = chunks == 1
+
+        def n_side(shape, out_dtype):
+            return _alloc(shape, out_dtype, dev) if direct else _alloc((chunks, *shape), f32, dev)
+
         dlam = _alloc((n_blocks, M, H), f32, dev) if need_dlam else None
-        dv = _alloc((chunks, N, H), f32, dev) if need_dv else None
-        dc = _alloc((chunks, N, H), f32, dev) if need_dc else None
-        dbe = _alloc((chunks, N), f32, dev) if need_dbe else None
-        dbh = _alloc((chunks, N), f32, dev) if need_dbh else None
+        dv = n_side((N, H), weight_scale.dtype) if need_dv else None
+        dc = n_side((N, H), bias_scale.dtype) if need_dc else None
+        dbe = n_side((N,), dtype) if need_dbe else None
+        dbh = n_side((N,), hyper_bias.dtype) if need_dbh else None
         _small_kernel[(chunks, n_blocks)](
             g, z if need_z else d, lam if has_hp else d, V if has_hp else d, C if has_hb else d, bh if has_hb else d,
             dlam if need_dlam else d, dv if need_dv else d, dc if need_dc else d,
@@ -648,12 +663,9 @@ def hyper_linear_backward(
         )
         if need_dlam:
             grads[1] = _reduce(dlam, hparams.dtype)
-        if need_dv:
-            grads[6] = _reduce(dv, weight_scale.dtype)
-        if need_dc:
-            grads[7] = _reduce(dc, bias_scale.dtype)
-        if need_dbe:
-            grads[4] = _reduce(dbe, dtype)
-        if need_dbh:
-            grads[5] = _reduce(dbh, hyper_bias.dtype)
+        for i, buf, out_dtype in ((6, dv, weight_scale.dtype if has_hp else None),
+                                  (7, dc, bias_scale.dtype if has_hb else None),
+                                  (4, dbe, dtype), (5, dbh, hyper_bias.dtype if has_hb else None)):
+            if buf is not None:
+                grads[i] = buf if direct else _reduce(buf, out_dtype)
     return grads
