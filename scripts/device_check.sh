@@ -6,8 +6,9 @@
 # and what a phase leaves unused goes to the ones after it):
 #   1. GPU and versions                                                       ~10-20 s
 #   2. pip install -e . (no deps, no build isolation): builds the CUDA extension ~40-120 s
-#   3. pytest -m "gpu or triton" tests (all GPU-marked and Triton tests, incl. the
-#      CUDA extension's; not the CPU-side AOT compile), no -x      <= TESTS_S (200 s)
+#   3. pytest -m "gpu or triton" (all GPU-marked and Triton tests, incl. the CUDA
+#      extension's; not the CPU-side AOT compile), no -x, in TEST_PROCS=5
+#      processes at once (Triton's compiles are what take the time)   <= TESTS_S (200 s)
 #   4. benchmarks, python -m stn_kernels.bench --gpu, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
@@ -25,6 +26,7 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}  # the interpreter that has torch (the GPU image: plain python3)
 TOTAL_S=${TOTAL_S:-465}
 TESTS_S=${TESTS_S:-200}
+TEST_PROCS=${TEST_PROCS:-5}
 RESULTS=${OUT:-benchmarks/results/run-$(date +%F)}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
@@ -61,17 +63,55 @@ echo "pip exit ${PIPESTATUS[0]} (124: timed out; tests and benchmarks still impo
 timeout 60 "$PY" -c "import stn_kernels._extension as e; print('extension loaded:', e.loaded(), e.load_error() or '')" \
     2>&1 | tee -a "$LOG"
 
-phase "3/5 tests: -m 'gpu or triton'"
+phase "3/5 tests: -m 'gpu or triton', $TEST_PROCS processes"
+# Most of this phase is Triton compiling kernels on the CPU, one at a time per process: the test files
+# are dealt to TEST_PROCS pytest processes that share the GPU (and Triton's disk cache).
 # The ahead-of-time compile test is for machines without a GPU (~50 s); here the tests compile and run
 # the same kernels, and the benchmarks autotune over the configs it checks.
-PYTEST_ARGS=(-q -m "gpu or triton" --ignore=tests/test_triton_aot.py tests)
+PYTEST_OPTS=(-q -m "gpu or triton")
 # pyproject's addopts pass --benchmark-disable, which pytest rejects without pytest-benchmark.
-if ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then PYTEST_ARGS=(-o "addopts=-ra" "${PYTEST_ARGS[@]}"); fi
+if ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then PYTEST_OPTS=(-o "addopts=-ra" "${PYTEST_OPTS[@]}"); fi
 T=$(( $(left) - 150 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
-timeout -k 10 "$T" "$PY" -m pytest "${PYTEST_ARGS[@]}" > "$RESULTS/tests.log" 2>&1
-TESTS_RC=$?
-echo "pytest exit $TESTS_RC (124: timed out at $T s)" | tee -a "$LOG"
-grep -E "passed|failed|error" "$RESULTS/tests.log" | tail -n 3 | tee -a "$LOG"
+# Files dealt by their number of selected tests, most first, each to the least loaded process.
+mapfile -t TEST_GROUPS < <(timeout 60 "$PY" - "$TEST_PROCS" "${PYTEST_OPTS[@]}" <<'PY'
+import collections, subprocess, sys
+procs, opts = int(sys.argv[1]), sys.argv[2:]
+out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *opts,
+                      "--ignore=tests/test_triton_aot.py", "tests"], capture_output=True, text=True).stdout
+counts = collections.Counter()
+for line in out.splitlines():  # "path::test" (-q) or "path: count" (-qq)
+    path, sep, rest = line.partition("::") if "::" in line else line.partition(": ")
+    if sep and path.endswith(".py"):
+        counts[path] += 1 if sep == "::" else int(rest)
+groups = [[0, []] for _ in range(procs)]
+for path, n in counts.most_common():
+    least = min(groups, key=lambda g: g[0])
+    least[0] += n
+    least[1].append(path)
+for n, files in groups:
+    if files:
+        print(" ".join(files))
+PY
+)
+(( ${#TEST_GROUPS[@]} )) || TEST_GROUPS=("--ignore=tests/test_triton_aot.py tests")  # collection failed: one process
+echo "test processes: ${#TEST_GROUPS[@]}" | tee -a "$LOG"
+TMP_LOGS=$(mktemp -d)
+PIDS=()
+for (( i = 0; i < ${#TEST_GROUPS[@]}; i++ )); do
+    read -r -a files <<< "${TEST_GROUPS[i]}"
+    timeout -k 10 "$T" "$PY" -m pytest "${PYTEST_OPTS[@]}" "${files[@]}" > "$TMP_LOGS/$i.log" 2>&1 &
+    PIDS+=("$!")
+done
+TESTS_RC=0
+for (( i = 0; i < ${#PIDS[@]}; i++ )); do
+    wait "${PIDS[i]}"; rc=$?
+    (( rc == 5 )) && rc=0  # pytest's "no tests collected": a group without GPU or Triton tests
+    (( rc > TESTS_RC )) && TESTS_RC=$rc
+done
+for f in "$TMP_LOGS"/*.log; do echo "=== pytest process $(basename "$f" .log)"; cat "$f"; done > "$RESULTS/tests.log"
+rm -rf "$TMP_LOGS"
+echo "pytest exit $TESTS_RC (largest of the processes'; 124: timed out at $T s)" | tee -a "$LOG"
+grep -E "(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$RESULTS/tests.log" | tee -a "$LOG"
 grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -n 30 | tee -a "$LOG"
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
