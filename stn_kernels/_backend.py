@@ -11,6 +11,7 @@ the forward. Nothing here touches the GPU at import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional
 
@@ -65,6 +66,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)  # asked on every call of an op; an import attempt is not free
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -63,9 +63,20 @@ def dot_prec(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host code. (``triton.cdiv`` is a constexpr function that costs ~3 µs per host call,
+    and a launch computes several of these.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1), for host code, like ``cdiv``."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def block_h(h: int, floor: int = 16) -> int:
     """Block over the H hyperparameters: a power of two ≥ h and ≥ ``floor`` (tl.dot needs 16)."""
-    return max(floor, triton.next_power_of_2(max(int(h), 1)))
+    return max(floor, next_pow2(h))
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv as _cdiv
+
 Tensor = torch.Tensor
 
 BLOCK = 1024
@@ -90,7 +92,7 @@ def per_example_dropout_forward(x: Tensor, rates: Tensor, scales: Tensor, seed_o
     if numel == 0:
         return out
     per_example = numel // x.shape[0]
-    grid = (triton.cdiv(numel, BLOCK),)
+    grid = (_cdiv(numel, BLOCK),)
     _per_example_dropout_kernel[grid](x, out, rates, scales, seed_offset, numel, per_example, unit_size,
                                       BLOCK=BLOCK)
     return out

@@ -58,6 +58,7 @@ from ..reference import dense_format
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) and ``_num_sms``.
 from ._common import alloc as _alloc, block_h as _block_h, fallback as _fallback, inner as _inner
 from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row, vec as _vec
+from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
 
 Tensor = torch.Tensor
 
@@ -274,7 +275,7 @@ def _pixels(t: Tensor, layout: torch.memory_format) -> Tuple[Tensor, Tuple[int, 
 
 def _tiles(C: int, P: int, channel_inner: bool, max_c: int = 128) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of a pixel kernel: long along whichever of channels / pixels is contiguous."""
-    np2 = triton.next_power_of_2
+    np2 = _next_pow2
     if channel_inner:
         bc = max(2, min(np2(C), max_c))
         bp = max(2, min(np2(P), _TILE // bc))
@@ -403,7 +404,7 @@ def _epilogue(ye, yh, packed, og, bias, hparams, weight_scale, hyper_bias, bias_
     Cm = _inner(bias_scale) if has_hb else None
     H = lam.shape[1]
     bc, bp = _tiles(C, P, s_oc == 1 and C > 1)
-    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc), B)
+    grid = (_cdiv(P, bp), _cdiv(C, bc), B)
     d = out  # stands in for absent pointer arguments (never read)
     _epilogue_kernel[grid](
         ye, yh, _vec(bias) if bias is not None else d, _vec(hyper_bias) if has_hb else d, lam, V,
@@ -513,12 +514,12 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
     ds = gsum = None
     if G is not None or need_ds or need_gsum:
         bc, bp = _tiles(C=c_out, P=P, channel_inner=(s_gc == 1 and c_out > 1), max_c=64)
-        c_blocks = triton.cdiv(c_out, bc)
-        p_blocks = triton.cdiv(P, bp)
+        c_blocks = _cdiv(c_out, bc)
+        p_blocks = _cdiv(P, bp)
         want = 4 * _num_sms(dev)
-        splits = max(1, min(p_blocks, triton.cdiv(want, B * c_blocks)))
-        pix_per_split = triton.cdiv(p_blocks, splits) * bp
-        splits = triton.cdiv(P, pix_per_split)
+        splits = max(1, min(p_blocks, _cdiv(want, B * c_blocks)))
+        pix_per_split = _cdiv(p_blocks, splits) * bp
+        splits = _cdiv(P, pix_per_split)
         ds = _alloc((splits, B, c_out), f32, dev) if need_ds else None
         gsum = _alloc((splits, B, c_out), f32, dev) if need_gsum else None
         _bwd_prep_kernel[(c_blocks, B, splits)](
@@ -563,7 +564,7 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
     # Small reductions over the batch.
     if need_dlam or need_dv or need_dc or need_dbe or need_dbh:
         bb, bc = _HP_BLOCKS
-        c_blocks = triton.cdiv(c_out, bc)
+        c_blocks = _cdiv(c_out, bc)
         bhh = _block_h(H)
         dlam = _alloc((c_blocks, B, H), f32, dev) if need_dlam else None
         dv = _alloc((c_out, H), f32, dev) if need_dv else None

@@ -40,6 +40,7 @@ from .._fallback import needs_reference
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
 from ._common import INTERPRET as _INTERPRET, alloc as _alloc, block_h as _block_h, inner as _inner
 from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row
+from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
 
 Tensor = torch.Tensor
 
@@ -217,8 +218,8 @@ def hyper_embedding_forward(indices, hparams, weight, hyper_weight, weight_scale
     H = lam.shape[1] if has_hp else 1
     out = _alloc((M, D), weight.dtype, weight.device)
     bm, bd = _FWD_BLOCKS
-    bd = min(bd, max(16, triton.next_power_of_2(D)))
-    _fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
+    bd = min(bd, max(16, _next_pow2(D)))
+    _fwd_kernel[(_cdiv(M, bm), _cdiv(D, bd))](
         idx, lam if has_hp else E, E, Eh if has_hp else E, V if has_hp else E, out,
         M, D, H,
         E.stride(0), _row(Eh), _row(lam), _row(V),
@@ -268,12 +269,12 @@ def hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, w
     # (a) dλ and dV, plus the table gradients by atomics: one pass over g and E_h[i].
     if need_dlam or need_dv or atomic_e or atomic_h:
         bm, bd = _ROWS_BLOCKS
-        bd = min(bd, max(16, triton.next_power_of_2(D)))
-        d_blocks = triton.cdiv(D, bd)
-        m_blocks = triton.cdiv(M, bm)
-        chunks = min(m_blocks, max(1, triton.cdiv(4 * _num_sms(dev), d_blocks)))
-        rows_per_prog = triton.cdiv(m_blocks, chunks) * bm
-        chunks = triton.cdiv(M, rows_per_prog)
+        bd = min(bd, max(16, _next_pow2(D)))
+        d_blocks = _cdiv(D, bd)
+        m_blocks = _cdiv(M, bm)
+        chunks = min(m_blocks, max(1, _cdiv(4 * _num_sms(dev), d_blocks)))
+        rows_per_prog = _cdiv(m_blocks, chunks) * bm
+        chunks = _cdiv(M, rows_per_prog)
         dlam = _alloc((d_blocks, M, H), f32, dev) if need_dlam else None
         dv = _alloc((chunks, D, H), f32, dev) if need_dv else None
         de = dh = None
@@ -307,8 +308,8 @@ def hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, w
         de = _alloc((N, D), weight.dtype, dev) if seg_e else None
         dh = _alloc((N, D), hyper_weight.dtype, dev) if seg_h else None
         bk, bd = _SEG_BLOCKS
-        bd = min(bd, max(16, triton.next_power_of_2(D)))
-        _segment_kernel[(N, triton.cdiv(D, bd))](
+        bd = min(bd, max(16, _next_pow2(D)))
+        _segment_kernel[(N, _cdiv(D, bd))](
             g, perm, starts, lam if seg_h else d, V if seg_h else d, de if seg_e else d, dh if seg_h else d,
             D, H,
             g.stride(0), _row(lam), _row(V),

@@ -51,6 +51,7 @@ from .._fallback import hyper_linear_needs_reference, reference_fallback_backwar
 from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
 from ._common import alloc as _alloc, block_h as _block_h, configs as _configs, dot_prec as _dot_prec
 from ._common import inner as _inner, num_sms as _num_sms, reduce_slots as _reduce, row as _row, vec as _vec
+from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
 
 Tensor = torch.Tensor
 
@@ -107,7 +108,7 @@ _DW_CONFIGS = _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _TWO_ACC, GROUP=_GROUP
 
 def _prune_rows(configs, nargs, **kwargs):
     """Drop configs whose BLOCK_M is far larger than M (small batches)."""
-    cap = max(64, triton.next_power_of_2(int(nargs["M"])))
+    cap = max(64, _next_pow2(int(nargs["M"])))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     return kept or configs
 
@@ -466,10 +467,10 @@ def _num_splits(rows: int, cols: int, red: int, sms: int) -> int:
     Only when the output has fewer 128×128 tiles than the GPU has SMs (small batches), and
     with at least 256 reduction elements per split.
     """
-    tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, 128)
+    tiles = _cdiv(rows, 128) * _cdiv(cols, 128)
     if tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), red // 256, 16))
+    return max(1, min(_cdiv(sms, tiles), red // 256, 16))
 
 
 # --------------------------------------------------------------------------- forward
@@ -508,7 +509,7 @@ def hyper_linear_forward(
     d = x  # stands in for absent pointer arguments (never read)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
 
     prec = _dot_prec(x.dtype)
     _fwd_kernel[grid](
@@ -582,7 +583,7 @@ def hyper_linear_backward(
         buf = _alloc((M, K), dtype, dev) if split == 1 else _alloc((split, M, K), torch.float32, dev)
 
         def grid_dx(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), split)
+            return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]), split)
 
         _dx_kernel[grid_dx](
             g, we, wh if has_hp else d, lam if has_hp else d, V if has_hp else d, buf,
@@ -604,7 +605,7 @@ def hyper_linear_backward(
         any_w = dwe if dwe is not None else dwh
 
         def grid_dw(meta):
-            return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), split)
+            return (_cdiv(N, meta["BLOCK_N"]) * _cdiv(K, meta["BLOCK_K"]), split)
 
         _dw_kernel[grid_dw](
             g, x, lam if need_dwh else d, V if need_dwh else d,
@@ -628,14 +629,14 @@ def hyper_linear_backward(
                 z = torch.nn.functional.linear(x, hyper_weight)
             z = _inner(z)
         bm, bn = _SMALL_BLOCKS
-        n_blocks = triton.cdiv(N, bn)
-        m_blocks = triton.cdiv(M, bm)
+        n_blocks = _cdiv(N, bn)
+        m_blocks = _cdiv(M, bm)
         if m_blocks <= _DIRECT_ROW_BLOCKS:
             chunks = 1
         else:
-            chunks = min(m_blocks, max(1, triton.cdiv(4 * sms, n_blocks)))
-        rows_per_prog = triton.cdiv(m_blocks, chunks) * bm
-        chunks = triton.cdiv(M, rows_per_prog)
+            chunks = min(m_blocks, max(1, _cdiv(4 * sms, n_blocks)))
+        rows_per_prog = _cdiv(m_blocks, chunks) * bm
+        chunks = _cdiv(M, rows_per_prog)
         f32 = torch.float32
         # dλ: partial sums per N block. The [N]-side gradients: partial sums per M chunk, or with a
         # single chunk the final values, stored in their own dtypes (no reduction, no cast launched).

@@ -42,6 +42,7 @@ from . import hyper_linear as hl
 from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
 from ._common import alloc as _alloc, configs as _configs, dot_prec as _dot_prec, fallback as _fallback
 from ._common import inner as _inner, row as _row
+from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
 
 Tensor = torch.Tensor
 
@@ -73,7 +74,7 @@ _BWD_CONFIGS = _configs(("BLOCK_B", "BLOCK_K", "BLOCK_J"), _BWD)
 
 def _prune(configs, nargs, **kwargs):
     """Drop configs whose row block is far larger than the batch."""
-    cap = max(16, triton.next_power_of_2(int(nargs["B"])))
+    cap = max(16, _next_pow2(int(nargs["B"])))
     kept = [c for c in configs if c.kwargs["BLOCK_B"] <= cap]
     return kept or configs
 
@@ -302,7 +303,7 @@ def hyper_lstm_recurrence_forward(x_proj, h0, c0, hparams, weight, hyper_weight,
     prec = _dot_prec(dtype)
 
     def grid(meta):
-        return (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(N, meta["BLOCK_J"]))
+        return (_cdiv(B, meta["BLOCK_B"]), _cdiv(N, meta["BLOCK_J"]))
 
     for t in range(T):
         h_prev = h0 if t == 0 else out[t - 1]
@@ -355,7 +356,7 @@ def hyper_lstm_recurrence_backward(grad_out, grad_cT, h0, c0, hparams, weight, h
         c_prev = c0 if t == 0 else cells[t - 1]
 
         def grid(meta):  # without dh_{t-1} (t = 0, dh0 not needed) one column of programs does the rest
-            return (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(N, meta["BLOCK_K"]) if need_dh else 1)
+            return (_cdiv(B, meta["BLOCK_B"]), _cdiv(N, meta["BLOCK_K"]) if need_dh else 1)
 
         _bwd_step_kernel[grid](
             gates[t], cells[t], c_prev, grad_out[t], dh_bufs[(t + 1) % 2], dc_in, s if has_hp else d, we,
