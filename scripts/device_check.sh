@@ -8,7 +8,9 @@
 #   2. pip install -e . (no deps, no build isolation): builds the CUDA extension ~40-120 s
 #   3. pytest -m "gpu or triton" (all GPU-marked and Triton tests, incl. the CUDA
 #      extension's; not the CPU-side AOT compile), no -x, in TEST_PROCS=5
-#      processes at once (Triton's compiles are what take the time)   <= TESTS_S (200 s)
+#      processes at once (Triton's compiles are what take the time), and beside them
+#      an untimed run of the linear benchmark's Triton cases that fills Triton's
+#      compile cache for phase 4                                         <= TESTS_S (200 s)
 #   4. benchmarks, python -m stn_kernels.bench --gpu, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
@@ -96,6 +98,12 @@ PY
 (( ${#TEST_GROUPS[@]} )) || TEST_GROUPS=("--ignore=tests/test_triton_aot.py tests")  # collection failed: one process
 echo "test processes: ${#TEST_GROUPS[@]}" | tee -a "$LOG"
 TMP_LOGS=$(mktemp -d)
+# Meanwhile one more process runs the linear benchmark's stn:triton cases in its order (bfloat16 first),
+# untimed, only so that Triton compiles their autotune configs into its disk cache: the benchmark then
+# loads them instead of compiling (~1 s each). Nothing of it is kept; it is stopped with the tests.
+timeout -k 5 "$T" "$PY" -m stn_kernels.bench --gpu --quick --providers stn:triton --modes fwd+bwd \
+    --out "$TMP_LOGS/warm" > "$TMP_LOGS/warm.txt" 2>&1 &
+WARM_PID=$!
 PIDS=()
 for (( i = 0; i < ${#TEST_GROUPS[@]}; i++ )); do
     read -r -a files <<< "${TEST_GROUPS[i]}"
@@ -108,6 +116,9 @@ for (( i = 0; i < ${#PIDS[@]}; i++ )); do
     (( rc == 5 )) && rc=0  # pytest's "no tests collected": a group without GPU or Triton tests
     (( rc > TESTS_RC )) && TESTS_RC=$rc
 done
+kill "$WARM_PID" 2>/dev/null; wait "$WARM_PID" 2>/dev/null
+echo "Triton warm-up for the linear benchmark: $(grep -c '| stn:triton |' "$TMP_LOGS/warm.txt") cases compiled" \
+    | tee -a "$LOG"
 for f in "$TMP_LOGS"/*.log; do echo "=== pytest process $(basename "$f" .log)"; cat "$f"; done > "$RESULTS/tests.log"
 rm -rf "$TMP_LOGS"
 echo "pytest exit $TESTS_RC (largest of the processes'; 124: timed out at $T s)" | tee -a "$LOG"
