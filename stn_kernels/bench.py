@@ -794,10 +794,69 @@ _LEGEND = (
 )
 
 
+# The fused providers whose rows the targets summary checks, and issue 3's targets for them.
+_FUSED = ("stn:triton", "stn:cuda", "stn:triton+compile")
+_STN_NAMES = frozenset(s.name for s in STN_SHAPES)
+_TARGETS_LEGEND = (
+    "Targets (hyper_linear): forward ≤ 1.10× the floor GEMM's time where B ≥ 1024; forward+backward ≥ 2× "
+    "faster than published and ≥ 1.3× faster than published+compile at the STN shapes; forward+backward peak "
+    "memory ≤ 0.7× published's. Each cell: the ratio from the median times, then from the wall times, and ✓ "
+    "only when both meet the target (✗ otherwise; no mark where the target does not apply to the shape)."
+)
+
+
+def _target_cell(median: Optional[float], wall: Optional[float], meets: Callable[[float], bool],
+                 applies: bool) -> str:
+    if median is None:
+        return "–"
+    text = f"{median:.2f}" + (f" / {wall:.2f}" if wall is not None else "")
+    if not applies:
+        return text
+    ok = meets(median) and (wall is None or meets(wall))
+    return text + (" ✓" if ok else " ✗")
+
+
+def targets_summary(rows: Sequence[Row]) -> List[str]:
+    """Markdown lines checking each fused provider's rows against the targets (empty without such rows)."""
+    by = {(r.case.name, r.dtype, r.mode, r.provider): r for r in rows}
+    linear = [r for r in rows if r.case.name in ALL_SHAPES or r.case.name.startswith("custom-")]  # not LSTM rows
+    keys = list(dict.fromkeys((r.case, r.dtype, r.provider) for r in linear if r.provider in _FUSED))
+    if not keys:
+        return []
+
+    def ratio(num: Optional[Row], den: Optional[Row], wall: bool) -> Optional[float]:
+        a = None if num is None else (num.wall_ms if wall else num.median_ms)
+        b = None if den is None else (den.wall_ms if wall else den.median_ms)
+        return a / b if a and b else None
+
+    lines = ["## Targets", "", _TARGETS_LEGEND, "",
+             "| case | dtype | provider | fwd time / floor's (≤ 1.10, B ≥ 1024) | fwd+bwd speed-up vs published "
+             "(≥ 2, STN) | fwd+bwd speed-up vs published+compile (≥ 1.3, STN) | fwd+bwd memory vs published "
+             "(≤ 0.7) |",
+             "|---|---|---|---|---|---|---|"]
+    for case, dtype, p in keys:
+        row = lambda mode, provider: by.get((case.name, dtype, mode, provider))  # noqa: E731
+        ours_fb = row("fwd+bwd", p)
+        stn = case.name in _STN_NAMES
+        cells = [
+            _target_cell(ratio(row("fwd", p), row("fwd", "floor"), False),
+                         ratio(row("fwd", p), row("fwd", "floor"), True), lambda v: v <= 1.10, case.B >= 1024),
+            _target_cell(ratio(row("fwd+bwd", "published"), ours_fb, False),
+                         ratio(row("fwd+bwd", "published"), ours_fb, True), lambda v: v >= 2.0, stn),
+            _target_cell(ratio(row("fwd+bwd", "published+compile"), ours_fb, False),
+                         ratio(row("fwd+bwd", "published+compile"), ours_fb, True), lambda v: v >= 1.3, stn),
+            _target_cell(None if ours_fb is None else ours_fb.mem_vs_published, None, lambda v: v <= 0.7, True),
+        ]
+        lines.append(f"| {case.name} | {dtype} | {p} | " + " | ".join(cells) + " |")
+    return lines
+
+
 class _Report:
     """Collects rows, writes CSV incrementally and rewrites the markdown after each case."""
 
-    def __init__(self, out_dir: Optional[str], header: List[str], stream=None):
+    def __init__(self, out_dir: Optional[str], header: List[str], stream=None,
+                 summary: Optional[Callable[[Sequence[Row]], List[str]]] = None):
+        self.summary = summary  # extra markdown lines from the rows (the targets of hyper_linear)
         self.rows: List[Row] = []
         self.notes: List[str] = []
         self.header = header
@@ -834,6 +893,9 @@ class _Report:
         lines = ["# " + self.header[0]] + self.header[1:] + [""]
         lines += [table_header()] + ["| " + " | ".join(r.cells()) + " |" for r in self.rows]
         lines += ["", _LEGEND]
+        extra = self.summary(self.rows) if self.summary else []
+        if extra:
+            lines += [""] + extra
         if self.notes:
             lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -1093,7 +1155,7 @@ def main(argv=None) -> List[Row]:
         f"dtypes {', '.join(dtype_name(d) for d in dtypes)}; compile mode {opts.compile_mode}"
         + ("; quick" if args.quick else "")
         + (f"; time budget {args.time_budget:g} s" if args.time_budget else "")]
-    report = _Report(args.out, header)
+    report = _Report(args.out, header, summary=targets_summary if layer.op == "hyper_linear" else None)
     compiled = ", ".join(p for p in providers if is_compiled(p))
     if compiled and gpu and _uses_cudagraphs(opts.compile_mode):
         report.notes.append(f"{compiled} use CUDA graphs (mode {opts.compile_mode}): each fwd and "

@@ -115,3 +115,38 @@ def test_compiled_providers_share_a_case_without_recompiling():
     assert all(torch.isfinite(g).all() for g in grads)
     assert bench.is_compiled("stn:triton+compile") and not bench.is_compiled("stn:triton")
     assert all(not impl.notes for impl in case.impls.values()), {k: v.notes for k, v in case.impls.items()}
+
+
+def _row(shape, mode, provider, ms, wall=None, mem=None):
+    return bench.Row(bench.ALL_SHAPES[shape], "bfloat16", mode, provider, ms, wall_ms=wall, mem_vs_published=mem)
+
+
+def test_targets_summary_checks_each_target_where_it_applies():
+    rows = [
+        # alexnet-fc1 (STN, B=128): 2.5x published (2.2x wall), 1.25x published+compile; memory 0.6
+        _row("alexnet-fc1", "fwd", "floor", 0.010), _row("alexnet-fc1", "fwd", "stn:triton", 0.020),
+        _row("alexnet-fc1", "fwd+bwd", "published", 0.100, wall=0.110),
+        _row("alexnet-fc1", "fwd+bwd", "published+compile", 0.050, wall=0.050),
+        _row("alexnet-fc1", "fwd+bwd", "stn:triton", 0.040, wall=0.050, mem=0.6),
+        # large-4k (B=4096): forward 1.05x the floor by median but 1.2x by wall; memory 0.8
+        _row("large-4k", "fwd", "floor", 1.0, wall=1.0), _row("large-4k", "fwd", "stn:triton", 1.05, wall=1.2),
+        _row("large-4k", "fwd+bwd", "published", 4.0), _row("large-4k", "fwd+bwd", "stn:triton", 3.0, mem=0.8),
+        _row("large-4k", "fwd", "published", 2.0),
+    ]
+    lines = bench.targets_summary(rows)
+    table = {line.split(" | ")[0].strip("| ") + "/" + line.split(" | ")[2]: line.split(" | ")[3:]
+             for line in lines if line.startswith("| alexnet") or line.startswith("| large")}
+    fc1 = [c.strip(" |") for c in table["alexnet-fc1/stn:triton"]]
+    assert fc1 == ["2.00", "2.50 / 2.20 ✓", "1.25 / 1.00 ✗", "0.60 ✓"]  # no floor target below B = 1024
+    large = [c.strip(" |") for c in table["large-4k/stn:triton"]]
+    assert large == ["1.05 / 1.20 ✗", "1.33", "–", "0.80 ✗"]  # speed-up targets are for the STN shapes
+    assert bench.targets_summary([r for r in rows if r.provider != "stn:triton"]) == []
+
+
+def test_targets_section_in_the_markdown_of_a_linear_run(tmp_path):
+    bench.main(["--quick", "--shape", "6,3,16,24", "--modes", "fwd,fwd+bwd", "--providers", "published,stn:reference",
+                "--out", str(tmp_path)])
+    assert "## Targets" not in (tmp_path / "results.md").read_text()  # no fused provider ran
+    report = bench._Report(None, ["t"], summary=bench.targets_summary)
+    report.rows = [_row("mlp-fc1", "fwd+bwd", "published", 0.3), _row("mlp-fc1", "fwd+bwd", "stn:triton", 0.1)]
+    assert "| mlp-fc1 | bfloat16 | stn:triton | – | 3.00 ✓ | – | – |" in report.markdown()
