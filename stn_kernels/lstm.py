@@ -485,6 +485,14 @@ class HyperLSTMCell(nn.Module):
         return s
 
 
+def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
+    """Per-example dropout of x [T, B, N] with one mask per (b, n) for all T (variational / locked):
+    channel dropout of the [B, N, T] view."""
+    from .stn.dropout import per_example_channel_dropout
+
+    return per_example_channel_dropout(x.permute(1, 2, 0), rates).permute(2, 0, 1)
+
+
 class HyperLSTM(nn.Module):
     """A stack of HyperLSTM layers, time-major like ``torch.nn.LSTM`` (``batch_first`` option).
 
@@ -496,6 +504,11 @@ class HyperLSTM(nn.Module):
     (:class:`HyperLSTMCell`); ``load_state_dict`` also takes the published model's
     ``rnns.{l}.i2h.*`` / ``rnns.{l}.h2h.*`` entries with the ``rnns.`` prefix removed (or a
     model whose ``rnns`` attribute is this module). DropConnect draws one mask per layer.
+
+    ``layer_dropout`` (a rate, or one per example [B]) drops units of each layer's output
+    before the next layer, in training mode only, with one mask per (example, unit) for the
+    whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
+    (:func:`stn_kernels.stn.per_example_dropout` underneath; pass None in the validation steps).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, num_hparams: int, bias: bool = True,
@@ -523,7 +536,8 @@ class HyperLSTM(nn.Module):
             cell.dropconnect = float(p)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, hparams: Optional[Tensor] = None,
-                dropconnect: Optional[Union[float, Tensor]] = None):
+                dropconnect: Optional[Union[float, Tensor]] = None,
+                layer_dropout: Optional[Union[float, Tensor]] = None):
         L, N = self.num_layers, self.hidden_size
         check_tensor(input, "input")
         if input.dim() != 3:
@@ -548,6 +562,8 @@ class HyperLSTM(nn.Module):
             x, (h, c) = hyper_lstm_layer(x, hparams, i2h, h2h, state, batch_first=first)
             if first:
                 x = x.transpose(0, 1)  # time-major between layers
+            if layer_dropout is not None and self.training and layer < L - 1:
+                x = _locked_dropout(x, layer_dropout)
             hs.append(h)
             cs.append(c)
         out = x.transpose(0, 1) if self.batch_first else x

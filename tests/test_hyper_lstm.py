@@ -378,6 +378,72 @@ def test_dropconnect_tensor_rate_and_stack_draws_per_layer():
     assert model.cells[1].dropconnect == 0.0
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_first):
+    """Training: each layer's output reaches the next one times a mask that is 0 or 1/(1 − p_b), one per
+    (example, unit) for all steps; none after the last layer; rate 0 keeps an example whole. The output is
+    the published loop run on those masked inputs, and so are the gradients."""
+    T, B, K, N, H, layers = 5, 4, 3, 6, 2, 3
+    rates = torch.tensor([0.0, 0.5, 0.7, 0.3], dtype=D64)
+    model = randomize_lstm_(L.HyperLSTM(K, N, layers, H, batch_first=batch_first, dtype=D64))
+    x = torch.randn((B, T, K) if batch_first else (T, B, K), dtype=D64, requires_grad=True)
+    lam = torch.randn(B, H, dtype=D64)
+    inputs = []  # time-major input of each layer
+    layer_fn = L.hyper_lstm_layer
+
+    def recording_layer(x, *args, batch_first=False, **kwargs):
+        inputs.append((x.transpose(0, 1) if batch_first else x).detach().clone())
+        return layer_fn(x, *args, batch_first=batch_first, **kwargs)
+
+    monkeypatch.setattr(L, "hyper_lstm_layer", recording_layer)
+    out, (h_n, c_n) = model(x, None, lam, layer_dropout=rates)
+    assert len(inputs) == layers
+    zeros = torch.zeros(B, N, dtype=D64)
+    for layer, cell in enumerate(model.cells):
+        want, h, c = naive_cell_sequence(inputs[layer], lam, _linear_params(cell.i2h), _linear_params(cell.h2h),
+                                         zeros, zeros)
+        if layer + 1 < layers:
+            mask = inputs[layer + 1] / want  # [T, B, N], to float64 rounding (ours vs the naive loop)
+            torch.testing.assert_close(mask, mask[:1].expand_as(mask), rtol=1e-9, atol=0,
+                                       msg="one mask for all steps")
+            for b in range(B):
+                kept = mask[0, b] != 0
+                torch.testing.assert_close(mask[0, b][kept], torch.full_like(mask[0, b][kept], 1 / (1 - rates[b])))
+            torch.testing.assert_close(mask[0, 0], torch.ones_like(mask[0, 0]), msg="rate 0 keeps every unit")
+            assert 0 < int((mask[0, 1:] == 0).sum()) < (B - 1) * N
+        assert_close_rel(h_n[layer], h, D64, f"h_n[{layer}]")
+        assert_close_rel(c_n[layer], c, D64, f"c_n[{layer}]")
+    assert_close_rel(out.transpose(0, 1) if batch_first else out, want, D64, "output (no dropout after the last)")
+
+    # Gradients: the naive loop with the same masks as constants, through every layer.
+    params = list(model.parameters())
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), [x] + params)
+    x_tm = x.transpose(0, 1) if batch_first else x
+    feed = x_tm
+    for layer, cell in enumerate(model.cells):
+        feed, _, _ = naive_cell_sequence(feed, lam, _linear_params(cell.i2h), _linear_params(cell.h2h), zeros, zeros)
+        if layer + 1 < layers:
+            # The dropout op takes its rates in float32 (they are compared with float32 uniforms).
+            feed = feed * ((inputs[layer + 1][0] != 0).to(D64) / (1 - rates.float().to(D64))[:, None])
+    naive = feed.transpose(0, 1) if batch_first else feed
+    wanted = torch.autograd.grad((naive * g).sum(), [x] + params)
+    for name, a, w in zip(["x"] + [n for n, _ in model.named_parameters()], got, wanted):
+        assert_close_rel(a, w, D64, f"d{name}")
+
+    monkeypatch.setattr(L, "hyper_lstm_layer", layer_fn)
+    model.eval()
+    eval_out, _ = model(x, None, lam, layer_dropout=rates)
+    plain_out, _ = model(x, None, lam)
+    torch.testing.assert_close(eval_out, plain_out, rtol=0, atol=0)  # eval mode: no dropout
+    model.train()
+    zero_out, _ = model(x, None, lam, layer_dropout=0.0)
+    torch.testing.assert_close(zero_out, plain_out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rates"):
+        model(x, None, lam, layer_dropout=torch.full((B + 1,), 0.5, dtype=D64))
+
+
+# ----------------------------------------------------------------------------- published checkpoints
 # ----------------------------------------------------------------------------- published checkpoints
 
 class PublishedHyperLSTMCell(nn.Module):

@@ -30,7 +30,7 @@ def test_stn_cnn_and_lstm_example_runs():
     out = cnn(torch.randn(4, 3, 32, 32), hparams, torch.full((4,), 0.3))
     assert out.shape == (4, 10)
     lm = scope["HyperLanguageModel"](50, 16, 12, 5)
-    logits, (h, c) = lm(torch.randint(0, 50, (7, 4)), None, hparams)
+    logits, (h, c) = lm(torch.randint(0, 50, (7, 4)), None, hparams, torch.full((4,), 0.25))
     assert logits.shape == (7, 4, 50) and h.shape == c.shape == (2, 4, 12)
     (out.sum() + logits.sum()).backward()
     assert hparams.grad is not None and torch.isfinite(hparams.grad).all()
