@@ -12,6 +12,8 @@ STN (LSTM) linear           ``elem_weight_raw``, ``hnet_weight_raw``,           
                             ``hnet_tensor_to_scalars.weight``, opt. biases
 STN (LSTM) embedding        ``elem_embedding.weight``, ``hnet_embedding.weight``,        TimeMajorHyperEmbedding
                             ``hnet_tensor_to_scalars.weight``
+STN ``HyperLSTMCell``       class name, children ``i2h`` [4N,K] and ``h2h`` [4N,N] (both   HyperLSTMCell (fused
+                            STN-LSTM linears, as above)                                  recurrence)
 Delta-STN linear / conv     ``general_weight``, ``response_weight``,                     HyperLinear / HyperConv2d
                             ``hyper_bottleneck.weight``, opt. biases
 ``nn.Linear``/``nn.Conv2d`` (only with ``num_hparams``)                                  HyperLinear / HyperConv2d
@@ -222,6 +224,35 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
     return new
 
 
+def _is_published_lstm_cell(module: nn.Module) -> bool:
+    """The official ``HyperLSTMCell``: that class name, no parameters of its own, and exactly the
+    children i2h [4N, K] and h2h [4N, N], both published STN-LSTM linears. (The class name is part of
+    the test: a cell of another codebase with i2h / h2h may order its gates differently.)"""
+    children = module._modules
+    if (type(module).__name__ != "HyperLSTMCell" or set(children) != {"i2h", "h2h"} or module._parameters
+            or any(published_layer_kind(children[name]) != "stn_lstm" for name in ("i2h", "h2h"))):
+        return False
+    w_in, w_hid = children["i2h"].elem_weight_raw, children["h2h"].elem_weight_raw
+    n = w_hid.shape[1]
+    return w_in.dim() == w_hid.dim() == 2 and w_in.shape[0] == w_hid.shape[0] == 4 * n
+
+
+def _convert_published_cell(module: nn.Module, num_hparams: Optional[int], where: str) -> nn.Module:
+    from .lstm import HyperLSTMCell
+
+    i2h = _convert_published(module.i2h, "stn_lstm", num_hparams, f"{where}.i2h")
+    h2h = _convert_published(module.h2h, "stn_lstm", num_hparams, f"{where}.h2h")
+    if i2h.num_hparams != h2h.num_hparams or (i2h.bias is None) != (h2h.bias is None):
+        raise ValueError(f"{where}: expected i2h and h2h with the same number of hyperparameters and both with or "
+                         f"without biases, got H = {i2h.num_hparams}, {h2h.num_hparams} and biases "
+                         f"{i2h.bias is not None}, {h2h.bias is not None}")
+    # DropConnect stays with the model: the published one calls h2h.mask_weights(wdrop) before each forward.
+    new = _meta_like(HyperLSTMCell, i2h.weight.shape[1], h2h.weight.shape[1], i2h.num_hparams,
+                     bias=i2h.bias is not None, dtype=i2h.weight.dtype)
+    new.i2h, new.h2h = i2h, h2h
+    return new
+
+
 def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module:
     weight, bias = module.weight, module.bias
     factory = {"dtype": weight.dtype, "device": weight.device}
@@ -279,7 +310,9 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
         if isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding)):
             return None
         kind = published_layer_kind(module)
-        if kind is not None:
+        if kind is None and _is_published_lstm_cell(module):
+            new = _convert_published_cell(module, num_hparams, where)
+        elif kind is not None:
             new = _convert_published(module, kind, num_hparams, where)
         elif num_hparams is not None and type(module) in (nn.Linear, nn.Conv2d):
             new = _convert_plain(module, num_hparams, where)

@@ -399,6 +399,12 @@ def dropconnect_mask(weight: Tensor, p: Union[float, Tensor], generator: Optiona
     return (u < 1.0 - p).to(weight.dtype) / (1.0 - p)
 
 
+def _set_mask(linear: nn.Module, weight: Tensor, hyper_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both weights times the DropConnect mask that ``linear.mask_weights`` set, if any."""
+    mask = getattr(linear, "weight_mask", None)
+    return (weight, hyper_weight) if mask is None else (weight * mask, hyper_weight * mask)
+
+
 class HyperLSTMCell(nn.Module):
     """One HyperLSTM layer over a sequence: the official STN ``HyperLSTMCell``, fused.
 
@@ -436,13 +442,20 @@ class HyperLSTMCell(nn.Module):
         self.h2h.reset_parameters()
 
     def _params(self, dropconnect):
-        """(i2h tuple, h2h tuple), the h2h weights DropConnect-masked in training mode."""
+        """(i2h tuple, h2h tuple), the h2h weights DropConnect-masked in training mode.
+
+        A cell converted from the published one (:func:`stn_kernels.convert`) has DropConnectHyperLinear
+        i2h / h2h, whose ``mask_weights(p)`` the published model calls before every forward: a mask
+        set that way is used instead of this cell's own rate."""
         n = 4 * self.hidden_size
-        i2h = (self.i2h.weight, self.i2h.hyper_weight, self.i2h.bias, self.i2h.hyper_bias,
+        i2h_weight, i2h_hyper_weight = _set_mask(self.i2h, self.i2h.weight, self.i2h.hyper_weight)
+        i2h = (i2h_weight, i2h_hyper_weight, self.i2h.bias, self.i2h.hyper_bias,
                self.i2h.hparam_weight[:n], self.i2h.hparam_weight[n:])
         weight, hyper_weight = self.h2h.weight, self.h2h.hyper_weight
         p = self.dropconnect if dropconnect is None else dropconnect
-        if self.training:
+        if getattr(self.h2h, "weight_mask", None) is not None:
+            weight, hyper_weight = _set_mask(self.h2h, weight, hyper_weight)
+        elif self.training:
             mask = dropconnect_mask(weight, p)
             if mask is not None:
                 weight, hyper_weight = weight * mask, hyper_weight * mask

@@ -444,7 +444,6 @@ def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_firs
 
 
 # ----------------------------------------------------------------------------- published checkpoints
-# ----------------------------------------------------------------------------- published checkpoints
 
 class PublishedHyperLSTMCell(nn.Module):
     """Stand-in of the official HyperLSTMCell (i2h, h2h = official LSTM HyperLinear), from its formulas."""
@@ -513,6 +512,93 @@ def test_published_model_rnns_load_into_stack():
         y, _ = cell(y, zeros, lam)
     got, _ = ours.rnns(x, None, lam)
     assert_close_rel(got, y, D64, "output")
+
+
+class HyperLSTMCell(PublishedHyperLSTMCell):
+    """The stand-in under the official class name, which stn_kernels.convert recognises."""
+
+
+class PublishedLanguageModelCore(nn.Module):
+    """The published model's loop over its cells: DropConnect drawn by h2h.mask_weights(wdrop) before each."""
+
+    def __init__(self, K, N, H, layers, wdrop=0.0, cell=HyperLSTMCell):
+        super().__init__()
+        self.rnns = nn.ModuleList([cell(K if layer == 0 else N, N, H) for layer in range(layers)])
+        self.wdrop = wdrop
+
+    def forward(self, x, hidden, lam):
+        new_hidden = []
+        for layer, rnn in enumerate(self.rnns):
+            rnn.h2h.mask_weights(self.wdrop)
+            rnn.i2h.mask_weights(0)
+            x, state = rnn(x, hidden[layer], lam)
+            new_hidden.append(state)
+        return x, new_hidden
+
+
+def _published_run(model, x, hidden, lam):
+    """Output, final states and the gradients of a fixed function of them: w.r.t. x, λ and each parameter
+    (keyed by the Parameter object's id, which conversion keeps)."""
+    x, lam = _leaves(x, lam)
+    out, states = model(x, hidden, lam)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=D64).view_as(out)).sum()
+    loss = loss + sum((h * 0.3 + c * 0.7).sum() for h, c in states)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, [x, lam, *params])
+    return out, states, {"x": grads[0], "hparams": grads[1], **{id(p): g for p, g in zip(params, grads[2:])}}
+
+
+def test_convert_swaps_published_cells_for_the_fused_cell():
+    """convert() replaces each official HyperLSTMCell by ours over the same Parameters; the published model's
+    forward runs unchanged and gives the same output, states and gradients."""
+    T, B, K, N, H = 4, 3, 5, 4, 2
+    model = PublishedLanguageModelCore(K, N, H, 2)
+    x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
+    hidden = [(torch.randn(1, B, N, dtype=D64) * 0.5, torch.randn(1, B, N, dtype=D64) * 0.5) for _ in range(2)]
+    params = list(model.parameters())
+    want_out, want_states, want_grads = _published_run(model, x, hidden, lam)
+    assert stn_kernels.convert(model) is model
+    assert all(type(cell) is L.HyperLSTMCell for cell in model.rnns)
+    assert {id(p) for p in model.parameters()} == {id(p) for p in params}  # taken over, not copied
+    out, states, grads = _published_run(model, x, hidden, lam)
+    assert_close_rel(out, want_out, D64, "output")
+    for (h, c), (wh, wc) in zip(states, want_states):
+        assert h.shape == wh.shape == (1, B, N)
+        assert_close_rel(h, wh, D64, "h_T")
+        assert_close_rel(c, wc, D64, "c_T")
+    assert grads.keys() == want_grads.keys()
+    for key, w in want_grads.items():
+        assert_close_rel(grads[key], w, D64, f"d{key}")
+
+
+def test_converted_cell_uses_the_dropconnect_mask_the_published_model_draws():
+    T, B, K, N, H = 3, 2, 4, 5, 2
+    model = PublishedLanguageModelCore(K, N, H, 2, wdrop=0.5)
+    stn_kernels.convert(model)
+    model.train()
+    x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
+    hidden = [(torch.zeros(1, B, N, dtype=D64), torch.zeros(1, B, N, dtype=D64)) for _ in range(2)]
+    out, _ = model(x, hidden, lam)
+    feed = x
+    for cell in model.rnns:
+        mask = cell.h2h.weight_mask  # drawn by the model's mask_weights(0.5) call, kept until the next one
+        assert mask is not None and cell.i2h.weight_mask is None
+        assert set(mask.unique().tolist()) == {0.0, 2.0}
+        h2h = _linear_params(cell.h2h)
+        h2h["W"], h2h["Wh"] = h2h["W"] * mask, h2h["Wh"] * mask
+        zeros = torch.zeros(B, N, dtype=D64)
+        feed, _, _ = naive_cell_sequence(feed, lam, _linear_params(cell.i2h), h2h, zeros, zeros)
+    assert_close_rel(out, feed, D64, "output with DropConnect")
+
+
+def test_convert_leaves_other_cells_whole():
+    """Only the official class is fused: a cell of another name (its gates could be in another order) keeps its
+    own loop, with its linears converted."""
+    model = PublishedLanguageModelCore(3, 4, 2, 1, cell=PublishedHyperLSTMCell)
+    stn_kernels.convert(model)
+    cell = model.rnns[0]
+    assert type(cell) is PublishedHyperLSTMCell
+    assert type(cell.i2h).__name__ == type(cell.h2h).__name__ == "DropConnectHyperLinear"
 
 
 # ----------------------------------------------------------------------------- validation and backends
