@@ -446,14 +446,17 @@ class HyperLSTMCell(nn.Module):
 
         A cell converted from the published one (:func:`stn_kernels.convert`) has DropConnectHyperLinear
         i2h / h2h, whose ``mask_weights(p)`` the published model calls before every forward: a mask
-        set that way is used instead of this cell's own rate."""
+        set that way is used instead of this cell's own rate, in training mode only (a mask left from
+        training is never applied in eval mode)."""
         n = 4 * self.hidden_size
-        i2h_weight, i2h_hyper_weight = _set_mask(self.i2h, self.i2h.weight, self.i2h.hyper_weight)
+        i2h_weight, i2h_hyper_weight = self.i2h.weight, self.i2h.hyper_weight
+        if self.training:
+            i2h_weight, i2h_hyper_weight = _set_mask(self.i2h, i2h_weight, i2h_hyper_weight)
         i2h = (i2h_weight, i2h_hyper_weight, self.i2h.bias, self.i2h.hyper_bias,
                self.i2h.hparam_weight[:n], self.i2h.hparam_weight[n:])
         weight, hyper_weight = self.h2h.weight, self.h2h.hyper_weight
         p = self.dropconnect if dropconnect is None else dropconnect
-        if getattr(self.h2h, "weight_mask", None) is not None:
+        if self.training and getattr(self.h2h, "weight_mask", None) is not None:
             weight, hyper_weight = _set_mask(self.h2h, weight, hyper_weight)
         elif self.training:
             mask = dropconnect_mask(weight, p)

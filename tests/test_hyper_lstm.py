@@ -589,6 +589,13 @@ def test_converted_cell_uses_the_dropconnect_mask_the_published_model_draws():
         zeros = torch.zeros(B, N, dtype=D64)
         feed, _, _ = naive_cell_sequence(feed, lam, _linear_params(cell.i2h), h2h, zeros, zeros)
     assert_close_rel(out, feed, D64, "output with DropConnect")
+    model.eval()  # the training masks are still set on h2h, and must not apply now
+    out_eval, _ = model.rnns[0](x, hidden[0], lam)
+    zeros = torch.zeros(B, N, dtype=D64)
+    cell = model.rnns[0]
+    want_eval, _, _ = naive_cell_sequence(x, lam, _linear_params(cell.i2h), _linear_params(cell.h2h), zeros, zeros)
+    assert cell.h2h.weight_mask is not None
+    assert_close_rel(out_eval, want_eval, D64, "output in eval mode")
 
 
 def test_convert_leaves_other_cells_whole():
