@@ -63,7 +63,7 @@ from . import functional, reference_lstm
 from ._backend import resolve_backend
 from ._validation import autocast_dtype, check_dtype, check_same_device, check_shape, check_tensor
 from .modules import HyperLinear
-from .ops import _composite_needed, _empty_in_format_of, _empty_unless, _grads_or_none
+from .ops import _composite_needed, _empty_in_format_of, _empty_unless, _grads_or_none, _records_graph
 
 __all__ = ["HyperLSTM", "HyperLSTMCell", "hyper_lstm_layer", "hyper_lstm_recurrence"]
 
@@ -207,6 +207,9 @@ def apply_hyper_lstm_recurrence(x_proj, h0, c0, hparams, weight, hyper_weight, b
         return out, c_T
     if _composite_needed():
         return reference_lstm.hyper_lstm_recurrence(*args)
+    if not _records_graph(args):
+        out, c_T = _kernels(x_proj).hyper_lstm_recurrence_forward(*args)[:2]
+        return out, c_T
     return _HyperLSTMRecurrenceFunction.apply(*args)
 
 

@@ -17,7 +17,8 @@ friends, used by the public functions) go through a ``torch.autograd.Function``
 that calls the same kernels and shares the gradient code with the registered
 op: the custom-op dispatcher path costs about 110 µs of Python per call on the
 CPU here (measured; ~70 µs for the Function), more than the whole fused layer
-takes on an H200 at the STN shapes. Under torch.compile the registered op is
+takes on an H200 at the STN shapes. Calls that autograd would not record (no_grad,
+inference mode, nothing requiring grad) call the kernels directly. Under torch.compile the registered op is
 traced instead; under torch.func transforms and forward-mode AD, which custom
 ops do not support, the reference composition of aten ops runs. The backend
 (reference, triton, cuda) is chosen inside the op when it runs. Double backward (create_graph=True) differentiates
@@ -67,6 +68,12 @@ def _composite_needed() -> bool:
     """Under torch.func transforms and forward-mode AD the layers run as the reference's
     composition of aten ops, which supports them all (custom ops have no forward-mode rule)."""
     return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _records_graph(args: Sequence[object]) -> bool:
+    """Whether autograd would record this call: grad mode on and some tensor argument requiring grad.
+    Calls it would not record (no_grad, inference, frozen inputs) skip the autograd.Function."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
 
 
 def _participating(mask: Sequence[bool], hparams_given: bool, bias_given: bool, hyper_bias_given: bool) -> list:
@@ -192,6 +199,8 @@ def apply_hyper_linear(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
         return hyper_linear(*args)[0]
     if _composite_needed():
         return reference.hyper_linear(*args)
+    if not _records_graph(args):
+        return _kernels("hyper_linear", x).hyper_linear_forward(*args)[0]
     return _HyperLinearFunction.apply(*args)
 
 
@@ -288,6 +297,8 @@ def apply_hyper_conv2d(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
         return hyper_conv2d(*args)[0]
     if _composite_needed():
         return reference.hyper_conv2d(*args)
+    if not _records_graph(args):
+        return _kernels("hyper_conv2d", x).hyper_conv2d_forward(*args)[0]
     return _HyperConv2dFunction.apply(*args)
 
 
@@ -366,4 +377,6 @@ def apply_hyper_embedding(indices, hparams, weight, hyper_weight, weight_scale) 
         return hyper_embedding(*args)
     if _composite_needed():
         return reference.hyper_embedding(*args)
+    if not _records_graph(args):
+        return _kernels("hyper_embedding", weight).hyper_embedding_forward(*args)
     return _HyperEmbeddingFunction.apply(*args)

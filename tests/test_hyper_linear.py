@@ -468,3 +468,33 @@ def test_backward_op_matches_naive_grads():
     names = ["x", "hparams", "W", "Wh", "b", "bh", "V", "C"]
     for name, a, e in zip(names, grads, expected):
         assert_close_rel(a, e, torch.float64, name)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "embedding"])
+def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
+    """Under no_grad (and with nothing requiring grad) the layers call the kernels directly, with the same
+    result; a call autograd records goes through the autograd.Function."""
+    from stn_kernels import ops
+
+    torch.manual_seed(0)
+    module, x = {
+        "linear": (stn_kernels.HyperLinear(7, 5, 3), torch.randn(4, 7)),
+        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, 3, padding=1), torch.randn(4, 2, 5, 5)),
+        "embedding": (stn_kernels.HyperEmbedding(11, 5, 3), torch.randint(0, 11, (4, 2))),
+    }[layer]
+    fn = {"linear": ops._HyperLinearFunction, "conv2d": ops._HyperConv2dFunction,
+          "embedding": ops._HyperEmbeddingFunction}[layer]
+    calls = []
+    apply = fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: calls.append(1) or apply(*a))
+    lam = torch.randn(4, 3)
+    recorded = module(x, lam)
+    assert calls and recorded.requires_grad
+    calls.clear()
+    with torch.no_grad():
+        direct = module(x, lam)
+    module.requires_grad_(False)
+    frozen = module(x, lam)
+    assert not calls and not direct.requires_grad and not frozen.requires_grad
+    torch.testing.assert_close(direct, recorded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(frozen, recorded.detach(), rtol=0, atol=0)
