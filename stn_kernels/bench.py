@@ -374,11 +374,9 @@ def _build_stn_compiled(backend):
     """stn_kernels.hyper_linear under torch.compile: the registered op inside the compiled graph, and
     with a CUDA-graph mode (max-autotune) the same launch-overhead removal published+compile gets."""
     def build(case, opts):
-        args = _names(case, *_STN_ARGS)
-        scope = lambda: use_backend(backend)  # noqa: E731
-        with scope():
-            return compiled_impl(f"stn:{backend}+compile", stn_forward, args, _stn_canonical, case, opts,
-                                 scope=scope)
+        # torch.compile traces on the first call, which build_impl makes inside the impl's scope.
+        return compiled_impl(f"stn:{backend}+compile", stn_forward, _names(case, *_STN_ARGS), _stn_canonical, case,
+                             opts, scope=lambda: use_backend(backend))
 
     return build
 
