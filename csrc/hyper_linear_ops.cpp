@@ -1,5 +1,5 @@
 // CUDA kernels of the extension's private ops, registered against the schemas that
-// stn_kernels/cuda_ops.py defines (torch.library):
+// stn_kernels/ops/hyper_linear.py defines (torch.library):
 //
 //   stn_kernels::_cuda_hyper_linear_epilogue(Tensor? acc, Tensor z, Tensor hparams, Tensor weight_scale,
 //       Tensor? bias, Tensor? hyper_bias, Tensor? bias_scale) -> Tensor

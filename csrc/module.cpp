@@ -10,7 +10,7 @@
 #define TORCH_CUDA_VERSION_STRING "unknown"
 #endif
 
-// A marker that stn_kernels/_extension.py reads from the file before loading it, so that a
+// A marker that stn_kernels/backends/extension.py reads from the file before loading it, so that a
 // build for another torch is reported (and never loaded) even when it would not load at all.
 extern "C" __attribute__((visibility("default"), used)) const char stn_kernels_build_marker[] =
     "STN_KERNELS_BUILT_FOR_TORCH=" TORCH_VERSION_STRING ";CUDA=" TORCH_CUDA_VERSION_STRING ";";

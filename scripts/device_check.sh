@@ -62,7 +62,7 @@ timeout -k 5 150 "$PY" -m pip install -q --disable-pip-version-check --no-build-
     2>&1 | tail -n 15 | tee -a "$LOG"
 echo "pip exit ${PIPESTATUS[0]} (124: timed out; tests and benchmarks still import stn_kernels from the repo root)" \
     | tee -a "$LOG"
-timeout 60 "$PY" -c "import stn_kernels._extension as e; print('extension loaded:', e.loaded(), e.load_error() or '')" \
+timeout 60 "$PY" -c "import stn_kernels.backends.extension as e; print('extension loaded:', e.loaded(), e.load_error() or '')" \
     2>&1 | tee -a "$LOG"
 
 phase "3/5 tests: -m 'gpu or triton', $TEST_PROCS processes"

@@ -1,9 +1,9 @@
-"""Input checks at the public boundary: each error names the argument and shows
-what was expected and what was given."""
+"""Every input check of the public functions and modules (the one validation boundary: the ops below
+trust their inputs). Each error names the argument and shows what was expected and what was given."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -75,3 +75,141 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def autocast_operands(device_type: str, tensors: Sequence[Optional[Tensor]],
+                      hyper_tensors: Sequence[Optional[Tensor]]) -> Tuple[list, list]:
+    """Under torch.autocast: input, weights and biases in the autocast dtype, λ, V, C in float32."""
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return list(tensors), list(hyper_tensors)
+    return ([None if t is None else t.to(dtype) for t in tensors],
+            [None if t is None else t.float() for t in hyper_tensors])
+
+
+def check_hyper_params(hparams, weight_scale, bias_scale, hyper_bias, out_features: int) -> int:
+    """weight_scale (and bias_scale with a hyper bias) must come with hparams; returns H."""
+    if hparams is None:
+        return weight_scale.shape[-1] if isinstance(weight_scale, Tensor) else 0
+    if weight_scale is None:
+        raise ValueError("weight_scale: required when hparams is given, got None")
+    check_tensor(weight_scale, "weight_scale")
+    if weight_scale.dim() != 2 or weight_scale.shape[0] != out_features:
+        raise ValueError(f"weight_scale: expected shape [{out_features}, H], got {tuple(weight_scale.shape)}")
+    if hyper_bias is not None and bias_scale is None:
+        raise ValueError("bias_scale: required when hparams and hyper_bias are given, got None")
+    if bias_scale is not None:
+        check_tensor(bias_scale, "bias_scale")
+        check_shape(bias_scale, "bias_scale", weight_scale.shape)
+    return weight_scale.shape[1]
+
+
+# ----------------------------------------------------------------------------- HyperLSTM
+
+def check_hidden_params(weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, hparams, prefix=""):
+    """h2h parameters: weight, hyper_weight [4N, N], biases [4N], scales [4N, H]; returns N."""
+    check_tensor(weight, prefix + "weight")
+    if weight.dim() != 2 or weight.shape[0] != 4 * weight.shape[1]:
+        raise ValueError(f"{prefix}weight: expected shape [4·hidden_size, hidden_size], got {tuple(weight.shape)}")
+    G, N = weight.shape
+    check_tensor(hyper_weight, prefix + "hyper_weight")
+    check_shape(hyper_weight, prefix + "hyper_weight", (G, N))
+    _check_biases_and_scales(G, bias, hyper_bias, weight_scale, bias_scale, hparams, prefix)
+    return N
+
+
+def _check_biases_and_scales(G, bias, hyper_bias, weight_scale, bias_scale, hparams, prefix):
+    for name, b in (("bias", bias), ("hyper_bias", hyper_bias)):
+        if b is not None:
+            check_tensor(b, prefix + name)
+            check_shape(b, prefix + name, (G,))
+    if hparams is None:
+        return
+    if weight_scale is None:
+        raise ValueError(f"{prefix}weight_scale: required when hparams is given, got None")
+    check_tensor(weight_scale, prefix + "weight_scale")
+    H = hparams.shape[-1]
+    check_shape(weight_scale, prefix + "weight_scale", (G, H))
+    if hyper_bias is not None:
+        if bias_scale is None:
+            raise ValueError(f"{prefix}bias_scale: required when hparams and hyper_bias are given, got None")
+    if bias_scale is not None:
+        check_tensor(bias_scale, prefix + "bias_scale")
+        check_shape(bias_scale, prefix + "bias_scale", (G, H))
+
+
+def check_lstm_hparams(hparams, batch: int, like: Tensor, like_name: str) -> Optional[Tensor]:
+    """hparams [B, H] or [H] (expanded to [B, H]) or None, on like's device, like's dtype (or float32 for half)."""
+    if hparams is None:
+        return None
+    check_tensor(hparams, "hparams")
+    if hparams.dim() not in (1, 2) or (hparams.dim() == 2 and hparams.shape[0] != batch):
+        raise ValueError(f"hparams: expected shape [B, H] with B = {batch} (the batch size) or [H], "
+                         f"got {tuple(hparams.shape)}")
+    allowed = (like.dtype, torch.float32) if like.dtype in (torch.float16, torch.bfloat16) else (like.dtype,)
+    if hparams.dtype not in allowed:
+        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from {like_name} dtype "
+                        f"{like.dtype}), got {hparams.dtype}")
+    check_same_device(like, like_name, hparams=hparams)
+    return hparams.expand(batch, hparams.shape[-1]) if hparams.dim() == 1 else hparams
+
+
+# ----------------------------------------------------------------------------- per-example dropout
+
+_MAX_SEED = 2**63 - 1
+
+
+def check_rates(rates, x: Tensor) -> Tensor:
+    """rates as a float32-or-wider [B] tensor without grad: a float for every example, a 0-d tensor
+    (expanded) or one rate per example [B], all in [0, 1) (checked on the device for CUDA tensors)."""
+    batch = x.shape[0]
+    if isinstance(rates, (int, float)) and not isinstance(rates, bool):
+        if not 0.0 <= rates < 1.0:
+            raise ValueError(f"rates: expected values in [0, 1), got {rates}")
+        return torch.full((batch,), float(rates), dtype=torch.float32, device=x.device)
+    if not isinstance(rates, Tensor):
+        raise TypeError(f"rates: expected a float or a torch.Tensor of shape [{batch}], got {type(rates).__name__}")
+    if not rates.is_floating_point():
+        raise TypeError(f"rates: expected a floating-point tensor, got dtype {rates.dtype}")
+    if rates.device != x.device:
+        raise ValueError(f"rates: expected device {x.device} (the device of x), got {rates.device}")
+    if rates.dim() == 0:
+        rates = rates.expand(batch)
+    elif tuple(rates.shape) != (batch,):
+        raise ValueError(f"rates: expected shape [{batch}] (one rate per example, x's first dim) or [], "
+                         f"got {tuple(rates.shape)}")
+    rates = rates.detach()
+    if not torch.compiler.is_compiling():
+        in_range = (rates >= 0) & (rates < 1)
+        if rates.device.type == "cpu":
+            if not bool(in_range.all()):
+                bad = rates[~in_range]
+                raise ValueError(f"rates: expected values in [0, 1), got {bad.numel()} outside, e.g. {bad[0].item()}")
+        else:  # no host synchronisation on accelerators: the check runs on the device
+            torch._assert_async(in_range.all(), "rates: expected values in [0, 1)")
+    return rates
+
+
+def seed_offset_tensor(seed, offset, device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
+    """The op's int64 [seed, offset] on ``device``: the given seed, or one drawn from torch's generator."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
+    if seed is None:
+        # A fresh seed per call from torch's generator: torch.manual_seed makes runs reproducible.
+        if generator is not None:
+            drawn = torch.randint(_MAX_SEED, (1,), generator=generator, device=generator.device)
+            drawn = drawn.to(device)
+        else:
+            drawn = torch.randint(_MAX_SEED, (1,), device=device)
+        return torch.cat([drawn, torch.full((1,), offset, dtype=torch.int64, device=device)])
+    if generator is not None:
+        raise ValueError("generator: expected None when seed is given (the seed fixes the mask), got a Generator")
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
+                            f"of shape {tuple(seed.shape)}")
+        return torch.cat([seed.reshape(1).to(device),
+                          torch.full((1,), offset, dtype=torch.int64, device=device)])
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed: expected an int in [0, 2**63 - 1], got {seed!r}")
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)

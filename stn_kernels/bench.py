@@ -60,7 +60,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._backend import BackendUnavailableError, use_backend
+from .backends import BackendUnavailableError, use_backend
 
 Tensor = torch.Tensor
 MODES = ("fwd", "bwd", "fwd+bwd")

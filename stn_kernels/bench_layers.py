@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bench
-from ._backend import BackendUnavailableError, use_backend
+from .backends import BackendUnavailableError, use_backend
 from .bench import Case, ProviderSpec, Shape, _Impl
 
 Tensor = torch.Tensor
@@ -303,7 +303,7 @@ def _triton_with(module: str, **settings):
     """use_backend("triton") with attributes of a Triton kernel module set for the block."""
     import importlib
 
-    mod = importlib.import_module(f"stn_kernels.triton_kernels.{module}")
+    mod = importlib.import_module(f"stn_kernels.backends.triton.{module}")
     old = {k: getattr(mod, k) for k in settings}
     with use_backend("triton"):
         for k, v in settings.items():

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bench
-from ._backend import use_backend
+from .backends import use_backend
 
 Tensor = torch.Tensor
 
@@ -109,7 +109,7 @@ def published_lstm_forward(x, hparams, h0, c0, *params):
 
 def stn_lstm_forward(x, hparams, h0, c0, *params):
     """stn_kernels.lstm.hyper_lstm_layer per layer over the same leaves (M split into V and C views)."""
-    from .lstm import hyper_lstm_layer
+    from .functional import hyper_lstm_layer
 
     out = x
     for layer in range(len(params) // 10):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTMCell
 
 __all__ = ["convert", "DropConnectHyperLinear", "TimeMajorHyperEmbedding", "published_layer_kind"]
 
@@ -238,8 +238,6 @@ def _is_published_lstm_cell(module: nn.Module) -> bool:
 
 
 def _convert_published_cell(module: nn.Module, num_hparams: Optional[int], where: str) -> nn.Module:
-    from .lstm import HyperLSTMCell
-
     i2h = _convert_published(module.i2h, "stn_lstm", num_hparams, f"{where}.i2h")
     h2h = _convert_published(module.h2h, "stn_lstm", num_hparams, f"{where}.h2h")
     if i2h.num_hparams != h2h.num_hparams or (i2h.bias is None) != (h2h.bias is None):

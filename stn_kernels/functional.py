@@ -1,49 +1,36 @@
-"""Public functional API: validate, normalise layout and dtype once, then call the ops.
+"""Public functional API: validate (:mod:`stn_kernels._validation`), normalise layout and dtype once,
+then call the op (:mod:`stn_kernels.ops`).
 
 ``hparams`` is [B, H] (one row per example, shared across any middle dims of the
 input), [H] (shared by the whole batch) or None (the elementary path only).
+
+==============================  =======================================================
+function                        op
+==============================  =======================================================
+:func:`hyper_linear`            ``stn_kernels::hyper_linear``
+:func:`hyper_conv2d`            ``stn_kernels::hyper_conv2d``
+:func:`hyper_embedding`         ``stn_kernels::hyper_embedding``
+:func:`hyper_lstm_recurrence`   ``stn_kernels::hyper_lstm_recurrence``
+:func:`hyper_lstm_layer`        ``hyper_linear`` (i2h over all steps) + ``hyper_lstm_recurrence``
+:func:`per_example_dropout`     ``stn_kernels::per_example_dropout``
+==============================  =======================================================
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import ops
-from ._validation import (autocast_dtype, check_dtype, check_hparams, check_same_device, check_shape,
-                          check_tensor, rows_of_hparams)
-
-
-def _check_hyper_params(hparams, weight_scale, bias_scale, hyper_bias, out_features):
-    """weight_scale (and bias_scale with a hyper bias) must come with hparams; returns H."""
-    if hparams is None:
-        return weight_scale.shape[-1] if isinstance(weight_scale, Tensor) else 0
-    if weight_scale is None:
-        raise ValueError("weight_scale: required when hparams is given, got None")
-    check_tensor(weight_scale, "weight_scale")
-    if weight_scale.dim() != 2 or weight_scale.shape[0] != out_features:
-        raise ValueError(f"weight_scale: expected shape [{out_features}, H], got {tuple(weight_scale.shape)}")
-    if hyper_bias is not None and bias_scale is None:
-        raise ValueError("bias_scale: required when hparams and hyper_bias are given, got None")
-    if bias_scale is not None:
-        check_tensor(bias_scale, "bias_scale")
-        check_shape(bias_scale, "bias_scale", weight_scale.shape)
-    return weight_scale.shape[1]
-
-
-def _autocast(device_type, tensors, hyper_tensors):
-    """Under torch.autocast: input, weights and biases in the autocast dtype, λ, V, C in float32."""
-    dtype = autocast_dtype(device_type)
-    if dtype is None:
-        return tensors, hyper_tensors
-    cast = [None if t is None else t.to(dtype) for t in tensors]
-    cast_hyper = [None if t is None else t.float() for t in hyper_tensors]
-    return cast, cast_hyper
-
+from ._validation import (autocast_operands, check_dtype, check_hidden_params, check_hparams, check_hyper_params,
+                          check_lstm_hparams, check_rates, check_same_device, check_shape, check_tensor,
+                          rows_of_hparams, seed_offset_tensor)
+from .ops import (apply_hyper_conv2d, apply_hyper_embedding, apply_hyper_linear, apply_hyper_lstm_recurrence,
+                  apply_per_example_dropout)
+from .ops.hyper_conv2d import conv2d_output_shape
 
 def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
                  bias: Optional[Tensor] = None, hyper_bias: Optional[Tensor] = None,
@@ -74,8 +61,8 @@ def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
                              f"{tuple(hparams.shape)}, got {tuple(input.shape)}")
         return hyper_linear(input.unsqueeze(0), hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
                             bias_scale).squeeze(0)
-    num_hparams = _check_hyper_params(hparams, weight_scale, bias_scale, hyper_bias, out_features)
-    (input, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale) = _autocast(
+    num_hparams = check_hyper_params(hparams, weight_scale, bias_scale, hyper_bias, out_features)
+    (input, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale) = autocast_operands(
         input.device.type, (input, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale))
     check_dtype(input.dtype, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias)
     check_same_device(input, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias,
@@ -88,9 +75,9 @@ def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
         bias_scale = None
     rows = rows_of_hparams(hparams, batch, math.prod(input.shape[1:-1]))
     if input.dim() == 2:  # no reshape: each one is an autograd node, a few µs of Python per call
-        return ops.apply_hyper_linear(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
+        return apply_hyper_linear(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     x = input.reshape(-1, in_features)
-    out = ops.apply_hyper_linear(x, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
+    out = apply_hyper_linear(x, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     return out.reshape(*input.shape[:-1], out_features)
 
 
@@ -124,12 +111,12 @@ def hyper_conv2d(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if any(not isinstance(v, int) or v < low for v in values):
             raise ValueError(f"{name}: expected ints >= {low}, got {values}")
-    _, _, out_h, out_w = ops.conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation)
+    _, _, out_h, out_w = conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"input: spatial size {tuple(input.shape[2:])} is smaller than the dilated kernel "
                          f"{tuple(weight.shape[2:])} with padding {padding}")
-    num_hparams = _check_hyper_params(hparams, weight_scale, bias_scale, hyper_bias, out_channels)
-    (input, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale) = _autocast(
+    num_hparams = check_hyper_params(hparams, weight_scale, bias_scale, hyper_bias, out_channels)
+    (input, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale) = autocast_operands(
         input.device.type, (input, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale))
     check_dtype(input.dtype, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias)
     check_same_device(input, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias,
@@ -140,7 +127,7 @@ def hyper_conv2d(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     elif hyper_bias is None:
         bias_scale = None
     rows = rows_of_hparams(hparams, input.shape[0], 1)
-    out = ops.apply_hyper_conv2d(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+    out = apply_hyper_conv2d(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
                                  stride, padding, dilation, groups)
     return out
 
@@ -163,7 +150,7 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     num_embeddings, dim = weight.shape
     if input.dim() == 0:
         raise ValueError(f"input: expected indices of shape [B] or [B, *], got shape {tuple(input.shape)}")
-    num_hparams = _check_hyper_params(hparams, weight_scale, None, None, dim)
+    num_hparams = check_hyper_params(hparams, weight_scale, None, None, dim)
     check_dtype(weight.dtype, "weight", hyper_weight=hyper_weight)
     check_same_device(weight, "weight", input=input, hyper_weight=hyper_weight, weight_scale=weight_scale)
     check_hparams(hparams, weight, "weight", num_hparams, input.shape[0], weight_scale, None)
@@ -174,5 +161,172 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     if hparams is None:
         weight_scale = None
     rows = rows_of_hparams(hparams, input.shape[0], math.prod(input.shape[1:]))
-    out = ops.apply_hyper_embedding(input.reshape(-1).long(), rows, weight, hyper_weight, weight_scale)
+    out = apply_hyper_embedding(input.reshape(-1).long(), rows, weight, hyper_weight, weight_scale)
     return out.reshape(*input.shape, dim)
+
+
+# ----------------------------------------------------------------------------- HyperLSTM
+
+def hyper_lstm_recurrence(x_proj: Tensor, h0: Tensor, c0: Tensor, hparams: Optional[Tensor], weight: Tensor,
+                          hyper_weight: Tensor, bias: Optional[Tensor] = None, hyper_bias: Optional[Tensor] = None,
+                          weight_scale: Optional[Tensor] = None, bias_scale: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """The recurrence of one layer given its input projection: ``(out, (h_T, c_T))``.
+
+    x_proj [T, B, 4N] (time-major; any strides, e.g. the transpose of a batch-first
+    projection), h0 and c0 [B, N], hparams [B, H], [H] or None, weight and hyper_weight
+    (the h2h W_e, W_h) [4N, N], bias and hyper_bias [4N], weight_scale V and bias_scale C
+    [4N, H]. out [T, B, N] holds h_1..h_T; h_T is ``out[-1]`` (h0 when T = 0).
+    """
+    check_tensor(x_proj, "x_proj")
+    N = check_hidden_params(weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+                             None if hparams is None else check_tensor(hparams, "hparams"))
+    if x_proj.dim() != 3 or x_proj.shape[2] != 4 * N:
+        raise ValueError(f"x_proj: expected shape [T, B, {4 * N}] (4·hidden_size = 4·{N}), got "
+                         f"{tuple(x_proj.shape)}")
+    T, B = x_proj.shape[:2]
+    for name, t in (("h0", h0), ("c0", c0)):
+        check_tensor(t, name)
+        check_shape(t, name, (B, N))
+    (x_proj, h0, c0, weight, hyper_weight, bias, hyper_bias), (hparams, weight_scale, bias_scale) = \
+        autocast_operands(x_proj.device.type, (x_proj, h0, c0, weight, hyper_weight, bias, hyper_bias),
+                          (hparams, weight_scale, bias_scale))
+    check_dtype(x_proj.dtype, "x_proj", h0=h0, c0=c0, weight=weight, hyper_weight=hyper_weight, bias=bias,
+                hyper_bias=hyper_bias)
+    check_same_device(x_proj, "x_proj", h0=h0, c0=c0, weight=weight, hyper_weight=hyper_weight, bias=bias,
+                      hyper_bias=hyper_bias, weight_scale=weight_scale, bias_scale=bias_scale)
+    hparams = check_lstm_hparams(hparams, B, x_proj, "x_proj")
+    if hparams is None:
+        weight_scale = bias_scale = None
+    else:
+        check_dtype(hparams.dtype, "hparams", weight_scale=weight_scale, bias_scale=bias_scale)
+        if hyper_bias is None:
+            bias_scale = None
+    out, c_T = apply_hyper_lstm_recurrence(x_proj, h0, c0, hparams, weight, hyper_weight, bias, hyper_bias,
+                                           weight_scale, bias_scale)
+    h_T = out[-1] if T else h0
+    return out, (h_T, c_T)
+
+
+HyperParams = Sequence[Optional[Tensor]]
+
+
+def _unpack(params: HyperParams, name: str) -> list:
+    """(weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale), missing trailing entries None."""
+    if isinstance(params, Tensor) or not isinstance(params, (tuple, list)) or not 2 <= len(params) <= 6:
+        raise TypeError(f"{name}: expected a tuple (weight, hyper_weight[, bias, hyper_bias, weight_scale, "
+                        f"bias_scale]), got {type(params).__name__}"
+                        + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else ""))
+    return list(params) + [None] * (6 - len(params))
+
+
+def _check_hidden_state(hx, batch: int, hidden: int, like: Tensor):
+    if hx is None:
+        z = like.new_zeros(batch, hidden)
+        return z, z
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"hx: expected a tuple (h0, c0) of tensors [B, hidden_size], got {type(hx).__name__}")
+    return hx[0], hx[1]
+
+
+def hyper_lstm_layer(input: Tensor, hparams: Optional[Tensor], i2h: HyperParams, h2h: HyperParams,
+                     hx: Optional[Tuple[Tensor, Tensor]] = None, batch_first: bool = False
+                     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One HyperLSTM layer over a sequence: ``(output, (h_T, c_T))``.
+
+    input [T, B, K] ([B, T, K] with batch_first); hparams [B, H], [H] or None; i2h and h2h
+    tuples (weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale) with weights
+    [4N, K] and [4N, N], biases [4N], scales [4N, H] (trailing entries may be left out);
+    hx (h0, c0) [B, N] each, zeros when None. output [T, B, N] ([B, T, N] with batch_first).
+
+    The i2h projection of all T·B rows is one ``stn_kernels.hyper_linear`` call (λ repeated
+    per time step); the recurrence is one ``stn_kernels::hyper_lstm_recurrence`` op.
+    DropConnect: pass masked h2h weights (see :class:`HyperLSTMCell`).
+    """
+    check_tensor(input, "input")
+    wi, whi, bi, hbi, vi, ci = _unpack(i2h, "i2h")
+    wh, whh, bh, hbh, vh, ch = _unpack(h2h, "h2h")
+    check_tensor(wi, "i2h weight")
+    N = check_hidden_params(wh, whh, bh, hbh, vh, ch, None if hparams is None else check_tensor(hparams, "hparams"),
+                             "h2h ")
+    if wi.dim() != 2 or wi.shape[0] != 4 * N:
+        raise ValueError(f"i2h weight: expected shape [{4 * N}, input_size] (4·hidden_size rows, as the h2h "
+                         f"weight), got {tuple(wi.shape)}")
+    K = wi.shape[1]
+    if input.dim() != 3 or input.shape[2] != K:
+        layout = "[B, T, " if batch_first else "[T, B, "
+        raise ValueError(f"input: expected shape {layout}{K}] ({'batch_first' if batch_first else 'time-major'}), "
+                         f"got {tuple(input.shape)}")
+    T, B = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
+    h0, c0 = _check_hidden_state(hx, B, N, input)
+    if hparams is not None and hparams.dim() == 2 and hparams.shape[0] != B:
+        raise ValueError(f"hparams: expected shape [B, H] with B = {B} (the batch size) or [H], "
+                         f"got {tuple(hparams.shape)}")
+    if batch_first:
+        x_proj = hyper_linear(input, hparams, wi, whi, bi, hbi, vi, ci).transpose(0, 1)
+    else:
+        rows = hparams
+        if hparams is not None and hparams.dim() == 2:
+            rows = hparams.unsqueeze(0).expand(T, B, hparams.shape[1]).reshape(T * B, hparams.shape[1])
+        x_proj = hyper_linear(input.reshape(T * B, K), rows, wi, whi, bi, hbi, vi, ci).view(T, B, 4 * N)
+    out, state = hyper_lstm_recurrence(x_proj, h0, c0, hparams, wh, whh, bh, hbh, vh, ch)
+    return (out.transpose(0, 1) if batch_first else out), state
+
+
+def dropconnect_mask(weight: Tensor, p: Union[float, Tensor], generator: Optional[torch.Generator] = None
+                     ) -> Optional[Tensor]:
+    """One Bernoulli(1 − p) keep-mask shaped like ``weight``, scaled by 1/(1 − p); None when p is 0.
+
+    p: a float in [0, 1) or a one-element tensor (e.g. a column of the published hparam tensor);
+    it gets no gradient.
+    """
+    if isinstance(p, Tensor):
+        if p.numel() != 1:
+            raise ValueError(f"dropconnect: expected a float or a one-element tensor, got shape {tuple(p.shape)}")
+        keep = 1.0 - p.detach().reshape(()).to(device=weight.device, dtype=weight.dtype)
+        u = torch.rand(weight.shape, device=weight.device, dtype=weight.dtype, generator=generator)
+        return (u < keep).to(weight.dtype) / keep
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropconnect: expected a probability in [0, 1), got {p!r}")
+    if p == 0:
+        return None
+    u = torch.rand(weight.shape, device=weight.device, dtype=weight.dtype, generator=generator)
+    return (u < 1.0 - p).to(weight.dtype) / (1.0 - p)
+
+
+# ----------------------------------------------------------------------------- per-example dropout
+
+def per_example_dropout(x: Tensor, rates: Union[Tensor, float], *, training: bool = True, per_channel: bool = False,
+                        seed: Union[int, Tensor, None] = None, offset: int = 0,
+                        generator: Optional[torch.Generator] = None) -> Tensor:
+    """Dropout with one rate per example: x [B, ...], rates [B] (or a float or 0-d tensor for all).
+
+    Hard Bernoulli masks with keep probability 1 − p_b and inverted scaling 1/(1 − p_b); dropped
+    elements are exactly 0. ``per_channel=True`` drops whole channels (x [B, C, *spatial]), as
+    ``dropout2d`` does for conv feature maps. ``training=False`` returns x unchanged (validation
+    and evaluation, as in the published code).
+
+    The mask is a pure function of (seed, offset + unit index): pass ``seed`` (an int or int64
+    tensor) and ``offset`` to reproduce one, or leave ``seed=None`` to draw a fresh seed from
+    torch's generator (``generator`` or the default one; ``torch.manual_seed`` makes it
+    reproducible). A call consumes the counters offset … offset + units − 1, with units the number
+    of elements (or of B·C channels). The rates get no gradient. The output is contiguous.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or (per_channel and x.dim() < 2):
+        expected = "[B, C, ...]" if per_channel else "[B, ...]"
+        raise ValueError(f"x: expected shape {expected}, got {tuple(x.shape)}")
+    rates = check_rates(rates, x)
+    if not training:
+        return x
+    unit_size = math.prod(x.shape[2:]) if per_channel else 1
+    seed_offset = seed_offset_tensor(seed, offset, x.device, generator)
+    return apply_per_example_dropout(x, rates, seed_offset, max(unit_size, 1))
+
+
+def per_example_channel_dropout(x: Tensor, rates: Union[Tensor, float], **kwargs) -> Tensor:
+    """:func:`per_example_dropout` with ``per_channel=True``: whole feature maps of x [B, C, H, W]."""
+    return per_example_dropout(x, rates, per_channel=True, **kwargs)

@@ -1,4 +1,5 @@
-"""Drop-in ``torch.nn`` modules for the published STN layers.
+"""Drop-in ``torch.nn`` modules for the published STN layers: HyperLinear, HyperConv2d, HyperEmbedding,
+HyperLSTMCell and HyperLSTM.
 
 Parameters (for a layer with N outputs and H hyperparameters):
 ``weight`` and ``hyper_weight`` (W_elem, W_hyper), ``bias`` and ``hyper_bias``
@@ -11,13 +12,14 @@ also accepts the official STN and the Delta-STN parameter names.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from . import functional
+from ._validation import check_shape, check_tensor
 
 # Published name -> ours. The official CNN layers also carry ``elem_scalar`` a,
 # which multiplies the elementary path: it is folded into weight and bias.
@@ -197,3 +199,207 @@ class HyperEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, num_hparams={self.num_hparams}"
+
+
+# ----------------------------------------------------------------------------- HyperLSTM
+
+def _set_mask(linear: nn.Module, weight: Tensor, hyper_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both weights times the DropConnect mask that ``linear.mask_weights`` set, if any."""
+    mask = getattr(linear, "weight_mask", None)
+    return (weight, hyper_weight) if mask is None else (weight * mask, hyper_weight * mask)
+
+
+class HyperLSTMCell(nn.Module):
+    """One HyperLSTM layer over a sequence: the official STN ``HyperLSTMCell``, fused.
+
+    Submodules ``i2h`` (:class:`HyperLinear` input_size → 4·hidden_size) and ``h2h``
+    (hidden_size → 4·hidden_size); their parameters load from the published names
+    (``i2h.elem_weight_raw``, ``i2h.hnet_weight_raw``, ``i2h.elem_bias``, ``i2h.hnet_bias``,
+    ``i2h.hnet_tensor_to_scalars.weight``, likewise ``h2h.*``). ``dropconnect`` is the
+    published ``wdrop``: the DropConnect rate of the h2h weights in training mode.
+
+    ``forward(input, hidden=None, hparams=None, dropconnect=None)``: input [T, B, input_size]
+    ([B, T, input_size] with batch_first); hidden (h0, c0), each [B, N] or [1, B, N] (the
+    published shape), zeros when None; hparams [B, H], [H] or None; dropconnect overrides
+    the module's rate for this call (a float, or a one-element tensor as the published
+    ``hparam_tensor[:, i][0]``). Returns ``(output, (h_T, c_T))`` with output [T, B, N]
+    ([B, T, N] with batch_first) and h_T, c_T shaped like the given hidden ([1, B, N] when
+    hidden is None, as the published cell).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_hparams: int, bias: bool = True,
+                 dropconnect: float = 0.0, batch_first: bool = False, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(dropconnect, bool) or not isinstance(dropconnect, (int, float)) or not 0 <= dropconnect < 1:
+            raise ValueError(f"dropconnect: expected a probability in [0, 1), got {dropconnect!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_hparams = num_hparams
+        self.dropconnect = float(dropconnect)
+        self.batch_first = batch_first
+        factory = {"device": device, "dtype": dtype}
+        self.i2h = HyperLinear(input_size, 4 * hidden_size, num_hparams, bias, **factory)
+        self.h2h = HyperLinear(hidden_size, 4 * hidden_size, num_hparams, bias, **factory)
+
+    def reset_parameters(self) -> None:
+        self.i2h.reset_parameters()
+        self.h2h.reset_parameters()
+
+    def _params(self, dropconnect):
+        """(i2h tuple, h2h tuple), the h2h weights DropConnect-masked in training mode.
+
+        A cell converted from the published one (:func:`stn_kernels.convert`) has DropConnectHyperLinear
+        i2h / h2h, whose ``mask_weights(p)`` the published model calls before every forward: a mask
+        set that way is used instead of this cell's own rate, in training mode only (a mask left from
+        training is never applied in eval mode)."""
+        n = 4 * self.hidden_size
+        i2h_weight, i2h_hyper_weight = self.i2h.weight, self.i2h.hyper_weight
+        if self.training:
+            i2h_weight, i2h_hyper_weight = _set_mask(self.i2h, i2h_weight, i2h_hyper_weight)
+        i2h = (i2h_weight, i2h_hyper_weight, self.i2h.bias, self.i2h.hyper_bias,
+               self.i2h.hparam_weight[:n], self.i2h.hparam_weight[n:])
+        weight, hyper_weight = self.h2h.weight, self.h2h.hyper_weight
+        p = self.dropconnect if dropconnect is None else dropconnect
+        if self.training and getattr(self.h2h, "weight_mask", None) is not None:
+            weight, hyper_weight = _set_mask(self.h2h, weight, hyper_weight)
+        elif self.training:
+            mask = functional.dropconnect_mask(weight, p)
+            if mask is not None:
+                weight, hyper_weight = weight * mask, hyper_weight * mask
+        elif not isinstance(p, Tensor) and (isinstance(p, bool) or not isinstance(p, (int, float))
+                                            or not 0.0 <= p < 1.0):
+            raise ValueError(f"dropconnect: expected a probability in [0, 1), got {p!r}")
+        h2h = (weight, hyper_weight, self.h2h.bias, self.h2h.hyper_bias, self.h2h.hparam_weight[:n],
+               self.h2h.hparam_weight[n:])
+        return i2h, h2h
+
+    def forward(self, input: Tensor, hidden: Optional[Tuple[Tensor, Tensor]] = None,
+                hparams: Optional[Tensor] = None, dropconnect: Optional[Union[float, Tensor]] = None):
+        keep_dim = True
+        hx = None
+        if hidden is not None:
+            if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
+                raise TypeError(f"hidden: expected a tuple (h0, c0) of tensors [B, {self.hidden_size}] or "
+                                f"[1, B, {self.hidden_size}], got {type(hidden).__name__}")
+            h0, c0 = hidden
+            check_tensor(h0, "hidden[0]")
+            check_tensor(c0, "hidden[1]")
+            keep_dim = h0.dim() == 3
+            for name, t in (("hidden[0]", h0), ("hidden[1]", c0)):
+                if t.dim() == 3 and t.shape[0] != 1:
+                    raise ValueError(f"{name}: expected shape [B, {self.hidden_size}] or [1, B, {self.hidden_size}], "
+                                     f"got {tuple(t.shape)}")
+            hx = (h0[0] if h0.dim() == 3 else h0, c0[0] if c0.dim() == 3 else c0)
+        i2h, h2h = self._params(dropconnect)
+        out, (h, c) = functional.hyper_lstm_layer(input, hparams, i2h, h2h, hx, self.batch_first)
+        if keep_dim:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        return out, (h, c)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_hparams={self.num_hparams}"
+        if self.dropconnect:
+            s += f", dropconnect={self.dropconnect}"
+        if self.batch_first:
+            s += ", batch_first=True"
+        return s
+
+
+def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
+    """Per-example dropout of x [T, B, N] with one mask per (b, n) for all T (variational / locked):
+    channel dropout of the [B, N, T] view."""
+    return functional.per_example_channel_dropout(x.permute(1, 2, 0), rates).permute(2, 0, 1)
+
+
+class HyperLSTM(nn.Module):
+    """A stack of HyperLSTM layers, time-major like ``torch.nn.LSTM`` (``batch_first`` option).
+
+    ``forward(input, hx=None, hparams=None, dropconnect=None)``: input [T, B, input_size]
+    ([B, T, input_size] with batch_first); hx (h0, c0) each [num_layers, B, hidden_size],
+    zeros when None; the same hparams [B, H] / [H] / None reach every layer (as in the
+    published model). Returns ``(output, (h_n, c_n))``: output [T, B, hidden_size] (the last
+    layer's h_t), h_n and c_n [num_layers, B, hidden_size]. Layers are ``cells[l]``
+    (:class:`HyperLSTMCell`); ``load_state_dict`` also takes the published model's
+    ``rnns.{l}.i2h.*`` / ``rnns.{l}.h2h.*`` entries with the ``rnns.`` prefix removed (or a
+    model whose ``rnns`` attribute is this module). DropConnect draws one mask per layer.
+
+    ``layer_dropout`` (a rate, or one per example [B]) drops units of each layer's output
+    before the next layer, in training mode only, with one mask per (example, unit) for the
+    whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
+    (:func:`stn_kernels.stn.per_example_dropout` underneath; pass None in the validation steps).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, num_hparams: int, bias: bool = True,
+                 batch_first: bool = False, dropconnect: float = 0.0, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_hparams = num_hparams
+        self.batch_first = batch_first
+        self.cells = nn.ModuleList(
+            HyperLSTMCell(input_size if layer == 0 else hidden_size, hidden_size, num_hparams, bias, dropconnect,
+                          device=device, dtype=dtype)
+            for layer in range(num_layers))
+
+    @property
+    def dropconnect(self) -> float:
+        return self.cells[0].dropconnect
+
+    @dropconnect.setter
+    def dropconnect(self, p: float) -> None:
+        for cell in self.cells:
+            cell.dropconnect = float(p)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, hparams: Optional[Tensor] = None,
+                dropconnect: Optional[Union[float, Tensor]] = None,
+                layer_dropout: Optional[Union[float, Tensor]] = None):
+        L, N = self.num_layers, self.hidden_size
+        check_tensor(input, "input")
+        if input.dim() != 3:
+            raise ValueError(f"input: expected shape {'[B, T, ' if self.batch_first else '[T, B, '}"
+                             f"{self.input_size}], got {tuple(input.shape)}")
+        B = input.shape[0 if self.batch_first else 1]
+        if hx is None:
+            h0 = c0 = None
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"hx: expected a tuple (h0, c0) of tensors [{L}, B, {N}], got {type(hx).__name__}")
+            h0, c0 = hx
+            for name, t in (("hx[0]", h0), ("hx[1]", c0)):
+                check_tensor(t, name)
+                check_shape(t, name, (L, B, N))
+        x = input
+        hs, cs = [], []
+        for layer, cell in enumerate(self.cells):
+            i2h, h2h = cell._params(dropconnect)
+            state = None if h0 is None else (h0[layer], c0[layer])
+            first = layer == 0 and self.batch_first
+            x, (h, c) = functional.hyper_lstm_layer(x, hparams, i2h, h2h, state, batch_first=first)
+            if first:
+                x = x.transpose(0, 1)  # time-major between layers
+            if layer_dropout is not None and self.training and layer < L - 1:
+                x = _locked_dropout(x, layer_dropout)
+            hs.append(h)
+            cs.append(c)
+        out = x.transpose(0, 1) if self.batch_first else x
+        return out, (torch.stack(hs), torch.stack(cs))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Published model: rnns = ModuleList(HyperLSTMCell), so "{l}.i2h.*" under this module's prefix.
+        for key in list(state_dict):
+            rest = key[len(prefix):] if key.startswith(prefix) else None
+            if rest is None:
+                continue
+            head, _, tail = rest.partition(".")
+            if head.isdigit() and tail.split(".")[0] in ("i2h", "h2h"):
+                state_dict[f"{prefix}cells.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, num_hparams={self.num_hparams}"
+        if self.batch_first:
+            s += ", batch_first=True"
+        return s

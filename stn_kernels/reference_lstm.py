@@ -12,7 +12,7 @@ One layer of the published STN ``HyperLSTMCell``: with the input projection
 Gate order as in the official STN code (``lstm/hyperlstm.py``: sigmoid on [0:3N] split
 forget, input, output; tanh on [3N:4N]) — not torch.nn.LSTM's (i, f, g, o).
 
-The op contract shared with :mod:`stn_kernels.triton_kernels.hyper_lstm`:
+The op contract shared with :mod:`stn_kernels.backends.triton.hyper_lstm_recurrence`:
 
 ``hyper_lstm_recurrence_forward(x_proj, h0, c0, hparams, weight, hyper_weight, bias, hyper_bias,
 weight_scale, bias_scale) -> (out, c_T, gates, cells, z)``
@@ -111,7 +111,7 @@ def hyper_lstm_recurrence_forward(x_proj, h0, c0, hparams, weight, hyper_weight,
     return out, c_T, gates, cells, z
 
 
-def _stacked_hyper_linear_backward(backward, D, h0, out, hparams, weight, hyper_weight, hyper_bias, weight_scale,
+def stacked_hyper_linear_backward(backward, D, h0, out, hparams, weight, hyper_weight, hyper_bias, weight_scale,
                                    bias_scale, z, need: Sequence[bool]) -> List[Optional[Tensor]]:
     """Gradients 3..9 (λ, W_e, W_h, b, b_h, V, C) as one HyperLinear backward over the T·B stacked rows."""
     T, B, G = D.shape
@@ -167,6 +167,6 @@ def hyper_lstm_recurrence_backward(grad_out, grad_cT, h0, c0, hparams, weight, h
         grads[1] = torch.zeros_like(h0) if dh is None else dh
     if need[2]:
         grads[2] = dc.clone() if dc is grad_cT else dc
-    grads[3:] = _stacked_hyper_linear_backward(reference.hyper_linear_backward, D, h0, out, hparams, weight,
+    grads[3:] = stacked_hyper_linear_backward(reference.hyper_linear_backward, D, h0, out, hparams, weight,
                                                hyper_weight, hyper_bias, weight_scale, bias_scale, z, need)
     return grads

@@ -7,6 +7,9 @@ compare the package against something it does not share code with:
     linear:    out[b] = W·x[b] + (V·λ_b) ⊙ (W_hyper·x[b]) + bias + (C·λ_b) ⊙ hyper_bias
     conv2d:    out[b,c] = conv(x,W)[b,c] + (V·λ_b)[c]·conv(x,W_hyper)[b,c] + bias[c] + (C·λ_b)[c]·hyper_bias[c]
     embedding: out[b,...] = E[i] + (V·λ_b) ⊙ E_hyper[i]
+    HyperLSTM: the published HyperLSTMCell loop, naive_hyper_linear for i2h and h2h at every step
+               (λ scales recomputed each step), gates sigmoid on [0:3N] = forget, input, output and
+               tanh on [3N:4N]
 
 λ is [B, H] (one row per example, shared by any middle dims), [H] (shared by the
 batch) or None (the elementary path only).
@@ -21,6 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+import stn_kernels
 
 try:  # what torch.library.opcheck raises (an internal class; any Exception on other torch versions)
     from torch.testing._internal.optests.generate_tests import OpCheckError
@@ -372,6 +377,150 @@ def single_threaded() -> Iterator[None]:
 
 
 # Parametrisations shared by the layer test files.
+# ----------------------------------------------------------------------------- HyperLSTM
+
+def naive_cell_sequence(x, hparams, i2h, h2h, h, c):
+    """Published HyperLSTMCell over x [T, B, K]; i2h/h2h dicts W, Wh, b, bh, V, C. Returns out, h, c."""
+    n = h.shape[-1]
+    outs = []
+    for t in range(x.shape[0]):
+        pre = naive_hyper_linear(x[t], hparams, **i2h) + naive_hyper_linear(h, hparams, **h2h)
+        gates = torch.sigmoid(pre[:, :3 * n])
+        forget, inp, outg = gates[:, :n], gates[:, n:2 * n], gates[:, 2 * n:]
+        c = forget * c + inp * torch.tanh(pre[:, 3 * n:])
+        h = outg * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def lstm_linear_params(layer, dtype=None):
+    """A HyperLinear's parameters as the naive formula's dict (V, C = halves of hparam_weight)."""
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    n = layer.weight.shape[0]
+    return {"W": cast(layer.weight), "Wh": cast(layer.hyper_weight), "b": cast(layer.bias),
+            "bh": cast(layer.hyper_bias), "V": cast(layer.hparam_weight[:n]), "C": cast(layer.hparam_weight[n:])}
+
+
+def randomize_lstm_(model, gen=None):
+    """O(1) pre-activations: weights std 1/sqrt(fan_in), biases std 0.5, λ maps std 1/sqrt(H)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("hparam_weight"):
+                std = p.shape[1] ** -0.5
+            elif name.endswith("weight"):
+                std = p.shape[1] ** -0.5
+            else:
+                std = 0.5
+            p.copy_((torch.randn(p.shape, dtype=torch.float64, generator=gen) * std).to(p.dtype))
+    return model
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def run_lstm_stack(model, x, hparams, hx, g_out, g_h, g_c, backend="auto"):
+    """Our model: outputs and gradients w.r.t. x, hparams, h0, c0 and every parameter."""
+    x, hparams = leaves(x, hparams)
+    hx = None if hx is None else tuple(leaves(*hx))
+    with stn_kernels.use_backend(backend):
+        out, (h, c) = model(x, hx, hparams)
+        inputs = [x] + ([hparams] if hparams is not None else []) + (list(hx) if hx else []) + list(model.parameters())
+        loss = (out * g_out).sum() + (h * g_h).sum() + (c * g_c).sum()
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    names = (["x"] + (["hparams"] if hparams is not None else []) + (["h0", "c0"] if hx else [])
+             + [n for n, _ in model.named_parameters()])
+    return out, h, c, dict(zip(names, grads))
+
+
+def naive_lstm_stack(model, x, hparams, hx, g_out, g_h, g_c, batch_first=False):
+    """The same in float64 through the naive published loop (cells = model.cells or [model])."""
+    cells = list(model.cells) if hasattr(model, "cells") else [model]
+    params = {n: p.detach().to(torch.float64).requires_grad_(True) for n, p in model.named_parameters()}
+    x, hparams = leaves(None if x is None else x.to(torch.float64), None if hparams is None else hparams.to(torch.float64))
+    h0 = c0 = None
+    if hx is not None:
+        h0, c0 = leaves(hx[0].to(torch.float64), hx[1].to(torch.float64))
+    prefix = {id(cell): (f"cells.{i}." if hasattr(model, "cells") else "") for i, cell in enumerate(cells)}
+    seq = x.transpose(0, 1) if batch_first else x
+    B, N = seq.shape[1], cells[0].hidden_size
+    hs, cs = [], []
+    for i, cell in enumerate(cells):
+        p = prefix[id(cell)]
+        layer_params = []
+        for m in ("i2h", "h2h"):
+            g = 4 * N
+            layer_params.append({"W": params[p + m + ".weight"], "Wh": params[p + m + ".hyper_weight"],
+                                 "b": params.get(p + m + ".bias"), "bh": params.get(p + m + ".hyper_bias"),
+                                 "V": params[p + m + ".hparam_weight"][:g], "C": params[p + m + ".hparam_weight"][g:]})
+        if h0 is None:
+            h_init = c_init = torch.zeros(B, N, dtype=torch.float64)
+        else:
+            h_init = h0[i] if h0.dim() == 3 else h0
+            c_init = c0[i] if c0.dim() == 3 else c0
+        seq, h, c = naive_cell_sequence(seq, hparams, layer_params[0], layer_params[1], h_init, c_init)
+        hs.append(h)
+        cs.append(c)
+    out = seq.transpose(0, 1) if batch_first else seq
+    h, c = torch.stack(hs), torch.stack(cs)
+    if hx is not None and hx[0].dim() == 2:
+        h, c = h[0], c[0]
+    loss = (out * g_out.to(torch.float64)).sum() + (h * g_h.to(torch.float64)).sum() + (c * g_c.to(torch.float64)).sum()
+    inputs = [x] + ([hparams] if hparams is not None else []) + ([h0, c0] if hx is not None else []) + list(
+        params.values())
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    names = (["x"] + (["hparams"] if hparams is not None else []) + (["h0", "c0"] if hx is not None else [])
+             + list(params))
+    return out, h, c, dict(zip(names, grads))
+
+
+def compare_lstm(got, want, dtype, skip_zero_grads=True):
+    out, h, c, grads = got
+    out_r, h_r, c_r, grads_r = want
+    assert_close_rel(out, out_r, dtype, "output")
+    assert_close_rel(h, h_r, dtype, "h_T")
+    assert_close_rel(c, c_r, dtype, "c_T")
+    assert grads.keys() == grads_r.keys()
+    for name in grads:
+        if grads_r[name] is None:
+            assert grads[name] is None or not grads[name].any(), name
+            continue
+        assert grads[name] is not None, f"grad {name}: missing"
+        assert grads[name].dtype == dtype, name
+        assert_close_rel(grads[name], grads_r[name], dtype, f"grad {name}")
+
+
+def lstm_stack_inputs(T, B, K, N, H, layers, hparams_kind, batch_first, dtype, device="cpu", with_hx=True):
+    x = torch.randn((B, T, K) if batch_first else (T, B, K), dtype=dtype, device=device)
+    hparams = {"per_example": torch.randn(B, H, dtype=dtype, device=device),
+               "shared": torch.randn(H, dtype=dtype, device=device), "none": None}[hparams_kind]
+    hx = None
+    if with_hx:
+        hx = (torch.randn(layers, B, N, dtype=dtype, device=device) * 0.5,
+              torch.randn(layers, B, N, dtype=dtype, device=device) * 0.5)
+    g = (torch.randn((B, T, N) if batch_first else (T, B, N), dtype=dtype, device=device),
+         torch.randn(layers, B, N, dtype=dtype, device=device), torch.randn(layers, B, N, dtype=dtype, device=device))
+    return x, hparams, hx, g
+
+
+def lstm_recurrence_args(T=3, B=2, N=3, H=2, dtype=torch.float64, hparams=True, bias=True, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, dtype=torch.float64, generator=gen) * scale).to(dtype).to(device)
+
+    G = 4 * N
+    return [r(T, B, G), r(B, N, scale=0.5), r(B, N, scale=0.5), r(B, H) if hparams else None,
+            r(G, N, scale=N ** -0.5), r(G, N, scale=N ** -0.5), r(G, scale=0.5) if bias else None,
+            r(G, scale=0.5) if bias and hparams else None, r(G, H, scale=H ** -0.5) if hparams else None,
+            r(G, H, scale=H ** -0.5) if bias and hparams else None]
+
+
+def lstm_recurrence_fn(*args):
+    out, (h, c) = stn_kernels.hyper_lstm_recurrence(*args)
+    return out, c
+
+
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 HALF_DTYPES = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
 HPARAMS = ["per_example", "shared", "none"]

@@ -185,3 +185,53 @@ class DeltaStnConv2d(nn.Module):
         if self.response_bias is not None:
             out = out + (s[:, c:] * self.response_bias)[:, :, None, None]
         return out
+
+
+class PublishedHyperLSTMCell(nn.Module):
+    """Stand-in of the official HyperLSTMCell (i2h, h2h = official LSTM HyperLinear), from its formulas."""
+
+    def __init__(self, ninp, nhid, num_hparams):
+        super().__init__()
+        self.nhid = nhid
+        self.i2h = OfficialLstmHyperLinear(ninp, 4 * nhid, num_hparams)
+        self.h2h = OfficialLstmHyperLinear(nhid, 4 * nhid, num_hparams)
+        with torch.no_grad():  # O(1) pre-activations
+            for m, fan_in in ((self.i2h, ninp), (self.h2h, nhid)):
+                for p in m.parameters():
+                    p.mul_(fan_in ** -0.5 if p.dim() == 2 else 0.5)
+        self.i2h.mask_weights(0.0)
+        self.h2h.mask_weights(0.0)
+
+    def forward(self, input, hidden, hparams):
+        n = self.nhid
+        h, cell = hidden[0].squeeze(0), hidden[1].squeeze(0)
+        hs = []
+        for t in range(len(input)):
+            pre = self.i2h(input[t], hparams) + self.h2h(h, hparams)
+            gates = torch.sigmoid(pre[:, :3 * n])
+            cell = gates[:, :n] * cell + gates[:, n:2 * n] * torch.tanh(pre[:, 3 * n:])
+            h = gates[:, 2 * n:] * torch.tanh(cell)
+            hs.append(h)
+        return torch.stack(hs), (h.unsqueeze(0), cell.unsqueeze(0))
+
+
+class HyperLSTMCell(PublishedHyperLSTMCell):
+    """The stand-in under the official class name, which stn_kernels.convert recognises."""
+
+
+class PublishedLanguageModelCore(nn.Module):
+    """The published model's loop over its cells: DropConnect drawn by h2h.mask_weights(wdrop) before each."""
+
+    def __init__(self, K, N, H, layers, wdrop=0.0, cell=HyperLSTMCell):
+        super().__init__()
+        self.rnns = nn.ModuleList([cell(K if layer == 0 else N, N, H) for layer in range(layers)])
+        self.wdrop = wdrop
+
+    def forward(self, x, hidden, lam):
+        new_hidden = []
+        for layer, rnn in enumerate(self.rnns):
+            rnn.h2h.mask_weights(self.wdrop)
+            rnn.i2h.mask_weights(0)
+            x, state = rnn(x, hidden[layer], lam)
+            new_hidden.append(state)
+        return x, new_hidden

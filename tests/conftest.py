@@ -33,6 +33,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def seeded_no_tf32():
+    """torch.manual_seed(0) and no TF32 in float32 matmuls (restored after the test)."""
+    torch.manual_seed(0)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The CUDA kernels of csrc/ built with g++ for a CPU emulation of the CUDA execution model (tests/_cuda.py)."""
+    from _cuda import build_emulation
+
+    emulated = build_emulation()
+    if emulated is None:
+        pytest.skip("no C++ compiler for the CPU emulation of the kernels")
+    yield emulated
+    emulated.set_sms(4)
+
+
+@pytest.fixture
 def one_thread():
     """torch on one thread: gradchecks on a shared 2-core machine slow down badly once a large conv
     has started torch's thread pool (see tests/_naive.py single_threaded)."""

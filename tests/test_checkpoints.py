@@ -1,7 +1,7 @@
 """Checkpoints of the published STN layers load into ours (strict=True) and give the same outputs.
 
 The published layers (official STN HyperLinear / HyperConv2d / HyperEmbedding / LSTM HyperLinear,
-Delta-STN StnLinear) are the stand-ins of ``_published``, written from their formulas and parameter names.
+Delta-STN StnLinear, the official HyperLSTMCell) are the stand-ins of ``_published``, written from their formulas and parameter names.
 """
 
 import pytest
@@ -11,7 +11,7 @@ from torch import nn
 import stn_kernels
 from _naive import assert_close_rel
 from _published import (DeltaStnLinear, OfficialHyperConv2d, OfficialHyperEmbedding, OfficialHyperLinear,
-                        OfficialLstmHyperLinear, randomize)
+                        OfficialLstmHyperLinear, PublishedHyperLSTMCell, randomize)
 
 D64 = torch.float64
 K, N, H, B = 9, 6, 3, 4
@@ -145,3 +145,46 @@ def test_strict_load_still_reports_missing_and_unexpected():
     state["bogus"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="(?s)Missing key.*hyper_bias.*Unexpected key.*bogus"):
         stn_kernels.HyperLinear(K, N, H, dtype=D64).load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- HyperLSTM
+
+def test_published_cell_checkpoint_loads_strict():
+    T, B, K, N, H = 3, 2, 5, 3, 2
+    published = PublishedHyperLSTMCell(K, N, H)
+    keys = set(published.state_dict())
+    assert {"i2h.elem_weight_raw", "h2h.hnet_weight_raw", "h2h.hnet_tensor_to_scalars.weight"} <= keys
+    ours = stn_kernels.HyperLSTMCell(K, N, H, dtype=D64)
+    ours.load_state_dict(published.state_dict(), strict=True)
+    x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
+    hidden = (torch.randn(1, B, N, dtype=D64), torch.randn(1, B, N, dtype=D64))
+    want, (h_w, c_w) = published(x, hidden, lam)
+    got, (h, c) = ours(x, hidden, lam)
+    assert_close_rel(got, want, D64, "output")
+    assert_close_rel(h, h_w, D64, "h")
+    assert_close_rel(c, c_w, D64, "c")
+
+
+def test_published_model_rnns_load_into_stack():
+    """The published model's rnns.{l}.* entries load into a HyperLSTM used as its ``rnns``."""
+    T, B, N, H = 3, 2, 4, 2
+
+    class Published(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnns = nn.ModuleList([PublishedHyperLSTMCell(N, N, H) for _ in range(2)])
+
+    class Ours(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnns = stn_kernels.HyperLSTM(N, N, 2, H, dtype=D64)
+
+    published, ours = Published(), Ours()
+    ours.load_state_dict(published.state_dict(), strict=True)
+    x, lam = torch.randn(T, B, N, dtype=D64), torch.randn(B, H, dtype=D64)
+    zeros = (torch.zeros(1, B, N, dtype=D64), torch.zeros(1, B, N, dtype=D64))
+    y = x
+    for cell in published.rnns:
+        y, _ = cell(y, zeros, lam)
+    got, _ = ours.rnns(x, None, lam)
+    assert_close_rel(got, y, D64, "output")

@@ -8,8 +8,10 @@ from torch import nn
 import stn_kernels
 from stn_kernels import HyperConv2d, HyperEmbedding, HyperLinear
 from stn_kernels.convert import DropConnectHyperLinear, TimeMajorHyperEmbedding, published_layer_kind
+from _naive import assert_close_rel, leaves, lstm_linear_params, naive_cell_sequence
 from _published import (DeltaStnConv2d, DeltaStnLinear, OfficialHyperConv2d, OfficialHyperEmbedding,
-                        OfficialHyperLinear, OfficialLstmHyperLinear)
+                        OfficialHyperLinear, OfficialLstmHyperLinear, PublishedHyperLSTMCell,
+                        PublishedLanguageModelCore)
 
 F64 = torch.float64
 H = 2
@@ -180,3 +182,80 @@ def test_bad_input_is_rejected():
         stn_kernels.convert({})
     with pytest.raises(ValueError, match="num_hparams: expected an int >= 1 or None, got 0"):
         stn_kernels.convert(nn.Linear(2, 2), num_hparams=0)
+
+
+# --------------------------------------------------------------------------- the official HyperLSTMCell
+
+D64 = torch.float64
+
+
+def _published_run(model, x, hidden, lam):
+    """Output, final states and the gradients of a fixed function of them: w.r.t. x, λ and each parameter
+    (keyed by the Parameter object's id, which conversion keeps)."""
+    x, lam = leaves(x, lam)
+    out, states = model(x, hidden, lam)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=D64).view_as(out)).sum()
+    loss = loss + sum((h * 0.3 + c * 0.7).sum() for h, c in states)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, [x, lam, *params])
+    return out, states, {"x": grads[0], "hparams": grads[1], **{id(p): g for p, g in zip(params, grads[2:])}}
+
+
+def test_convert_swaps_published_cells_for_the_fused_cell():
+    """convert() replaces each official HyperLSTMCell by ours over the same Parameters; the published model's
+    forward runs unchanged and gives the same output, states and gradients."""
+    T, B, K, N, H = 4, 3, 5, 4, 2
+    model = PublishedLanguageModelCore(K, N, H, 2)
+    x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
+    hidden = [(torch.randn(1, B, N, dtype=D64) * 0.5, torch.randn(1, B, N, dtype=D64) * 0.5) for _ in range(2)]
+    params = list(model.parameters())
+    want_out, want_states, want_grads = _published_run(model, x, hidden, lam)
+    assert stn_kernels.convert(model) is model
+    assert all(type(cell) is stn_kernels.HyperLSTMCell for cell in model.rnns)
+    assert {id(p) for p in model.parameters()} == {id(p) for p in params}  # taken over, not copied
+    out, states, grads = _published_run(model, x, hidden, lam)
+    assert_close_rel(out, want_out, D64, "output")
+    for (h, c), (wh, wc) in zip(states, want_states):
+        assert h.shape == wh.shape == (1, B, N)
+        assert_close_rel(h, wh, D64, "h_T")
+        assert_close_rel(c, wc, D64, "c_T")
+    assert grads.keys() == want_grads.keys()
+    for key, w in want_grads.items():
+        assert_close_rel(grads[key], w, D64, f"d{key}")
+
+
+def test_converted_cell_uses_the_dropconnect_mask_the_published_model_draws():
+    T, B, K, N, H = 3, 2, 4, 5, 2
+    model = PublishedLanguageModelCore(K, N, H, 2, wdrop=0.5)
+    stn_kernels.convert(model)
+    model.train()
+    x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
+    hidden = [(torch.zeros(1, B, N, dtype=D64), torch.zeros(1, B, N, dtype=D64)) for _ in range(2)]
+    out, _ = model(x, hidden, lam)
+    feed = x
+    for cell in model.rnns:
+        mask = cell.h2h.weight_mask  # drawn by the model's mask_weights(0.5) call, kept until the next one
+        assert mask is not None and cell.i2h.weight_mask is None
+        assert set(mask.unique().tolist()) == {0.0, 2.0}
+        h2h = lstm_linear_params(cell.h2h)
+        h2h["W"], h2h["Wh"] = h2h["W"] * mask, h2h["Wh"] * mask
+        zeros = torch.zeros(B, N, dtype=D64)
+        feed, _, _ = naive_cell_sequence(feed, lam, lstm_linear_params(cell.i2h), h2h, zeros, zeros)
+    assert_close_rel(out, feed, D64, "output with DropConnect")
+    model.eval()  # the training masks are still set on h2h, and must not apply now
+    out_eval, _ = model.rnns[0](x, hidden[0], lam)
+    zeros = torch.zeros(B, N, dtype=D64)
+    cell = model.rnns[0]
+    want_eval, _, _ = naive_cell_sequence(x, lam, lstm_linear_params(cell.i2h), lstm_linear_params(cell.h2h), zeros, zeros)
+    assert cell.h2h.weight_mask is not None
+    assert_close_rel(out_eval, want_eval, D64, "output in eval mode")
+
+
+def test_convert_leaves_other_cells_whole():
+    """Only the official class is fused: a cell of another name (its gates could be in another order) keeps its
+    own loop, with its linears converted."""
+    model = PublishedLanguageModelCore(3, 4, 2, 1, cell=PublishedHyperLSTMCell)
+    stn_kernels.convert(model)
+    cell = model.rnns[0]
+    assert type(cell) is PublishedHyperLSTMCell
+    assert type(cell.i2h).__name__ == type(cell.h2h).__name__ == "DropConnectHyperLinear"

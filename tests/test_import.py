@@ -14,7 +14,7 @@ import torch
 import stn_kernels
 ops = torch.ops.stn_kernels
 print(json.dumps({
-    "kernel_modules": sorted(m for m in sys.modules if m.startswith("stn_kernels.triton_kernels")),
+    "kernel_modules": sorted(m for m in sys.modules if m.startswith("stn_kernels.backends.triton")),
     "triton_imported": "triton" in sys.modules,
     "extension_imported": "stn_kernels._C" in sys.modules,
     "cuda_initialized": torch.cuda.is_initialized(),

@@ -348,8 +348,8 @@ def test_fused_backend_gives_the_same_hyperparameter_update_as_the_reference():
 
     (ref_lam, ref_rho), ref_weights, ref_train_out = run("reference")
     (tri_lam, tri_rho), tri_weights, tri_train_out = run("triton")
-    assert "stn_kernels.triton_kernels.dropout" in sys.modules      # the fused kernels really ran
-    assert "stn_kernels.triton_kernels.hyper_linear" in sys.modules
+    assert "stn_kernels.backends.triton.per_example_dropout" in sys.modules      # the fused kernels really ran
+    assert "stn_kernels.backends.triton.hyper_linear" in sys.modules
     # Same dropout masks bit for bit (another mask would move these logits by O(1)); the GEMMs accumulate
     # in fp32 in another order (K ≤ 8 terms), so results agree to a few fp32 ulps, far below any real difference.
     torch.testing.assert_close(tri_train_out, ref_train_out, rtol=1e-5, atol=1e-6)

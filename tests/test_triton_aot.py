@@ -3,8 +3,8 @@
 The other Triton tests run the kernels under the interpreter (TRITON_INTERPRET=1), which catches
 no GPU compilation problem: a config whose shared memory exceeds the device's, a tl.dot dtype the
 hardware does not take, an op the backend cannot lower, a ptxas error. Here each @triton.jit kernel
-of ``stn_kernels.triton_kernels.{hyper_linear, hyper_conv2d, hyper_embedding, hyper_lstm, dropout}``
-goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 64))`` down to a cubin
+of ``stn_kernels.backends.triton.{hyper_linear, hyper_conv2d, hyper_embedding, hyper_lstm_recurrence,
+per_example_dropout}`` goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 64))`` down to a cubin
 (Triton's bundled ptxas), and the test asserts that it compiles and that its shared memory
 (``compiled.metadata.shared``) fits sm_90's 232448 bytes; a failure names the kernel, the config,
 the dtype and the flags.
@@ -80,10 +80,11 @@ class _Fake:
 
 def _kernels():
     """(module name, kernel name) -> (JITFunction, autotuner or None); modules with their GPU lists."""
-    from stn_kernels.triton_kernels import dropout, hyper_conv2d, hyper_embedding, hyper_linear, hyper_lstm
+    from stn_kernels.backends.triton import (hyper_conv2d, hyper_embedding, hyper_linear, hyper_lstm_recurrence,
+                                             per_example_dropout)
 
     out = {}
-    for mod in (hyper_linear, hyper_conv2d, hyper_embedding, hyper_lstm, dropout):
+    for mod in (hyper_linear, hyper_conv2d, hyper_embedding, hyper_lstm_recurrence, per_example_dropout):
         short = mod.__name__.rsplit(".", 1)[1]
         for name, obj in vars(mod).items():
             fn = obj if type(obj).__name__ == "JITFunction" else getattr(obj, "fn", None)
@@ -113,11 +114,11 @@ _ROLES = {
     ("hyper_embedding", "_rows_kernel"): dict(L=("lam_ptr", "v_ptr"), I=("idx_ptr",),
                                               F=("dlam_ptr", "dv_ptr", "de_ptr", "dh_ptr")),
     ("hyper_embedding", "_segment_kernel"): dict(L=("lam_ptr", "v_ptr"), I=("perm_ptr", "starts_ptr")),
-    ("hyper_lstm", "_fwd_step_kernel"): dict(F=("s_ptr", "beta_ptr")),
-    ("hyper_lstm", "_bwd_step_kernel"): dict(F=("dhin_ptr", "dcin_ptr", "s_ptr", "dcout_ptr", "dhout_ptr")),
-    ("dropout", "_per_example_dropout_kernel"): dict(F=("rate_ptr", "scale_ptr"), I=("seed_offset_ptr",)),
+    ("hyper_lstm_recurrence", "_fwd_step_kernel"): dict(F=("s_ptr", "beta_ptr")),
+    ("hyper_lstm_recurrence", "_bwd_step_kernel"): dict(F=("dhin_ptr", "dcin_ptr", "s_ptr", "dcout_ptr", "dhout_ptr")),
+    ("per_example_dropout", "_per_example_dropout_kernel"): dict(F=("rate_ptr", "scale_ptr"), I=("seed_offset_ptr",)),
 }
-_NO_DIVISIBILITY = {("hyper_lstm", "_fwd_step_kernel"): ("N",), ("hyper_lstm", "_bwd_step_kernel"): ("N",)}
+_NO_DIVISIBILITY = {("hyper_lstm_recurrence", "_fwd_step_kernel"): ("N",), ("hyper_lstm_recurrence", "_bwd_step_kernel"): ("N",)}
 
 
 def _signature(key, fn, dtype, consts):
@@ -135,7 +136,7 @@ def _signature(key, fn, dtype, consts):
             if name in roles.get("I", ()):
                 sig[name] = "*i64"
             elif name in f32 or name in roles.get("L", ()):
-                sig[name] = "*fp64" if (key[0] == "dropout" and dtype == "fp64" and name == "scale_ptr") else "*fp32"
+                sig[name] = "*fp64" if (key[0] == "per_example_dropout" and dtype == "fp64" and name == "scale_ptr") else "*fp32"
             else:
                 sig[name] = "*" + dtype
         else:
@@ -163,7 +164,7 @@ def _tuned(key, kernel, arch, dtype, nargs, consts):
     configs = list(kernel.configs)
     prune = getattr(kernel, "early_config_prune", None)
     if prune is not None:
-        mod = sys.modules["stn_kernels.triton_kernels." + key[0]]
+        mod = sys.modules["stn_kernels.backends.triton." + key[0]]
         td = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         full = {k: (_Fake(td) if v == "X" else v) for k, v in nargs.items()}
         saved = getattr(mod, "_smem_limit", None)
@@ -203,9 +204,9 @@ def _sample(full, dt):
 
 def make_jobs(full: bool):
     """The compile jobs (deterministic: every worker builds the same list and takes its share)."""
-    from stn_kernels.triton_kernels import hyper_conv2d as hc, hyper_embedding as he, hyper_linear as hl
-    from stn_kernels.triton_kernels import hyper_lstm as hs
-    from stn_kernels.triton_kernels import _common
+    from stn_kernels.backends.triton import hyper_conv2d as hc, hyper_embedding as he, hyper_linear as hl
+    from stn_kernels.backends.triton import hyper_lstm_recurrence as hs
+    from stn_kernels.backends.triton import _common
 
     assert not _common.INTERPRET and _common.AUTOTUNE, "workers must see the GPU config lists"
     ks = _kernels()
@@ -251,14 +252,14 @@ def make_jobs(full: bool):
 
         # hyper_lstm: autotuned step kernels
         lstm_nargs = dict(B=big["B"], N=2048)
-        k = ("hyper_lstm", "_fwd_step_kernel")
+        k = ("hyper_lstm_recurrence", "_fwd_step_kernel")
         f = dict(HAS_HP=True, HAS_BETA=True, PREC="")
         for dt in (ALL_DTYPES if full else [HALF, F32_TF32]):
             jobs += _config_jobs(k, ks[k][1], arch, dt, f, lstm_nargs, None if dt == HALF else _sample(full, dt))
         if not full:
             for dt in (BF16, F32_IEEE):
                 jobs += _config_jobs(k, ks[k][1], arch, dt, f, lstm_nargs, pick=lambda c: c[:1])
-        k = ("hyper_lstm", "_bwd_step_kernel")
+        k = ("hyper_lstm_recurrence", "_bwd_step_kernel")
         b = dict(HAS_HP=True, HAS_DH=True, NEED_DH=True, PREC="")
         for dt in (ALL_DTYPES if full else [HALF, F32_TF32]):
             jobs += _config_jobs(k, ks[k][1], arch, dt, b, lstm_nargs, _sample(full, dt))
@@ -292,15 +293,15 @@ def make_jobs(full: bool):
                              dict(NEED_E=True, NEED_H=True, BLOCK_K=bk, BLOCK_D=bd, BLOCK_H=16)))
 
         # dropout
-        from stn_kernels.triton_kernels import dropout as dr
+        from stn_kernels.backends.triton import per_example_dropout as dr
         for dt in ALL_DTYPES[:3] + [("fp64", "ieee")]:
-            jobs.append(_job(("dropout", "_per_example_dropout_kernel"), arch, dt, dict(BLOCK=dr.BLOCK)))
+            jobs.append(_job(("per_example_dropout", "_per_example_dropout_kernel"), arch, dt, dict(BLOCK=dr.BLOCK)))
 
     if not full:
         # sm_80: the single configs used without autotuning (said to fit Ampere in fp32).
         for key, cfg, base in ((("hyper_linear", "_fwd_kernel"), hl._DEFAULT_TWO[0],
                                 dict(HAS_HP=True, HAS_BIAS=True, HAS_HB=True, PREC="", LAM_PREC="", BLOCK_H=16)),
-                               (("hyper_lstm", "_fwd_step_kernel"), hs._DEFAULT_FWD[0],
+                               (("hyper_lstm_recurrence", "_fwd_step_kernel"), hs._DEFAULT_FWD[0],
                                 dict(HAS_HP=True, HAS_BETA=True, PREC=""))):
             names = [c for c in ks[key][1].configs[0].kwargs if c.startswith("BLOCK")]
             meta = {**dict(zip(names, cfg[:3])), **{c: v for c, v in ks[key][1].configs[0].kwargs.items()

@@ -106,7 +106,7 @@ def test_auto_uses_reference_on_cpu_even_when_interpreting(monkeypatch):
 
 
 def test_triton_backend_runs_the_triton_kernels(monkeypatch):
-    from stn_kernels.triton_kernels import hyper_linear as kernels
+    from stn_kernels.backends.triton import hyper_linear as kernels
 
     calls = []
     for name in ("hyper_linear_forward", "hyper_linear_backward"):

@@ -1,4 +1,4 @@
-"""The Triton (GPU) path of HyperConv2d: stn_kernels.triton_kernels.hyper_conv2d directly, and
+"""The Triton (GPU) path of HyperConv2d: stn_kernels.backends.triton.hyper_conv2d directly, and
 end to end through stn_kernels.hyper_conv2d / HyperConv2d under use_backend("triton").
 
 Without CUDA the Triton parts (epilogue, gradient preparation, reductions) run in the
@@ -18,8 +18,8 @@ os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 import stn_kernels  # noqa: E402
-from stn_kernels import ops  # noqa: E402
-from stn_kernels.triton_kernels import hyper_conv2d as hc  # noqa: E402
+from stn_kernels.backends.triton import hyper_conv2d as hc  # noqa: E402
+from stn_kernels.ops.hyper_conv2d import conv2d_output_shape  # noqa: E402
 from _naive import (OpCheckError, TOL, assert_close_rel, check_against_naive, make_conv_params,  # noqa: E402
                     naive_hyper_conv2d, randomize_module_)
 
@@ -29,15 +29,12 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CL = torch.channels_last
 NAMES = ("x", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale", "bias_scale")
-MODULE = "stn_kernels.triton_kernels.hyper_conv2d"
 
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    """No TF32 in fp32 convs and matmuls; the kernels registered as the "triton" backend; the
-    packed path and its cache as by default (tests that change them use monkeypatch)."""
-    if "triton" not in ops._KERNEL_MODULES["hyper_conv2d"]:
-        monkeypatch.setitem(ops._KERNEL_MODULES["hyper_conv2d"], "triton", MODULE)
+    """No TF32 in fp32 convs and matmuls; the packed path and its cache as by default (tests that
+    change them use monkeypatch)."""
     monkeypatch.setattr(hc, "PACKED", True)
     monkeypatch.setattr(hc, "CACHE_PACKED_WEIGHT", True)
     torch.manual_seed(0)
@@ -104,7 +101,7 @@ def make(geo, dtype=F32, lam_dtype=None, bias=True, hyper_bias=True, hparams="pe
               dev(p["W"], dtype, w_format), dev(p["Wh"], dtype, w_format), dev(p["b"], dtype) if bias else None,
               dev(p["bh"], dtype) if has_hb else None, dev(p["V"], lam_dtype) if lam is not None else None,
               dev(p["C"], lam_dtype) if has_hb else None]
-    out_shape = ops.conv2d_output_shape(x.shape, p["W"].shape, geo.stride, geo.padding, geo.dilation)
+    out_shape = conv2d_output_shape(x.shape, p["W"].shape, geo.stride, geo.padding, geo.dilation)
     g = torch.randn(out_shape, dtype=torch.float64, generator=gen).to(DEVICE, dtype)
     if x_format is not None:
         g = g.contiguous(memory_format=x_format)

@@ -1,4 +1,4 @@
-"""The Triton (GPU) path of HyperEmbedding: stn_kernels.triton_kernels.hyper_embedding directly,
+"""The Triton (GPU) path of HyperEmbedding: stn_kernels.backends.triton.hyper_embedding directly,
 and end to end through stn_kernels.hyper_embedding / HyperEmbedding under use_backend("triton").
 
 Without CUDA the kernels run in the Triton interpreter. Ground truth: float64 autograd through
@@ -17,8 +17,7 @@ os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 import stn_kernels  # noqa: E402
-from stn_kernels import ops  # noqa: E402
-from stn_kernels.triton_kernels import hyper_embedding as he  # noqa: E402
+from stn_kernels.backends.triton import hyper_embedding as he  # noqa: E402
 from _naive import (OpCheckError, assert_close_rel, check_against_naive, make_embedding_params,  # noqa: E402
                     naive_hyper_embedding, randomize_module_)
 
@@ -27,14 +26,11 @@ pytestmark = pytest.mark.triton
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = ("indices", "hparams", "weight", "hyper_weight", "weight_scale")
-MODULE = "stn_kernels.triton_kernels.hyper_embedding"
 
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    """The kernels registered as the "triton" backend; default table-gradient mode; no TF32."""
-    if "triton" not in ops._KERNEL_MODULES["hyper_embedding"]:
-        monkeypatch.setitem(ops._KERNEL_MODULES["hyper_embedding"], "triton", MODULE)
+    """Default table-gradient mode; no TF32."""
     monkeypatch.setattr(he, "TABLE_GRAD", "auto")
     torch.manual_seed(0)
     old = torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled()

@@ -1,4 +1,4 @@
-"""Direct tests of the fused Triton HyperLinear kernels (stn_kernels.triton_kernels.hyper_linear).
+"""Direct tests of the fused Triton HyperLinear kernels (stn_kernels.backends.triton.hyper_linear).
 
 On a machine without CUDA the kernels run on CPU tensors through the Triton interpreter.
 Ground truth is a float64 computation (two F.linear calls and autograd, tests/_naive.py), on
@@ -17,7 +17,7 @@ if not HAS_CUDA:
 os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
-from stn_kernels.triton_kernels import hyper_linear as hl  # noqa: E402
+from stn_kernels.backends.triton import hyper_linear as hl  # noqa: E402
 from _naive import HL_NAMES as NAMES, check_hl_kernels, close_to_ref64 as close, hl_ref64 as ref64  # noqa: E402
 from _naive import KERNEL_TOL as TOL, hl_deterministic_runs, make_hl_inputs  # noqa: E402  (TOL: the dict close() reads)
 

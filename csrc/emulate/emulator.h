@@ -1,5 +1,5 @@
 // A small CPU emulation of the CUDA execution model, enough to run the kernels of
-// ../hyper_linear_kernels.cuh unchanged under g++ (tests/test_cuda_extension.py builds
+// ../hyper_linear_kernels.cuh unchanged under g++ (tests/_cuda.py builds
 // host_kernels.cpp with it and checks the kernels against a float64 reference through ctypes).
 //
 // Every CUDA thread of a block is a fiber (its own stack) on one OS thread; the blocks of a

@@ -1,6 +1,6 @@
 // The kernels of ../hyper_linear_kernels.cuh built for the CPU emulation (emulator.h), as a
 // shared library with the C interface of ../hyper_linear_kernels.h plus stn_hl_emu_set_sms.
-// Built and loaded by tests/test_cuda_extension.py:
+// Built and loaded by tests/_cuda.py (the tests test_cuda_emulated_kernels.py and test_cuda_hyper_linear.py):
 //   g++ -std=c++20 -O1 -fPIC -shared -fno-strict-aliasing -U_FORTIFY_SOURCE host_kernels.cpp -o libstn_hl_emu.so
 // (no CUDA toolkit needed: emulator.h defines the CUDA types and intrinsics the kernels use).
 #include "emulator.h"

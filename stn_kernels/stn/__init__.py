@@ -15,11 +15,11 @@ A self-tuning loop in a few lines (see ``examples/stn_digits.py`` for a complete
     for _ in range(cycles):
         trainer.step(next_train_batch, next_valid_batch)   # T_train weight steps, T_valid λ/σ steps
 
-Importing this package registers ``torch.ops.stn_kernels.per_example_dropout`` and imports no
-Triton: the fused dropout kernel loads on first use by the ``triton`` backend.
+This package holds the toolkit's public API only: the per-example dropout op lives with the other
+ops (``stn_kernels.ops``, public function :func:`stn_kernels.functional.per_example_dropout`).
 """
 
-from .dropout import per_example_channel_dropout, per_example_dropout
+from ..functional import per_example_channel_dropout, per_example_dropout
 from .hyperparameters import (Hyperparameter, HyperparameterSample, HyperparameterSet, inverse_softplus,
                               stretched_logit, stretched_sigmoid)
 from .training import STNTrainer, StepResult, cycle_batches, linearized_output, split_stn_parameters

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import dense_format
+from ...reference import dense_format
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) and ``_num_sms``.
 from ._common import alloc as _alloc, block_h as _block_h, fallback as _fallback, inner as _inner
 from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row, vec as _vec

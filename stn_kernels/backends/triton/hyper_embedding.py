@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fallback import needs_reference
+from ..fallback import needs_reference
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
 from ._common import INTERPRET as _INTERPRET, alloc as _alloc, block_h as _block_h, inner as _inner
 from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row

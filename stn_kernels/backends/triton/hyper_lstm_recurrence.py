@@ -24,7 +24,7 @@ Python loop over time, one launch per step:
 
 After the time loop the parameter and λ gradients are one HyperLinear backward over the
 stacked T·B rows (d_pre against h_{t-1}, with the saved z), by the kernels of
-:mod:`stn_kernels.triton_kernels.hyper_linear`. No atomics anywhere: results are bitwise
+:mod:`stn_kernels.backends.triton.hyper_linear`. No atomics anywhere: results are bitwise
 repeatable. Every buffer the kernels write in full comes from :func:`_alloc` (tests patch it
 to NaN-fill). tanh is 2σ(2x) − 1 (no libdevice: runs under TRITON_INTERPRET=1 too).
 """
@@ -284,7 +284,7 @@ def hyper_lstm_recurrence_forward(x_proj, h0, c0, hparams, weight, hyper_weight,
                                   bias_scale):
     """(out, c_T, gates, cells, z) as the reference; one fused kernel launch per step."""
     if _fallback(x_proj, h0, c0, weight, hyper_weight, hparams, weight_scale, bias_scale):
-        from .. import reference_lstm
+        from ... import reference_lstm
         return reference_lstm.hyper_lstm_recurrence_forward(x_proj, h0, c0, hparams, weight, hyper_weight, bias,
                                                             hyper_bias, weight_scale, bias_scale)
     T, B, G = x_proj.shape
@@ -327,11 +327,11 @@ def hyper_lstm_recurrence_backward(grad_out, grad_cT, h0, c0, hparams, weight, h
     """10 gradients as the reference: one fused launch per step backwards through time, then one
     HyperLinear backward (Triton) over the stacked T·B rows for λ and the parameters."""
     if _fallback(gates, h0, c0, weight, hyper_weight, hparams, weight_scale, bias_scale):
-        from .. import reference_lstm
+        from ... import reference_lstm
         return reference_lstm.hyper_lstm_recurrence_backward(grad_out, grad_cT, h0, c0, hparams, weight,
                                                              hyper_weight, hyper_bias, weight_scale, bias_scale,
                                                              out, gates, cells, z, output_mask)
-    from ..reference_lstm import _stacked_hyper_linear_backward
+    from ...reference_lstm import stacked_hyper_linear_backward
 
     need = [bool(v) for v in output_mask]
     T, B, G = gates.shape
@@ -372,6 +372,6 @@ def hyper_lstm_recurrence_backward(grad_out, grad_cT, h0, c0, hparams, weight, h
         grads[1] = dh_bufs[0].to(h0.dtype)
     if need[2]:
         grads[2] = dc_bufs[0].to(c0.dtype)
-    grads[3:] = _stacked_hyper_linear_backward(hl.hyper_linear_backward, D, h0, out, hparams, weight, hyper_weight,
+    grads[3:] = stacked_hyper_linear_backward(hl.hyper_linear_backward, D, h0, out, hparams, weight, hyper_weight,
                                                hyper_bias, weight_scale, bias_scale, z, need)
     return grads

@@ -8,7 +8,7 @@ kernel applied to the incoming gradient with the same seed and offset, which
 regenerates the same mask.
 
 The random numbers come from the keyed integer hash documented in
-:mod:`stn_kernels.stn.dropout` (three rounds of a 32-bit mixer), not from
+:mod:`stn_kernels.reference_dropout` (three rounds of a 32-bit mixer), not from
 ``tl.rand``: the reference backend implements the same hash with torch integer
 ops, so for the same (seed, offset) both backends produce the same mask bit for
 bit on any device. Keep the two implementations identical; the tests compare them.

@@ -17,10 +17,11 @@ dx = g·W_e + (g⊙s)·W_h, dW_e = gᵀ·x and dW_h = (g⊙s)ᵀ·x. With
 variant (per-block partial sums added in a fixed order, no float atomics), and
 results repeat bitwise; otherwise the partial sums are added with float atomics.
 
-The private ops' schemas and fake kernels are defined here; their CUDA kernels are
-registered by the extension (``TORCH_LIBRARY_IMPL(stn_kernels, CUDA, m)`` in
-csrc/hyper_linear_ops.cpp) when ``stn_kernels._C`` is loaded. Importing this module
-does not load the extension; calling the functions on CUDA tensors needs it loaded.
+The private ops' schemas and fake kernels are defined with the op they serve, in
+:mod:`stn_kernels.ops.hyper_linear`; their CUDA kernels are registered by the extension
+(``TORCH_LIBRARY_IMPL(stn_kernels, CUDA, m)`` in csrc/hyper_linear_ops.cpp) when
+``stn_kernels._C`` is loaded. Importing this module does not load the extension; calling
+the functions on CUDA tensors needs it loaded.
 """
 
 from __future__ import annotations
@@ -31,47 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _extension, reference
-from ._backend import BackendUnavailableError
-from ._fallback import hyper_linear_needs_reference, reference_fallback_backward
-
-EPILOGUE_OP = "stn_kernels::_cuda_hyper_linear_epilogue"
-REDUCE_OP = "stn_kernels::_cuda_hyper_linear_backward_reduce"
-SCHEMAS = {
-    EPILOGUE_OP: "_cuda_hyper_linear_epilogue(Tensor? acc, Tensor z, Tensor hparams, Tensor weight_scale, "
-                 "Tensor? bias, Tensor? hyper_bias, Tensor? bias_scale) -> Tensor",
-    REDUCE_OP: "_cuda_hyper_linear_backward_reduce(Tensor grad_out, Tensor? z_hyper, Tensor hparams, "
-               "Tensor weight_scale, Tensor? hyper_bias, Tensor? bias_scale, bool grad_scaled, bool need_hparams, "
-               "bool need_weight_scale, bool need_bias_scale, bool need_bias, bool need_hyper_bias, "
-               "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-}
-
-_lib = torch.library.Library("stn_kernels", "FRAGMENT")
-for _schema in SCHEMAS.values():
-    _lib.define(_schema)
-
-
-@torch.library.register_fake(EPILOGUE_OP, lib=_lib)
-def _epilogue_fake(acc, z, hparams, weight_scale, bias, hyper_bias, bias_scale):
-    return z.new_empty(z.shape)
-
-
-@torch.library.register_fake(REDUCE_OP, lib=_lib)
-def _reduce_fake(grad_out, z_hyper, hparams, weight_scale, hyper_bias, bias_scale, grad_scaled, need_hparams,
-                 need_weight_scale, need_bias_scale, need_bias, need_hyper_bias, deterministic):
-    M, N = grad_out.shape
-    H = hparams.shape[1]
-    has_hb = hyper_bias is not None and bias_scale is not None
-
-    def none():
-        return grad_out.new_empty(0)
-
-    return (grad_out.new_empty(M, N) if grad_scaled else none(),
-            hparams.new_empty(M, H) if need_hparams else none(),
-            weight_scale.new_empty(N, H) if need_weight_scale else none(),
-            bias_scale.new_empty(N, H) if (need_bias_scale and has_hb) else none(),
-            grad_out.new_empty(N) if need_bias else none(),
-            hyper_bias.new_empty(N) if (need_hyper_bias and has_hb) else none())
+from .. import reference
+from . import extension
+from .fallback import hyper_linear_needs_reference, reference_fallback_backward
+from .selection import BackendUnavailableError
 
 
 def _epilogue(*args) -> Tensor:
@@ -86,9 +50,9 @@ def _require(x: Tensor) -> None:
     if x.device.type != "cuda":
         raise BackendUnavailableError(f"stn_kernels::hyper_linear: backend 'cuda' cannot run here: tensors are on "
                                       f"{x.device}, the extension runs CUDA tensors only")
-    if not _extension.loaded():
+    if not extension.loaded():
         raise BackendUnavailableError("stn_kernels::hyper_linear: backend 'cuda' cannot run here: the compiled "
-                                      f"extension is not loaded ({_extension.load_error()})")
+                                      f"extension is not loaded ({extension.load_error()})")
 
 
 def hyper_linear_forward(

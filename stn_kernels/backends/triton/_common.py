@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import triton
 
-from .._fallback import needs_reference
+from ..fallback import needs_reference
 
 Tensor = torch.Tensor
 
@@ -106,6 +106,6 @@ def fallback(x: Tensor, *ts: Optional[Tensor]) -> bool:
 
 def reference():
     """The module :mod:`stn_kernels.reference` (imported on first use)."""
-    from .. import reference as ref
+    from ... import reference as ref
 
     return ref

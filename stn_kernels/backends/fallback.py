@@ -1,6 +1,6 @@
 """When the fused backends ("triton", "cuda") hand a call to :mod:`stn_kernels.reference`.
 
-Shared by :mod:`stn_kernels.cuda_ops` and the Triton kernel modules; imports neither Triton
+Shared by :mod:`stn_kernels.backends.cuda` and the Triton kernel modules (:mod:`stn_kernels.backends.triton`); imports neither Triton
 nor the compiled extension.
 """
 
@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
+from .. import reference
 
 # The dtypes the fused kernels take; anything else (float64, ...) runs the reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -2,7 +2,7 @@
 
 On CUDA tensors, when both backends can run an op, ``"auto"`` looks up the shape
 class of the call, ``(dtype, M bucket)`` with M the rows of the 2-D problem, in a
-small committed table, ``stn_kernels/backend_rules.json``::
+small committed table, ``stn_kernels/backends/rules.json``::
 
     {"format": 1, "measured": true, "default": "triton", "m_buckets": [64, 256, 1024, 4096],
      "rules": {"float16/M<=64": "cuda", ...}, "evidence": {...}, "source": "...", ...}
@@ -12,9 +12,9 @@ A class missing from ``rules`` (or a missing or unreadable table) takes ``defaul
 derives it from the benchmark's results.csv (``python -m stn_kernels.bench --gpu``,
 providers ``stn:triton`` and ``stn:cuda``) and :func:`write_rules` commits it::
 
-    from stn_kernels import backend_rules
-    table = backend_rules.rules_from_results(["benchmarks/results/<run>/results.csv"])
-    backend_rules.write_rules(table)
+    from stn_kernels.backends import rules
+    table = rules.rules_from_results(["benchmarks/results/<run>/results.csv"])
+    rules.write_rules(table)
 
 The lookup (:func:`auto_choice`) costs about a microsecond: the table is read once.
 """
@@ -32,7 +32,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 
 import torch
 
-RULES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_rules.json")
+RULES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules.json")
 FORMAT = 1
 DEFAULT_BACKEND = "triton"
 CHOICES = ("triton", "cuda")
@@ -153,7 +153,7 @@ def rules_from_results(csv_paths: Union[str, Iterable[str]], mode: str = "fwd+bw
         "margin": margin,
         "device": device,
         "source": [os.path.relpath(p) if not os.path.isabs(p) else p for p in paths],
-        "note": ("Measured by stn_kernels.backend_rules.rules_from_results; ratios are geometric means of "
+        "note": ("Measured by stn_kernels.backends.rules.rules_from_results; ratios are geometric means of "
                  "stn:cuda / stn:triton median times. Classes not listed use the default."),
     }
 

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fallback import hyper_linear_needs_reference, reference_fallback_backward
+from ..fallback import hyper_linear_needs_reference, reference_fallback_backward
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
 from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
 from ._common import alloc as _alloc, block_h as _block_h, configs as _configs, dot_prec as _dot_prec
@@ -488,7 +488,7 @@ def hyper_linear_forward(
 ):
     """Fused forward; returns ``(out, z_hyper)`` like the reference (z_hyper empty without hparams)."""
     if hyper_linear_needs_reference(x, weight, hparams, weight_scale, bias_scale):
-        from .. import reference
+        from ... import reference
         return reference.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
                                               bias_scale)
     M, K = x.shape

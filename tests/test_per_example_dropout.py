@@ -1,5 +1,6 @@
-"""Per-example dropout: the counter-based hash, mask statistics, gradients, the op registration, and the
-fused Triton kernel against the reference (bit for bit)."""
+"""Per-example dropout (stn_kernels.per_example_dropout, op stn_kernels::per_example_dropout): the
+counter-based hash against an independent Python formulation, mask statistics, gradients, the op
+registration, argument checks. The fused Triton kernel: tests/test_triton_per_example_dropout.py."""
 
 import math
 import subprocess
@@ -8,13 +9,9 @@ import sys
 import pytest
 import torch
 
-import stn_kernels
-from stn_kernels.stn import dropout as dropout_module
+from stn_kernels import reference_dropout
 from stn_kernels.stn import per_example_channel_dropout, per_example_dropout
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"  # Triton tests run on the GPU, else on the CPU under the interpreter
-INTERPRETING = not HAS_CUDA
 
 
 # --------------------------------------------------------------------------- an independent formulation of the hash
@@ -50,12 +47,12 @@ def test_hash_matches_a_python_integer_formulation(seed):
     counters = torch.tensor(COUNTERS, dtype=torch.int64)
     expected = torch.tensor([_uniform_py(seed, c) for c in COUNTERS], dtype=torch.float32)
     # Python-int keys (seed on the host) and tensor keys (seed on a device) are two code paths.
-    assert torch.equal(dropout_module.hash_uniform(seed, counters), expected)
-    assert torch.equal(dropout_module.hash_uniform(torch.tensor(seed), counters), expected)
+    assert torch.equal(reference_dropout.hash_uniform(seed, counters), expected)
+    assert torch.equal(reference_dropout.hash_uniform(torch.tensor(seed), counters), expected)
 
 
 def test_hash_is_uniform_on_0_1():
-    u = dropout_module.hash_uniform(99, torch.arange(2**16, dtype=torch.int64)).double()
+    u = reference_dropout.hash_uniform(99, torch.arange(2**16, dtype=torch.int64)).double()
     n = u.numel()
     assert u.min() >= 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
@@ -74,11 +71,11 @@ def _correlation(a, b):
 def test_neighbouring_counters_and_seeds_are_uncorrelated():
     n = 2**15
     counters = torch.arange(n + 1, dtype=torch.int64)
-    u = dropout_module.hash_uniform(7, counters)
+    u = reference_dropout.hash_uniform(7, counters)
     bound = 5 / math.sqrt(n)  # 5 standard errors of a correlation under independence
     assert abs(_correlation(u[:-1], u[1:])) < bound
     for other_seed in (8, 7 + 2**32, 7 ^ 1 << 40):
-        assert abs(_correlation(u, dropout_module.hash_uniform(other_seed, counters))) < bound
+        assert abs(_correlation(u, reference_dropout.hash_uniform(other_seed, counters))) < bound
     # Keep decisions at p = 0.5 of adjacent units agree about half of the time.
     keep = u >= 0.5
     agree = (keep[:-1] == keep[1:]).double().mean().item()
@@ -233,60 +230,6 @@ def test_bad_input_is_rejected_with_a_message_naming_the_argument(call, error, w
 def test_import_does_not_load_triton():
     code = "import sys, stn_kernels, stn_kernels.stn; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-# --------------------------------------------------------------------------- the fused Triton kernel
-
-
-def _both_backends(fn):
-    with stn_kernels.use_backend("reference"):
-        expected = fn()
-    with stn_kernels.use_backend("triton"):
-        got = fn()
-    return expected, got
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_triton_kernel_matches_reference_bit_for_bit(dtype, per_channel):
-    # 3·5·7·11 = 1155 elements: more than one 1024-element block, not a multiple of it; the offset makes
-    # the counters cross 2**32, so the high counter word is exercised on both sides.
-    x = torch.randn(3, 5, 7, 11, device=DEVICE).to(dtype)
-    rates = torch.tensor([0.0, 0.35, 0.8], device=DEVICE)
-    kwargs = dict(seed=2**40 + 17, offset=2**32 - 600, per_channel=per_channel)
-    expected, got = _both_backends(lambda: per_example_dropout(x, rates, **kwargs))
-    assert got.dtype == dtype
-    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bitwise, signed zeros included
-
-
-@pytest.mark.triton
-def test_triton_backward_and_noncontiguous_input_match_reference():
-    base = torch.randn(6, 4, 5, device=DEVICE)
-    rates = torch.tensor([0.1, 0.2, 0.3, 0.5, 0.7, 0.9], device=DEVICE)
-
-    def run():
-        x = base.transpose(1, 2).detach().requires_grad_()  # non-contiguous
-        y = per_example_dropout(x, rates, seed=5, offset=3)
-        (grad,) = torch.autograd.grad(y, x, torch.ones_like(y) * 0.5)
-        return y, grad
-
-    (y_ref, g_ref), (y_tri, g_tri) = _both_backends(run)
-    assert torch.equal(y_tri, y_ref)
-    assert torch.equal(g_tri, g_ref)
-
-
-@pytest.mark.triton
-def test_triton_bfloat16_keeps_the_same_mask():
-    x = torch.randn(2, 300, device=DEVICE).to(torch.bfloat16)
-    rates = torch.tensor([0.25, 0.6], device=DEVICE)
-    expected, got = _both_backends(lambda: per_example_dropout(x, rates, seed=1))
-    assert torch.equal(got == 0, expected == 0)
-    if INTERPRETING:
-        # The interpreter truncates float32 → bfloat16 instead of rounding: at most one bfloat16 ulp apart.
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=0)
-    else:
-        assert torch.equal(got, expected)
 
 
 def test_forward_mode_ad_gives_the_masked_tangent():

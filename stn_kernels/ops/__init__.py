@@ -1,0 +1,30 @@
+"""The ``stn_kernels`` operator library: the only place ops are registered with ``torch.library``.
+
+One file per op, each holding the op's schema (``custom_op``), fake kernel, autograd registration,
+eager ``torch.autograd.Function`` and ``apply_<op>`` entry (the branch itself is written once, in
+:mod:`._support`):
+
+============================  =========================================================================
+op file                       ops registered
+============================  =========================================================================
+``hyper_linear.py``           ``stn_kernels::hyper_linear``, ``hyper_linear_backward`` (and the private
+                              ``_cuda_hyper_linear_epilogue`` / ``_backward_reduce`` of the cuda backend)
+``hyper_conv2d.py``           ``stn_kernels::hyper_conv2d``, ``hyper_conv2d_backward``
+``hyper_embedding.py``        ``stn_kernels::hyper_embedding``, ``hyper_embedding_backward``
+``hyper_lstm_recurrence.py``  ``stn_kernels::hyper_lstm_recurrence``, ``hyper_lstm_recurrence_backward``
+``per_example_dropout.py``    ``stn_kernels::per_example_dropout`` (its own backward)
+============================  =========================================================================
+
+The ops take the 2-D / 3-D / 4-D tensors the kernels see; the public functions in
+:mod:`stn_kernels.functional` validate user input and call ``apply_<op>``. Each op asks
+:func:`stn_kernels.backends.kernels` for its backend's module when it runs.
+"""
+
+from .hyper_conv2d import apply_hyper_conv2d
+from .hyper_embedding import apply_hyper_embedding
+from .hyper_linear import apply_hyper_linear
+from .hyper_lstm_recurrence import apply_hyper_lstm_recurrence
+from .per_example_dropout import apply_per_example_dropout
+
+__all__ = ["apply_hyper_conv2d", "apply_hyper_embedding", "apply_hyper_linear", "apply_hyper_lstm_recurrence",
+           "apply_per_example_dropout"]
