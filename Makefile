@@ -1,4 +1,4 @@
-# Two commands: `make run` (the benchmark) and `make test` (the whole suite).
+# Two commands: `make run` (the benchmark) and `make test` (the linter, then the whole suite).
 # Both create .venv if missing and install the package into it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,16 +6,18 @@ PY := $(VENV)/bin/python
 # The torch release on this machine's disk (a CUDA 13.0 build that runs on the CPU);
 # pinned so that no multi-GB download happens.
 TORCH_SPEC ?= torch==2.14.1
+# The linter, pinned so that a new release does not change what CI accepts (config: pyproject.toml).
+RUFF_SPEC ?= ruff==0.17.6
 STAMP := $(VENV)/.stn_kernels_installed
 # Sources of the optional CUDA extension: editing them reinstalls, which rebuilds it where nvcc
 # is on the PATH (setup.py builds nothing without nvcc, or with STN_KERNELS_BUILD_CUDA=0).
 CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
 
-.PHONY: run test bench install clean
+.PHONY: run test lint bench install clean
 
 $(STAMP): setup.py pyproject.toml $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib ninja
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "$(RUFF_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib ninja
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -24,7 +26,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m stn_kernels.bench
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -5,12 +5,21 @@ no GPU and compiles nothing: the Triton kernels and the compiled extension load
 on first use.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.stn_kernels.*)
-from . import stn
+from . import (
+                         ops,  # noqa: F401  (registers torch.ops.stn_kernels.*)
+                         stn,
+)
 from .backends import BACKENDS, BackendUnavailableError, requested_backend, use_backend
 from .convert import convert
-from .functional import (hyper_conv2d, hyper_embedding, hyper_linear, hyper_lstm_layer, hyper_lstm_recurrence,
-                         per_example_channel_dropout, per_example_dropout)
+from .functional import (
+                         hyper_conv2d,
+                         hyper_embedding,
+                         hyper_linear,
+                         hyper_lstm_layer,
+                         hyper_lstm_recurrence,
+                         per_example_channel_dropout,
+                         per_example_dropout,
+)
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTM, HyperLSTMCell
 
 __version__ = "0.1.0"

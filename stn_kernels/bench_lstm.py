@@ -72,7 +72,7 @@ def parse_lstm_shape(spec) -> LSTMShape:
 
 
 def _param_names(layers: int) -> Tuple[str, ...]:
-    return tuple(f"{l}.{m}.{p}" for l in range(layers) for m in ("i2h", "h2h") for p in _LAYER_PARAMS)
+    return tuple(f"{layer}.{m}.{p}" for layer in range(layers) for m in ("i2h", "h2h") for p in _LAYER_PARAMS)
 
 
 # ----------------------------------------------------------------------------- formulations

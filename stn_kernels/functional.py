@@ -25,12 +25,29 @@ import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._validation import (autocast_operands, check_dtype, check_hidden_params, check_hparams, check_hyper_params,
-                          check_lstm_hparams, check_rates, check_same_device, check_shape, check_tensor,
-                          rows_of_hparams, seed_offset_tensor)
-from .ops import (apply_hyper_conv2d, apply_hyper_embedding, apply_hyper_linear, apply_hyper_lstm_recurrence,
-                  apply_per_example_dropout)
+from ._validation import (
+    autocast_operands,
+    check_dtype,
+    check_hidden_params,
+    check_hparams,
+    check_hyper_params,
+    check_lstm_hparams,
+    check_rates,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    rows_of_hparams,
+    seed_offset_tensor,
+)
+from .ops import (
+    apply_hyper_conv2d,
+    apply_hyper_embedding,
+    apply_hyper_linear,
+    apply_hyper_lstm_recurrence,
+    apply_per_example_dropout,
+)
 from .ops.hyper_conv2d import conv2d_output_shape
+
 
 def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
                  bias: Optional[Tensor] = None, hyper_bias: Optional[Tensor] = None,

@@ -118,7 +118,8 @@ def hyper_linear_backward(
         # The λ-side products run in the dtype of λ and V (float32 for half inputs).
         ds = (g * z_hyper).to(hparams.dtype)
         dt = None if hyper_bias is None else (g * hyper_bias).to(hparams.dtype)
-        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6], need[7])
+        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6],
+                                                     need[7])
     return grads
 
 
@@ -188,7 +189,8 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
     if need[1] or need[6] or (bias_scale is not None and need[7]):
         ds = (g * z_hyper).sum((2, 3)).to(hparams.dtype)
         dt = None if hyper_bias is None else (g_sum * hyper_bias).to(hparams.dtype)
-        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6], need[7])
+        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6],
+                                                     need[7])
     return grads
 
 

@@ -437,7 +437,8 @@ def naive_lstm_stack(model, x, hparams, hx, g_out, g_h, g_c, batch_first=False):
     """The same in float64 through the naive published loop (cells = model.cells or [model])."""
     cells = list(model.cells) if hasattr(model, "cells") else [model]
     params = {n: p.detach().to(torch.float64).requires_grad_(True) for n, p in model.named_parameters()}
-    x, hparams = leaves(None if x is None else x.to(torch.float64), None if hparams is None else hparams.to(torch.float64))
+    x, hparams = leaves(None if x is None else x.to(torch.float64),
+                        None if hparams is None else hparams.to(torch.float64))
     h0 = c0 = None
     if hx is not None:
         h0, c0 = leaves(hx[0].to(torch.float64), hx[1].to(torch.float64))

@@ -125,7 +125,7 @@ def test_use_backend_is_seen_from_other_threads():
     assert stn_kernels.requested_backend() == "auto"
 
 
-# ----------------------------------------------------------------------------- the measured rules between triton and cuda
+# ----------------------------------------------------------------------------- the measured rules (triton / cuda)
 
 
 def test_committed_rules_table_has_no_guessed_entries():

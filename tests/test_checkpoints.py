@@ -1,7 +1,8 @@
 """Checkpoints of the published STN layers load into ours (strict=True) and give the same outputs.
 
 The published layers (official STN HyperLinear / HyperConv2d / HyperEmbedding / LSTM HyperLinear,
-Delta-STN StnLinear, the official HyperLSTMCell) are the stand-ins of ``_published``, written from their formulas and parameter names.
+Delta-STN StnLinear, the official HyperLSTMCell) are the stand-ins of ``_published``, written from their
+formulas and parameter names.
 """
 
 import pytest
@@ -9,9 +10,17 @@ import torch
 from torch import nn
 
 import stn_kernels
+
 from _naive import assert_close_rel
-from _published import (DeltaStnLinear, OfficialHyperConv2d, OfficialHyperEmbedding, OfficialHyperLinear,
-                        OfficialLstmHyperLinear, PublishedHyperLSTMCell, randomize)
+from _published import (
+    DeltaStnLinear,
+    OfficialHyperConv2d,
+    OfficialHyperEmbedding,
+    OfficialHyperLinear,
+    OfficialLstmHyperLinear,
+    PublishedHyperLSTMCell,
+    randomize,
+)
 
 D64 = torch.float64
 K, N, H, B = 9, 6, 3, 4

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import stn_kernels
+
 from _naive import assert_close_rel, randomize_module_
 
 H = 3

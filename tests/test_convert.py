@@ -8,10 +8,18 @@ from torch import nn
 import stn_kernels
 from stn_kernels import HyperConv2d, HyperEmbedding, HyperLinear
 from stn_kernels.convert import DropConnectHyperLinear, TimeMajorHyperEmbedding, published_layer_kind
+
 from _naive import assert_close_rel, leaves, lstm_linear_params, naive_cell_sequence
-from _published import (DeltaStnConv2d, DeltaStnLinear, OfficialHyperConv2d, OfficialHyperEmbedding,
-                        OfficialHyperLinear, OfficialLstmHyperLinear, PublishedHyperLSTMCell,
-                        PublishedLanguageModelCore)
+from _published import (
+    DeltaStnConv2d,
+    DeltaStnLinear,
+    OfficialHyperConv2d,
+    OfficialHyperEmbedding,
+    OfficialHyperLinear,
+    OfficialLstmHyperLinear,
+    PublishedHyperLSTMCell,
+    PublishedLanguageModelCore,
+)
 
 F64 = torch.float64
 H = 2
@@ -246,7 +254,8 @@ def test_converted_cell_uses_the_dropconnect_mask_the_published_model_draws():
     out_eval, _ = model.rnns[0](x, hidden[0], lam)
     zeros = torch.zeros(B, N, dtype=D64)
     cell = model.rnns[0]
-    want_eval, _, _ = naive_cell_sequence(x, lam, lstm_linear_params(cell.i2h), lstm_linear_params(cell.h2h), zeros, zeros)
+    want_eval, _, _ = naive_cell_sequence(x, lam, lstm_linear_params(cell.i2h), lstm_linear_params(cell.h2h), zeros,
+                                          zeros)
     assert cell.h2h.weight_mask is not None
     assert_close_rel(out_eval, want_eval, D64, "output in eval mode")
 

@@ -25,6 +25,7 @@ import torch
 import stn_kernels
 from stn_kernels.backends import BackendUnavailableError, extension, resolve_backend, use_backend
 from stn_kernels.ops import hyper_linear as hyper_linear_ops
+
 from _cuda import extension_build_expected, require_extension_built
 
 ROOT = Path(__file__).resolve().parents[1]

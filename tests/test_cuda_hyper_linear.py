@@ -11,10 +11,17 @@ import torch
 
 import stn_kernels
 from stn_kernels.backends import BackendUnavailableError, extension, resolve_backend, use_backend
+
 # float64 ground truth, shared with test_triton_hyper_linear.py; run_and_check(kernels, inputs, g, ...)
 from _cuda import require_extension_built, rows as _rows
-from _naive import HL_NAMES as NAMES, check_hl_kernels as run_and_check, close_to_ref64 as close
-from _naive import hl_deterministic_runs, hl_ref64 as ref64, make_hl_inputs as make
+from _naive import (
+    HL_NAMES as NAMES,
+    check_hl_kernels as run_and_check,
+    close_to_ref64 as close,
+    hl_deterministic_runs,
+    hl_ref64 as ref64,
+    make_hl_inputs as make,
+)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -6,9 +6,21 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import stn_kernels
-from _naive import (DTYPES, HALF_DTYPES, HPARAMS, TOL, assert_close_rel, check_against_naive, make_conv_params,
-                    make_hparams, naive_hyper_conv2d, randomize_module_, rel_err, strided_layout)
 
+from _naive import (
+    DTYPES,
+    HALF_DTYPES,
+    HPARAMS,
+    TOL,
+    assert_close_rel,
+    check_against_naive,
+    make_conv_params,
+    make_hparams,
+    naive_hyper_conv2d,
+    randomize_module_,
+    rel_err,
+    strided_layout,
+)
 
 
 @pytest.fixture(autouse=True)

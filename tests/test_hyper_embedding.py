@@ -6,8 +6,22 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import stn_kernels
-from _naive import (DTYPES, HALF_DTYPES, HPARAMS, TOL, assert_close_rel, check_against_naive, make_embedding_params,
-                    make_hparams, naive_hyper_embedding, randomize_module_, rel_err, single_threaded, strided_layout)
+
+from _naive import (
+    DTYPES,
+    HALF_DTYPES,
+    HPARAMS,
+    TOL,
+    assert_close_rel,
+    check_against_naive,
+    make_embedding_params,
+    make_hparams,
+    naive_hyper_embedding,
+    randomize_module_,
+    rel_err,
+    single_threaded,
+    strided_layout,
+)
 
 INDEX_DTYPES = [pytest.param(torch.int64, id="i64"), pytest.param(torch.int32, id="i32")]
 IDX_SHAPES = [pytest.param((5,), id="B5"), pytest.param((1,), id="B1"), pytest.param((5, 3), id="B5-T3"),

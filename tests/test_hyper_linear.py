@@ -11,9 +11,22 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import stn_kernels
-from _naive import (DTYPES, HALF_DTYPES, HPARAMS, TOL, assert_close_rel, check_against_naive, make_hparams,
-                    make_linear_params, naive_hyper_linear, randomize_module_, rel_err, strided_layout,
-                    transposed_layout)
+
+from _naive import (
+    DTYPES,
+    HALF_DTYPES,
+    HPARAMS,
+    TOL,
+    assert_close_rel,
+    check_against_naive,
+    make_hparams,
+    make_linear_params,
+    naive_hyper_linear,
+    randomize_module_,
+    rel_err,
+    strided_layout,
+    transposed_layout,
+)
 
 SHAPES = [pytest.param((37, 53, 1), id="K37-N53-H1"), pytest.param((37, 53, 7), id="K37-N53-H7")]
 BATCHES = [pytest.param(1, id="B1"), pytest.param(5, id="B5")]

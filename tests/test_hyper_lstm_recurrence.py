@@ -11,11 +11,23 @@ import pytest
 import torch
 
 import stn_kernels
-from _naive import (OpCheckError, assert_close_rel, compare_lstm, lstm_linear_params, lstm_recurrence_args,
-                    lstm_recurrence_fn, lstm_stack_inputs, naive_cell_sequence, naive_lstm_stack, randomize_lstm_,
-                    run_lstm_stack, single_threaded)
 from stn_kernels import reference_lstm
 from stn_kernels.functional import dropconnect_mask
+
+from _naive import (
+    OpCheckError,
+    assert_close_rel,
+    compare_lstm,
+    lstm_linear_params,
+    lstm_recurrence_args,
+    lstm_recurrence_fn,
+    lstm_stack_inputs,
+    naive_cell_sequence,
+    naive_lstm_stack,
+    randomize_lstm_,
+    run_lstm_stack,
+    single_threaded,
+)
 
 D64, F32 = torch.float64, torch.float32
 
@@ -59,7 +71,8 @@ def test_no_bias():
     T, B, K, N, H = 3, 2, 5, 3, 2
     model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 1, H, bias=False, dtype=D64))
     x, hparams, hx, g = lstm_stack_inputs(T, B, K, N, H, 1, "per_example", False, D64)
-    compare_lstm(run_lstm_stack(model, x, hparams, hx, *g, "reference"), naive_lstm_stack(model, x, hparams, hx, *g), D64)
+    compare_lstm(run_lstm_stack(model, x, hparams, hx, *g, "reference"), naive_lstm_stack(model, x, hparams, hx, *g),
+                 D64)
 
 
 def test_gate_order_is_forget_input_output_cell():
@@ -264,7 +277,8 @@ def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_firs
     x_tm = x.transpose(0, 1) if batch_first else x
     feed = x_tm
     for layer, cell in enumerate(model.cells):
-        feed, _, _ = naive_cell_sequence(feed, lam, lstm_linear_params(cell.i2h), lstm_linear_params(cell.h2h), zeros, zeros)
+        feed, _, _ = naive_cell_sequence(feed, lam, lstm_linear_params(cell.i2h), lstm_linear_params(cell.h2h), zeros,
+                                         zeros)
         if layer + 1 < layers:
             # The dropout op takes its rates in float32 (they are compared with float32 uniforms).
             feed = feed * ((inputs[layer + 1][0] != 0).to(D64) / (1 - rates.float().to(D64))[:, None])

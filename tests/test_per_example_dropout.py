@@ -12,8 +12,6 @@ import torch
 from stn_kernels import reference_dropout
 from stn_kernels.stn import per_example_channel_dropout, per_example_dropout
 
-
-
 # --------------------------------------------------------------------------- an independent formulation of the hash
 
 M32 = 0xFFFFFFFF

@@ -80,8 +80,13 @@ class _Fake:
 
 def _kernels():
     """(module name, kernel name) -> (JITFunction, autotuner or None); modules with their GPU lists."""
-    from stn_kernels.backends.triton import (hyper_conv2d, hyper_embedding, hyper_linear, hyper_lstm_recurrence,
-                                             per_example_dropout)
+    from stn_kernels.backends.triton import (
+        hyper_conv2d,
+        hyper_embedding,
+        hyper_linear,
+        hyper_lstm_recurrence,
+        per_example_dropout,
+    )
 
     out = {}
     for mod in (hyper_linear, hyper_conv2d, hyper_embedding, hyper_lstm_recurrence, per_example_dropout):
@@ -118,7 +123,8 @@ _ROLES = {
     ("hyper_lstm_recurrence", "_bwd_step_kernel"): dict(F=("dhin_ptr", "dcin_ptr", "s_ptr", "dcout_ptr", "dhout_ptr")),
     ("per_example_dropout", "_per_example_dropout_kernel"): dict(F=("rate_ptr", "scale_ptr"), I=("seed_offset_ptr",)),
 }
-_NO_DIVISIBILITY = {("hyper_lstm_recurrence", "_fwd_step_kernel"): ("N",), ("hyper_lstm_recurrence", "_bwd_step_kernel"): ("N",)}
+_NO_DIVISIBILITY = {("hyper_lstm_recurrence", "_fwd_step_kernel"): ("N",),
+                    ("hyper_lstm_recurrence", "_bwd_step_kernel"): ("N",)}
 
 
 def _signature(key, fn, dtype, consts):
@@ -136,7 +142,8 @@ def _signature(key, fn, dtype, consts):
             if name in roles.get("I", ()):
                 sig[name] = "*i64"
             elif name in f32 or name in roles.get("L", ()):
-                sig[name] = "*fp64" if (key[0] == "per_example_dropout" and dtype == "fp64" and name == "scale_ptr") else "*fp32"
+                fp64_scale = key[0] == "per_example_dropout" and dtype == "fp64" and name == "scale_ptr"
+                sig[name] = "*fp64" if fp64_scale else "*fp32"
             else:
                 sig[name] = "*" + dtype
         else:
@@ -204,9 +211,13 @@ def _sample(full, dt):
 
 def make_jobs(full: bool):
     """The compile jobs (deterministic: every worker builds the same list and takes its share)."""
-    from stn_kernels.backends.triton import hyper_conv2d as hc, hyper_embedding as he, hyper_linear as hl
-    from stn_kernels.backends.triton import hyper_lstm_recurrence as hs
-    from stn_kernels.backends.triton import _common
+    from stn_kernels.backends.triton import (
+        _common,
+        hyper_conv2d as hc,
+        hyper_embedding as he,
+        hyper_linear as hl,
+        hyper_lstm_recurrence as hs,
+    )
 
     assert not _common.INTERPRET and _common.AUTOTUNE, "workers must see the GPU config lists"
     ks = _kernels()

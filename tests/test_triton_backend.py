@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stn_kernels
+
 from _naive import OpCheckError, assert_close_rel, naive_hyper_linear
 
 pytestmark = pytest.mark.triton

@@ -20,8 +20,16 @@ triton = pytest.importorskip("triton")
 import stn_kernels  # noqa: E402
 from stn_kernels.backends.triton import hyper_conv2d as hc  # noqa: E402
 from stn_kernels.ops.hyper_conv2d import conv2d_output_shape  # noqa: E402
-from _naive import (OpCheckError, TOL, assert_close_rel, check_against_naive, make_conv_params,  # noqa: E402
-                    naive_hyper_conv2d, randomize_module_)
+
+from _naive import (  # noqa: E402
+    TOL,
+    OpCheckError,
+    assert_close_rel,
+    check_against_naive,
+    make_conv_params,
+    naive_hyper_conv2d,
+    randomize_module_,
+)
 
 pytestmark = pytest.mark.triton
 

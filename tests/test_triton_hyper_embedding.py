@@ -18,8 +18,15 @@ os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 triton = pytest.importorskip("triton")
 import stn_kernels  # noqa: E402
 from stn_kernels.backends.triton import hyper_embedding as he  # noqa: E402
-from _naive import (OpCheckError, assert_close_rel, check_against_naive, make_embedding_params,  # noqa: E402
-                    naive_hyper_embedding, randomize_module_)
+
+from _naive import (  # noqa: E402
+    OpCheckError,
+    assert_close_rel,
+    check_against_naive,
+    make_embedding_params,
+    naive_hyper_embedding,
+    randomize_module_,
+)
 
 pytestmark = pytest.mark.triton
 

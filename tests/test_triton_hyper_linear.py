@@ -18,8 +18,16 @@ os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 from stn_kernels.backends.triton import hyper_linear as hl  # noqa: E402
-from _naive import HL_NAMES as NAMES, check_hl_kernels, close_to_ref64 as close, hl_ref64 as ref64  # noqa: E402
-from _naive import KERNEL_TOL as TOL, hl_deterministic_runs, make_hl_inputs  # noqa: E402  (TOL: the dict close() reads)
+
+from _naive import (  # noqa: E402  # noqa: E402  (TOL: the dict close() reads)
+    HL_NAMES as NAMES,
+    KERNEL_TOL as TOL,
+    check_hl_kernels,
+    close_to_ref64 as close,
+    hl_deterministic_runs,
+    hl_ref64 as ref64,
+    make_hl_inputs,
+)
 
 pytestmark = pytest.mark.triton
 

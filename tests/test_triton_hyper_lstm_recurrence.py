@@ -8,10 +8,19 @@ import pytest
 import torch
 
 import stn_kernels
-from _naive import (OpCheckError, assert_close_rel, compare_lstm, lstm_recurrence_args, lstm_stack_inputs,
-                    naive_lstm_stack, randomize_lstm_, run_lstm_stack)
 from stn_kernels import reference_lstm
 from stn_kernels.ops.hyper_lstm_recurrence import INPUT_NAMES as NAMES
+
+from _naive import (
+    OpCheckError,
+    assert_close_rel,
+    compare_lstm,
+    lstm_recurrence_args,
+    lstm_stack_inputs,
+    naive_lstm_stack,
+    randomize_lstm_,
+    run_lstm_stack,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

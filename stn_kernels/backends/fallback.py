@@ -1,6 +1,7 @@
 """When the fused backends ("triton", "cuda") hand a call to :mod:`stn_kernels.reference`.
 
-Shared by :mod:`stn_kernels.backends.cuda` and the Triton kernel modules (:mod:`stn_kernels.backends.triton`); imports neither Triton
+Shared by :mod:`stn_kernels.backends.cuda` and the Triton kernel modules (:mod:`stn_kernels.backends.triton`);
+imports neither Triton
 nor the compiled extension.
 """
 

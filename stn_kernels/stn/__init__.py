@@ -20,9 +20,15 @@ ops (``stn_kernels.ops``, public function :func:`stn_kernels.functional.per_exam
 """
 
 from ..functional import per_example_channel_dropout, per_example_dropout
-from .hyperparameters import (Hyperparameter, HyperparameterSample, HyperparameterSet, inverse_softplus,
-                              stretched_logit, stretched_sigmoid)
-from .training import STNTrainer, StepResult, cycle_batches, linearized_output, split_stn_parameters
+from .hyperparameters import (
+                              Hyperparameter,
+                              HyperparameterSample,
+                              HyperparameterSet,
+                              inverse_softplus,
+                              stretched_logit,
+                              stretched_sigmoid,
+)
+from .training import StepResult, STNTrainer, cycle_batches, linearized_output, split_stn_parameters
 
 __all__ = [
     "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult", "cycle_batches",

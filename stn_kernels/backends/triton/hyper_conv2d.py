@@ -55,10 +55,21 @@ import triton
 import triton.language as tl
 
 from ...reference import dense_format
+
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) and ``_num_sms``.
-from ._common import alloc as _alloc, block_h as _block_h, fallback as _fallback, inner as _inner
-from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row, vec as _vec
-from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
+from ._common import (
+    alloc as _alloc,
+    block_h as _block_h,
+    cdiv as _cdiv,
+    fallback as _fallback,
+    inner as _inner,
+    next_pow2 as _next_pow2,
+    num_sms as _num_sms,
+    reduce_slots as _reduce,
+    reference as _reference,
+    row as _row,
+    vec as _vec,
+)
 
 Tensor = torch.Tensor
 

@@ -37,10 +37,20 @@ import triton
 import triton.language as tl
 
 from ..fallback import needs_reference
+
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
-from ._common import INTERPRET as _INTERPRET, alloc as _alloc, block_h as _block_h, inner as _inner
-from ._common import num_sms as _num_sms, reduce_slots as _reduce, reference as _reference, row as _row
-from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
+from ._common import (
+    INTERPRET as _INTERPRET,
+    alloc as _alloc,
+    block_h as _block_h,
+    cdiv as _cdiv,
+    inner as _inner,
+    next_pow2 as _next_pow2,
+    num_sms as _num_sms,
+    reduce_slots as _reduce,
+    reference as _reference,
+    row as _row,
+)
 
 Tensor = torch.Tensor
 

@@ -47,11 +47,23 @@ import triton
 import triton.language as tl
 
 from ..fallback import hyper_linear_needs_reference, reference_fallback_backward
+
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
-from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
-from ._common import alloc as _alloc, block_h as _block_h, configs as _configs, dot_prec as _dot_prec
-from ._common import inner as _inner, num_sms as _num_sms, reduce_slots as _reduce, row as _row, vec as _vec
-from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
+from ._common import (
+    AUTOTUNE as _AUTOTUNE,
+    INTERPRET as _INTERPRET,
+    alloc as _alloc,
+    block_h as _block_h,
+    cdiv as _cdiv,
+    configs as _configs,
+    dot_prec as _dot_prec,
+    inner as _inner,
+    next_pow2 as _next_pow2,
+    num_sms as _num_sms,
+    reduce_slots as _reduce,
+    row as _row,
+    vec as _vec,
+)
 
 Tensor = torch.Tensor
 

@@ -38,11 +38,20 @@ import triton
 import triton.language as tl
 
 from . import hyper_linear as hl
+
 # Helpers are called through these module globals: tests patch ``_alloc`` (NaN-fill) on this module.
-from ._common import AUTOTUNE as _AUTOTUNE, INTERPRET as _INTERPRET
-from ._common import alloc as _alloc, configs as _configs, dot_prec as _dot_prec, fallback as _fallback
-from ._common import inner as _inner, row as _row
-from ._common import cdiv as _cdiv, next_pow2 as _next_pow2
+from ._common import (
+    AUTOTUNE as _AUTOTUNE,
+    INTERPRET as _INTERPRET,
+    alloc as _alloc,
+    cdiv as _cdiv,
+    configs as _configs,
+    dot_prec as _dot_prec,
+    fallback as _fallback,
+    inner as _inner,
+    next_pow2 as _next_pow2,
+    row as _row,
+)
 
 Tensor = torch.Tensor
 
