@@ -660,24 +660,6 @@ def test_cuda_backend_has_no_lstm_kernel():
         L.hyper_lstm_recurrence(*args)
 
 
-def test_benchmark_hook_tiny_case():
-    from stn_kernels import bench, bench_lstm
-
-    case = bench_lstm.lstm_benchmark_cases(["lstm-tiny"])[0]
-    assert case.shape.name == "lstm-tiny-T4-L2" and case.providers is bench_lstm.LSTM_PROVIDERS
-    expected = bench_lstm.provider_fn("published", case, "fwd")()
-    got = bench_lstm.provider_fn("stn:reference", case, "fwd")()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    grads = bench_lstm.provider_fn("stn:reference", case, "fwd+bwd")()
-    assert len(grads) == len(case.grad_names) and all(torch.isfinite(g).all() for g in grads)
-    assert all(not impl.notes for impl in case.impls.values()), {k: v.notes for k, v in case.impls.items()}
-    report = bench._Report(None, ["lstm"], stream=open(os.devnull, "w"))
-    assert bench_lstm.run_case(case, ["published", "stn:reference", "floor"], ["fwd"], bench._QUICK,
-                               bench._Options(), report, None, {"spent": 0.0, "budget": None})
-    assert [r.provider for r in report.rows] == ["published", "stn:reference"]
-    assert all(r.median_ms and r.median_ms > 0 and "MISMATCH" not in r.note for r in report.rows)
-
-
 # ----------------------------------------------------------------------------- Triton (interpreter on CPU)
 
 triton_only = pytest.mark.triton
