@@ -279,3 +279,14 @@ def test_targets_section_in_the_markdown_of_a_linear_run(tmp_path):
     rep = report.Report(None, ["t"], summary=linear.targets_summary)
     rep.rows = [_row("mlp-fc1", "fwd+bwd", "published", 0.3), _row("mlp-fc1", "fwd+bwd", "stn:triton", 0.1)]
     assert "| mlp-fc1 | bfloat16 | stn:triton | – | 3.00 ✓ | – | – |" in rep.markdown()
+
+
+def test_backend_with_sets_and_restores_module_attributes():
+    """The scope of the GPU-only Triton variants (stn:triton:two-conv, ...), on a stand-in module."""
+    import types
+
+    kernels = types.ModuleType("kernels")
+    kernels.PACKED, kernels.TABLE_GRAD = True, "atomic"
+    with harness.backend_with("reference", kernels, PACKED=False, TABLE_GRAD="sorted"):
+        assert (kernels.PACKED, kernels.TABLE_GRAD) == (False, "sorted")
+    assert (kernels.PACKED, kernels.TABLE_GRAD) == (True, "atomic")
