@@ -1,7 +1,7 @@
 """pytest-benchmark microbenchmarks of hyper_linear on the CPU (float32, the STN shapes).
 
-Every provider comes from the harness in :mod:`stn_kernels.bench` (no second
-implementation here). Timed with
+Every provider comes from the benchmark's linear layer, :mod:`stn_kernels.bench.linear`,
+run by its harness (no second implementation here). Timed with
 
     .venv/bin/python -m pytest benchmarks --benchmark-enable -q
 
@@ -12,9 +12,9 @@ addopts) each runs once, as a smoke test. No timed assertions.
 import pytest
 import torch
 
-from stn_kernels import bench
+from stn_kernels.bench import harness, linear
 
-SHAPES = [s.name for s in bench.STN_SHAPES]
+SHAPES = [s.name for s in linear.STN_SHAPES]
 PROVIDERS = ["published", "stn:reference"]
 MODES = ["fwd", "fwd+bwd"]
 
@@ -25,7 +25,7 @@ def cases():
 
     def get(shape):
         if shape not in made:
-            made[shape] = bench.make_case(shape, torch.float32, "cpu")
+            made[shape] = linear.make_case(shape, torch.float32, "cpu")
         return made[shape]
 
     yield get
@@ -37,7 +37,7 @@ def cases():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_hyper_linear_cpu(benchmark, cases, shape, provider, mode):
     case = cases(shape)
-    fn = bench.provider_fn(provider, case, mode)
+    fn = harness.provider_fn(provider, case, mode)
     s = case.shape
     benchmark.group = f"hyper_linear {shape} (B={s.B}, H={s.H}, K={s.K}, N={s.N}) float32 {mode}"
     benchmark.extra_info.update(provider=provider, mode=mode, B=s.B, H=s.H, K=s.K, N=s.N, dtype="float32")

@@ -11,7 +11,7 @@
 #      processes at once (Triton's compiles are what take the time), and beside them
 #      an untimed run of the linear benchmark's Triton cases that fills Triton's
 #      compile cache for phase 4                                         <= TESTS_S (200 s)
-#   4. benchmarks, python -m stn_kernels.bench --gpu, each with its own --time-budget:
+#   4. benchmarks, python -m stn_kernels.bench --gpu --layer NAME, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
 #          at the STN and large shapes, bfloat16 first                       ~55 % of what is left
@@ -101,7 +101,7 @@ TMP_LOGS=$(mktemp -d)
 # Meanwhile one more process runs the linear benchmark's stn:triton cases in its order (bfloat16 first),
 # untimed, only so that Triton compiles their autotune configs into its disk cache: the benchmark then
 # loads them instead of compiling (~1 s each). Nothing of it is kept; it is stopped with the tests.
-timeout -k 5 "$T" "$PY" -m stn_kernels.bench --gpu --quick --providers stn:triton --modes fwd+bwd \
+timeout -k 5 "$T" "$PY" -m stn_kernels.bench --gpu --layer linear --quick --providers stn:triton --modes fwd+bwd \
     --out "$TMP_LOGS/warm" > "$TMP_LOGS/warm.txt" 2>&1 &
 WARM_PID=$!
 PIDS=()
@@ -142,11 +142,11 @@ bench() {
     fi
     rm -rf "$dir"
 }
-bench linear 55
+bench linear 55 --layer linear
 bench conv2d 45 --layer conv2d --dtypes bfloat16 --modes fwd,fwd+bwd \
     --shapes alexnet-3to64s2@32,alexnet-64to192@8,alexnet-192to384@4,alexnet-384to256@4,alexnet-256to256@4
 bench embedding 30 --layer embedding --dtypes bfloat16 --modes fwd,fwd+bwd
-bench lstm 95 --dtypes bfloat16 --modes fwd,fwd+bwd --shape 40,7,650,2600 --lstm lstm-ptb
+bench lstm 95 --layer lstm --dtypes bfloat16 --modes fwd,fwd+bwd --shapes lstm-ptb
 
 phase "5/5 results ($RESULTS: $(ls "$RESULTS" | tr '\n' ' '))"
 for f in linear conv2d embedding lstm; do
