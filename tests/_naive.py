@@ -359,6 +359,11 @@ def hl_deterministic_runs(kernels, inputs, g, runs: int = 2) -> list:
     return results
 
 
+def nan_empty(shape, dtype, device, memory_format=torch.contiguous_format) -> Tensor:
+    """A buffer full of NaN: any part a kernel leaves unwritten shows in its result."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).fill_(float("nan"))
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """torch on one intra-op thread for the block (then restored).

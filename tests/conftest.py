@@ -33,6 +33,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def nan_poison(monkeypatch):
+    """``nan_poison(module, ...)``: every buffer those Triton kernel modules allocate through their ``_alloc``
+    (the buffers their kernels write in full) starts as NaN, for this test."""
+    from _naive import nan_empty
+
+    def poison(*modules):
+        for module in modules:
+            monkeypatch.setattr(module, "_alloc", nan_empty)
+
+    return poison
+
+
+@pytest.fixture
 def seeded_no_tf32():
     """torch.manual_seed(0) and no TF32 in float32 matmuls (restored after the test)."""
     torch.manual_seed(0)

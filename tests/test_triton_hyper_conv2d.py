@@ -6,30 +6,27 @@ interpreter and the convolutions on the CPU. Ground truth: float64 autograd thro
 naive two-conv formulation of tests/_naive.py on copies of the same rounded inputs.
 """
 
-import os
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
+pytest.importorskip("triton")  # the kernel module imported below needs it
 
-triton = pytest.importorskip("triton")
-import stn_kernels  # noqa: E402
-from stn_kernels.backends.triton import hyper_conv2d as hc  # noqa: E402
-from stn_kernels.ops.hyper_conv2d import conv2d_output_shape  # noqa: E402
+import stn_kernels
+from stn_kernels.backends.triton import hyper_conv2d as hc
+from stn_kernels.ops.hyper_conv2d import conv2d_output_shape
 
-from _naive import (  # noqa: E402
+from _naive import (
     TOL,
     OpCheckError,
     assert_close_rel,
     check_against_naive,
     make_conv_params,
     naive_hyper_conv2d,
+    nan_empty,
     randomize_module_,
 )
+
+HAS_CUDA = torch.cuda.is_available()
 
 pytestmark = pytest.mark.triton
 
@@ -165,10 +162,6 @@ def run_and_check(geo, inputs, g, mask=None, tol_dtype=None, z_for_backward="ret
     return out, z, grads
 
 
-def _nan_alloc(shape, dtype, device, memory_format=torch.contiguous_format):
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).fill_(float("nan"))
-
-
 def _small_blocks(monkeypatch):
     """Several channel and pixel blocks and pixel splits even at these sizes."""
     monkeypatch.setattr(hc, "_tiles", lambda C, P, channel_inner, max_c=128: (8, 32))
@@ -243,8 +236,8 @@ def test_bias_variants(variant):
 ], ids=["dx", "dlam-dV", "dWh-dbh-dC", "dWe-dbe", "dx-dWe-dC", "no-dx"])
 def test_output_mask(mask, monkeypatch):
     """Weight-gradient-only calls never read the packed weight (a NaN stand-in here)."""
-    monkeypatch.setattr(hc, "_weight_placeholder", lambda shape, like, fmt: _nan_alloc(shape, like.dtype,
-                                                                                        like.device, fmt))
+    monkeypatch.setattr(hc, "_weight_placeholder", lambda shape, like, fmt: nan_empty(shape, like.dtype,
+                                                                                       like.device, fmt))
     inputs, g = make(GROUPED)
     run_and_check(GROUPED, inputs, g, mask=list(mask))
 
@@ -256,10 +249,10 @@ def test_z_hyper_recomputed():
 
 
 @pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
-def test_nan_poisoned_and_split(monkeypatch, path, fmt):
+def test_nan_poisoned_and_split(monkeypatch, nan_poison, path, fmt):
     """Every buffer the kernels write in full starts as NaN; several channel blocks, pixel
     blocks and pixel splits; 18 output channels in 2 groups (9 each), 2 blocks of dλ partials."""
-    monkeypatch.setattr(hc, "_alloc", _nan_alloc)
+    nan_poison(hc)
     _small_blocks(monkeypatch)
     geo = Geo(2, 4, 18, 3, padding=1, groups=2, H=7, size=(9, 7))
     inputs, g = make(geo, x_format=fmt, seed=1)

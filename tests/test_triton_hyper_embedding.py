@@ -5,21 +5,15 @@ Without CUDA the kernels run in the Triton interpreter. Ground truth: float64 au
 the naive two-F.embedding formulation of tests/_naive.py on copies of the same rounded inputs.
 """
 
-import os
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
+pytest.importorskip("triton")  # the kernel module imported below needs it
 
-triton = pytest.importorskip("triton")
-import stn_kernels  # noqa: E402
-from stn_kernels.backends.triton import hyper_embedding as he  # noqa: E402
+import stn_kernels
+from stn_kernels.backends.triton import hyper_embedding as he
 
-from _naive import (  # noqa: E402
+from _naive import (
     OpCheckError,
     assert_close_rel,
     check_against_naive,
@@ -27,6 +21,8 @@ from _naive import (  # noqa: E402
     naive_hyper_embedding,
     randomize_module_,
 )
+
+HAS_CUDA = torch.cuda.is_available()
 
 pytestmark = pytest.mark.triton
 
@@ -102,10 +98,6 @@ def run_and_check(inputs, g, mask=None, tol_dtype=None):
     return out, grads
 
 
-def _nan_alloc(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 # ----------------------------------------------------------------------------- kernels directly
 
 SHAPES = [(1, 5, 37, 1), (7, 11, 37, 7), (60, 5, 70, 7)]
@@ -160,11 +152,11 @@ def test_int32_indices_and_strided_operands():
 
 
 @pytest.mark.parametrize("table_grad_mode", ["atomic", "sorted"])
-def test_nan_poisoned_outputs(monkeypatch, table_grad_mode):
+def test_nan_poisoned_outputs(monkeypatch, nan_poison, table_grad_mode):
     """Every buffer the kernels write in full starts as NaN; several D blocks and row chunks;
     in sorted mode every table row is written, also those that no index hits."""
     monkeypatch.setattr(he, "TABLE_GRAD", table_grad_mode)
-    monkeypatch.setattr(he, "_alloc", _nan_alloc)
+    nan_poison(he)
     monkeypatch.setattr(he, "_ROWS_BLOCKS", (16, 16))
     monkeypatch.setattr(he, "_FWD_BLOCKS", (16, 16))
     monkeypatch.setattr(he, "_SEG_BLOCKS", (16, 16))

@@ -5,21 +5,14 @@ Ground truth is a float64 computation (two F.linear calls and autograd, tests/_n
 float64 copies of the same rounded inputs, never the package's reference module.
 """
 
-import os
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-# Correctness tests need no tuning: one config per kernel keeps GPU runs short.
-os.environ.setdefault("STN_KERNELS_TRITON_AUTOTUNE", "0")
+pytest.importorskip("triton")  # the kernel module imported below needs it
 
-triton = pytest.importorskip("triton")
-from stn_kernels.backends.triton import hyper_linear as hl  # noqa: E402
+from stn_kernels.backends.triton import hyper_linear as hl
 
-from _naive import (  # noqa: E402  # noqa: E402  (TOL: the dict close() reads)
+from _naive import (  # TOL: the dict close() reads
     HL_NAMES as NAMES,
     KERNEL_TOL as TOL,
     check_hl_kernels,
@@ -28,6 +21,8 @@ from _naive import (  # noqa: E402  # noqa: E402  (TOL: the dict close() reads)
     hl_ref64 as ref64,
     make_hl_inputs,
 )
+
+HAS_CUDA = torch.cuda.is_available()
 
 pytestmark = pytest.mark.triton
 
@@ -124,15 +119,11 @@ def test_z_hyper_recomputed():
     close(grads[6], ref[6], F32, "dweight_scale")
 
 
-def _nan_alloc(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_nan_poisoned_outputs_and_split(monkeypatch, deterministic):
+def test_nan_poisoned_outputs_and_split(monkeypatch, nan_poison, deterministic):
     """Every buffer the kernels write in full starts as NaN; the reduction is split in 3 (one split empty),
     the [N]-side gradients go through per-chunk partial sums."""
-    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    nan_poison(hl)
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 3)
     monkeypatch.setattr(hl, "_DIRECT_ROW_BLOCKS", 0)
     inputs, g = make(33, 37, 53, 7, F32, seed=1)
@@ -145,10 +136,10 @@ def test_nan_poisoned_outputs_and_split(monkeypatch, deterministic):
 
 
 @pytest.mark.parametrize("row_path", ["direct", "slots"])
-def test_nan_poisoned_unsplit(monkeypatch, row_path):
+def test_nan_poisoned_unsplit(monkeypatch, nan_poison, row_path):
     """No split reductions; dV, dC, db_e, db_h stored final by one program per N block ("direct", M ≤
     _DIRECT_ROW_BLOCKS row blocks) or summed from per-chunk slots: only dλ's reduction in the first."""
-    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    nan_poison(hl)
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 1)
     if row_path == "slots":
         monkeypatch.setattr(hl, "_DIRECT_ROW_BLOCKS", 0)
@@ -210,9 +201,9 @@ def test_bf16(M, K, N, H):
 
 
 @pytest.mark.gpu
-def test_bf16_mixed_and_split(monkeypatch):
+def test_bf16_mixed_and_split(monkeypatch, nan_poison):
     monkeypatch.setattr(hl, "_num_splits", lambda rows, cols, red, sms: 3)
-    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    nan_poison(hl)
     inputs, g = make(70, 200, 300, 15, BF16, lam_dtype=F32)
     run_and_check(inputs, g)
 

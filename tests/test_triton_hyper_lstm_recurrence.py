@@ -110,17 +110,12 @@ def test_triton_non_contiguous_inputs():
     _check_kernels(args)
 
 
-def _nan_alloc(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 @triton_only
-def test_triton_nan_poisoned_buffers(monkeypatch):
+def test_triton_nan_poisoned_buffers(nan_poison):
     """Every buffer the LSTM and HyperLinear kernels write in full starts as NaN."""
     from stn_kernels.backends.triton import hyper_linear as hl
 
-    monkeypatch.setattr(_kernels(), "_alloc", _nan_alloc)
-    monkeypatch.setattr(hl, "_alloc", _nan_alloc)
+    nan_poison(_kernels(), hl)
     (out, c_T, gates, cells, z), grads = _check_kernels(lstm_recurrence_args(3, 3, 13, 7, dtype=F32, seed=4))
     for t in (out, c_T, gates, cells, z, *grads):
         assert torch.isfinite(t).all()
