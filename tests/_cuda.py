@@ -12,10 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
+import stn_kernels
 from stn_kernels.backends import extension
 
 ROOT = Path(__file__).resolve().parents[1]
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def small_hyper_linear(device="cpu", dtype=F32):
+    """(x [3, 4], hparams [3, 2], a HyperLinear 4 -> 5 with H = 2), seeded."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=gen, dtype=dtype)
+    hp = torch.randn(3, 2, generator=gen, dtype=dtype)
+    m = stn_kernels.HyperLinear(4, 5, 2, dtype=dtype)
+    return x.to(device), hp.to(device), m.to(device)
 
 
 def extension_build_expected() -> bool:

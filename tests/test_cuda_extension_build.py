@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import stn_kernels
 from stn_kernels.backends import BackendUnavailableError, extension, resolve_backend, use_backend
 from stn_kernels.ops import hyper_linear as hyper_linear_ops
 
-from _cuda import extension_build_expected, require_extension_built
+from _cuda import extension_build_expected, require_extension_built, small_hyper_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 F32 = torch.float32
@@ -108,14 +107,6 @@ def fresh_loader(monkeypatch):
     return extension
 
 
-def _small_inputs(device="cpu", dtype=F32):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, generator=gen, dtype=dtype)
-    hp = torch.randn(3, 2, generator=gen, dtype=dtype)
-    m = stn_kernels.HyperLinear(4, 5, 2, dtype=dtype)
-    return x.to(device), hp.to(device), m.to(device)
-
-
 def test_loader_missing_build(fresh_loader, monkeypatch):
     monkeypatch.setattr(fresh_loader, "_find", lambda: None)
     with warnings.catch_warnings():
@@ -139,7 +130,7 @@ def test_loader_build_for_another_torch_is_not_loaded(fresh_loader, monkeypatch)
     with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="built for torch 1.2.3"):
         resolve_backend("hyper_linear", torch.device("cuda"))
     # The other backends still work.
-    x, hp, m = _small_inputs()
+    x, hp, m = small_hyper_linear()
     with use_backend("reference"):
         out = m(x, hp)
     out.sum().backward()

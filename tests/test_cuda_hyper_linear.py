@@ -13,7 +13,7 @@ import stn_kernels
 from stn_kernels.backends import BackendUnavailableError, extension, resolve_backend, use_backend
 
 # float64 ground truth, shared with test_triton_hyper_linear.py; run_and_check(kernels, inputs, g, ...)
-from _cuda import require_extension_built, rows as _rows
+from _cuda import require_extension_built, rows as _rows, small_hyper_linear
 from _naive import (
     HL_NAMES as NAMES,
     check_hl_kernels as run_and_check,
@@ -26,16 +26,8 @@ from _naive import (
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-def _small_inputs(device="cpu", dtype=F32):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, generator=gen, dtype=dtype)
-    hp = torch.randn(3, 2, generator=gen, dtype=dtype)
-    m = stn_kernels.HyperLinear(4, 5, 2, dtype=dtype)
-    return x.to(device), hp.to(device), m.to(device)
-
-
 def test_cuda_backend_refuses_cpu_tensors():
-    x, hp, m = _small_inputs()
+    x, hp, m = small_hyper_linear()
     with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="cuda"):
         m(x, hp)
     with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="CUDA tensors only"):

@@ -26,7 +26,7 @@ from typing import List, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stn_kernels import hyper_conv2d, use_backend
+from stn_kernels import hyper_conv2d
 
 from . import harness
 from .harness import Case, Impl, ProviderSpec, Shape, grads_by_name
@@ -193,10 +193,6 @@ def _build_stn(name, scope):
     return build
 
 
-def _backend_scope(backend):
-    return lambda: use_backend(backend)
-
-
 def _triton_kernels_with(**settings):
     """use_backend("triton") with attributes of the Triton conv kernel module set (GPU-only variants)."""
     from stn_kernels.backends.triton import hyper_conv2d as kernels
@@ -210,10 +206,10 @@ PROVIDERS = {p.name: p for p in (
     ProviderSpec("published", _build_published, "official STN formulation, eager (two F.conv2d + small ops)",
                  cpu_default=True, gpu_default=True),
     ProviderSpec("published+compile", _build_compiled, "published under torch.compile", gpu_default=True),
-    ProviderSpec("stn:reference", _build_stn("stn:reference", _backend_scope("reference")),
+    ProviderSpec("stn:reference", _build_stn("stn:reference", harness.backend_scope("reference")),
                  "stn_kernels.hyper_conv2d, backend 'reference'", cpu_default=True, gpu_default=True,
                  backend="reference"),
-    ProviderSpec("stn:triton", _build_stn("stn:triton", _backend_scope("triton")),
+    ProviderSpec("stn:triton", _build_stn("stn:triton", harness.backend_scope("triton")),
                  "stn_kernels.hyper_conv2d, backend 'triton' (packed weights)", gpu_default=True, backend="triton"),
     ProviderSpec("stn:triton:two-conv", _build_stn("stn:triton:two-conv",
                                                    lambda: _triton_kernels_with(PACKED=False)),

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stn_kernels import hyper_embedding, use_backend
+from stn_kernels import hyper_embedding
 
 from . import harness
 from .harness import Case, Impl, ProviderSpec, Shape, grads_by_name
@@ -143,10 +143,6 @@ def _build_stn(name, scope):
     return build
 
 
-def _backend_scope(backend):
-    return lambda: use_backend(backend)
-
-
 def _triton_kernels_with(**settings):
     """use_backend("triton") with attributes of the Triton embedding kernel module set (GPU-only variant)."""
     from stn_kernels.backends.triton import hyper_embedding as kernels
@@ -159,10 +155,10 @@ PROVIDERS = {p.name: p for p in (
     ProviderSpec("published", _build_published, "official STN formulation, eager (two F.embedding + scale)",
                  cpu_default=True, gpu_default=True),
     ProviderSpec("published+compile", _build_compiled, "published under torch.compile", gpu_default=True),
-    ProviderSpec("stn:reference", _build_stn("stn:reference", _backend_scope("reference")),
+    ProviderSpec("stn:reference", _build_stn("stn:reference", harness.backend_scope("reference")),
                  "stn_kernels.hyper_embedding, backend 'reference'", cpu_default=True, gpu_default=True,
                  backend="reference"),
-    ProviderSpec("stn:triton", _build_stn("stn:triton", _backend_scope("triton")),
+    ProviderSpec("stn:triton", _build_stn("stn:triton", harness.backend_scope("triton")),
                  "stn_kernels.hyper_embedding, backend 'triton' (atomic table gradients)", gpu_default=True,
                  backend="triton"),
     ProviderSpec("stn:triton:sorted", _build_stn("stn:triton:sorted",

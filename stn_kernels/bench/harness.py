@@ -241,6 +241,11 @@ def compiled_impl(name: str, fn: Callable, args: Tuple[Tensor, ...], canonical, 
     return impl
 
 
+def backend_scope(backend: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """The scope of an ``stn:<backend>`` provider: ``use_backend(backend)``."""
+    return lambda: use_backend(backend)
+
+
 @contextlib.contextmanager
 def backend_with(backend: str, module: ModuleType, **settings):
     """``use_backend(backend)`` with attributes of ``module`` (a kernel module) set for the block:

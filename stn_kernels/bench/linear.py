@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from stn_kernels import hyper_linear, use_backend
+from stn_kernels import hyper_linear
 
 from . import harness
 from .harness import Case, Impl, ProviderSpec, Shape, grads_by_name
@@ -197,7 +197,7 @@ def _build_stn(backend):
     def build(case, opts):
         args = case.leaves(*STN_ARGS)
         return Impl(f"stn:{backend}", lambda: stn_forward(*args), args, _stn_canonical,
-                    scope=lambda: use_backend(backend))
+                    scope=harness.backend_scope(backend))
 
     return build
 
@@ -208,7 +208,7 @@ def _build_stn_compiled(backend):
     def build(case, opts):
         # torch.compile traces on the first call, which build_impl makes inside the impl's scope.
         return harness.compiled_impl(f"stn:{backend}+compile", stn_forward, case.leaves(*STN_ARGS), _stn_canonical,
-                                     case, opts, scope=lambda: use_backend(backend))
+                                     case, opts, scope=harness.backend_scope(backend))
 
     return build
 

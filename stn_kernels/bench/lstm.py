@@ -26,7 +26,7 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
-from stn_kernels import hyper_lstm_layer, use_backend
+from stn_kernels import hyper_lstm_layer
 
 from . import harness
 from .harness import Case, Impl, ProviderSpec, Shape, grads_by_name
@@ -186,7 +186,7 @@ def _build_stn(backend):
     def build(case, opts):
         args = _args(case.tensors, case.spec)
         return Impl(f"stn:{backend}", lambda: stn_forward(*args), _inputs(case), grads_by_name(grad_names(case.spec)),
-                    scope=lambda: use_backend(backend))
+                    scope=harness.backend_scope(backend))
 
     return build
 
