@@ -37,6 +37,14 @@ def check_shape(t: Optional[Tensor], name: str, expected: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_hparams_dtype(hparams: Tensor, data: Tensor, data_name: str) -> None:
+    """hparams in the dtype of ``data`` (the input, or the embedding table), or float32 when that is half."""
+    allowed = (data.dtype, torch.float32) if data.dtype in HALF_DTYPES else (data.dtype,)
+    if hparams.dtype not in allowed:
+        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from {data_name} dtype "
+                        f"{data.dtype}), got {hparams.dtype}")
+
+
 def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_hparams: int, batch: Optional[int],
                   weight_scale: Optional[Tensor], bias_scale: Optional[Tensor]) -> None:
     """hparams is [B, H] (per example) or [H] (shared by the batch), in the dtype of ``data`` (the
@@ -51,10 +59,7 @@ def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_h
                          f"{tuple(hparams.shape)}")
     if hparams.dim() == 2 and hparams.shape[0] != batch:
         raise ValueError(f"hparams: expected batch size {batch} (input's first dim), got shape {tuple(hparams.shape)}")
-    allowed = (data.dtype, torch.float32) if data.dtype in HALF_DTYPES else (data.dtype,)
-    if hparams.dtype not in allowed:
-        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from {data_name} dtype "
-                        f"{data.dtype}), got {hparams.dtype}")
+    check_hparams_dtype(hparams, data, data_name)
     check_dtype(hparams.dtype, "hparams", weight_scale=weight_scale, bias_scale=bias_scale)
     check_same_device(data, data_name, hparams=hparams)
 
@@ -146,10 +151,7 @@ def check_lstm_hparams(hparams, batch: int, like: Tensor, like_name: str) -> Opt
     if hparams.dim() not in (1, 2) or (hparams.dim() == 2 and hparams.shape[0] != batch):
         raise ValueError(f"hparams: expected shape [B, H] with B = {batch} (the batch size) or [H], "
                          f"got {tuple(hparams.shape)}")
-    allowed = (like.dtype, torch.float32) if like.dtype in (torch.float16, torch.bfloat16) else (like.dtype,)
-    if hparams.dtype not in allowed:
-        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from {like_name} dtype "
-                        f"{like.dtype}), got {hparams.dtype}")
+    check_hparams_dtype(hparams, like, like_name)
     check_same_device(like, like_name, hparams=hparams)
     return hparams.expand(batch, hparams.shape[-1]) if hparams.dim() == 1 else hparams
 

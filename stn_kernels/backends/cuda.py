@@ -47,12 +47,9 @@ def _reduce(*args):
 
 
 def _require(x: Tensor) -> None:
-    if x.device.type != "cuda":
-        raise BackendUnavailableError(f"stn_kernels::hyper_linear: backend 'cuda' cannot run here: tensors are on "
-                                      f"{x.device}, the extension runs CUDA tensors only")
-    if not extension.loaded():
-        raise BackendUnavailableError("stn_kernels::hyper_linear: backend 'cuda' cannot run here: the compiled "
-                                      f"extension is not loaded ({extension.load_error()})")
+    why = extension.unavailable_reason(x.device)
+    if why:
+        raise BackendUnavailableError(f"stn_kernels::hyper_linear: backend 'cuda' cannot run here: {why}")
 
 
 def hyper_linear_forward(

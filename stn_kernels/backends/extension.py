@@ -101,3 +101,12 @@ def loaded() -> bool:
 def load_error():
     _load()
     return _state["error"]
+
+
+def unavailable_reason(device) -> Optional[str]:
+    """Why the extension cannot run tensors on ``device`` (a torch.device), or None when it can."""
+    if device.type != "cuda":
+        return f"tensors are on {device}, the extension runs CUDA tensors only"
+    if not loaded():
+        return f"the compiled extension is not loaded ({load_error() or 'not built'})"
+    return None

@@ -140,9 +140,8 @@ def resolve_backend(op: str, device: torch.device, rows: Optional[int] = None,
                "set before stn_kernels is imported")
         raise BackendUnavailableError(f"stn_kernels::{op}: backend 'triton' cannot run here: {why}")
     if name == "cuda" and not cuda_extension_available(device):
-        why = (f"tensors are on {device}, the extension runs CUDA tensors only" if device.type != "cuda"
-               else f"the compiled extension is not loaded ({extension.load_error() or 'not built'})")
-        raise BackendUnavailableError(f"stn_kernels::{op}: backend 'cuda' cannot run here: {why}")
+        raise BackendUnavailableError(f"stn_kernels::{op}: backend 'cuda' cannot run here: "
+                                      f"{extension.unavailable_reason(device)}")
     return name
 
 
