@@ -15,11 +15,23 @@ A self-tuning loop in a few lines (see ``examples/stn_digits.py`` for a complete
     for _ in range(cycles):
         trainer.step(next_train_batch, next_valid_batch)   # T_train weight steps, T_valid λ/σ steps
 
+Data parallel (DDP, FSDP2): the trainer keeps λ and σ identical on every rank and gives each rank its
+own random streams; ``sync_hyperparameters``, ``average_hyperparameter_grads`` and ``seed_rank_streams``
+do the same in a loop of your own (``stn/distributed.py``).
+
 This package holds the toolkit's public API only: the per-example dropout op lives with the other
 ops (``stn_kernels.ops``, public function :func:`stn_kernels.functional.per_example_dropout`).
 """
 
 from ..functional import per_example_channel_dropout, per_example_dropout
+from .distributed import (
+                          average_gradients,
+                          average_hyperparameter_grads,
+                          distributed_rank,
+                          rank_seed,
+                          seed_rank_streams,
+                          sync_hyperparameters,
+)
 from .hyperparameters import (
                               Hyperparameter,
                               HyperparameterSample,
@@ -31,7 +43,8 @@ from .hyperparameters import (
 from .training import StepResult, STNTrainer, cycle_batches, linearized_output, split_stn_parameters
 
 __all__ = [
-    "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult", "cycle_batches",
-    "inverse_softplus", "linearized_output", "per_example_channel_dropout", "per_example_dropout",
-    "split_stn_parameters", "stretched_logit", "stretched_sigmoid",
+    "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult",
+    "average_gradients", "average_hyperparameter_grads", "cycle_batches", "distributed_rank",
+    "inverse_softplus", "linearized_output", "per_example_channel_dropout", "per_example_dropout", "rank_seed",
+    "seed_rank_streams", "split_stn_parameters", "stretched_logit", "stretched_sigmoid", "sync_hyperparameters",
 ]

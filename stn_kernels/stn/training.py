@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modules import HyperConv2d, HyperEmbedding, HyperLinear
+from . import distributed
 from .hyperparameters import HyperparameterSample, HyperparameterSet
 
 # Parameters of our layers that make up the response (the part that depends on λ).
@@ -128,7 +129,16 @@ class STNTrainer:
         constrained_layer_input: feed T(λ_b) to the layers instead of λ_b.
         delta_stn: the Delta-STN variant (centred layer input, separate response step).
         linearize: Delta-STN's linearised response in the response step.
-        generator: for the perturbations ε (dropout seeds come from the regularisers' own calls).
+        generator: for the perturbations ε (default: torch's default generator; dropout seeds come from the
+            regularisers' own calls). In a distributed run, seed it per rank yourself.
+        seed: seeds torch's default generator (ε, dropout masks, the model's own noise) once, here, with this
+            rank's stream (:func:`~stn_kernels.stn.seed_rank_streams`: ``torch.manual_seed(seed)`` in one process
+            and on rank 0). Default None: a single process leaves the generator alone; a distributed run draws
+            the seed from the generator, so ranks seeded alike still draw different perturbations and masks.
+        sync_hyperparameters: with torch.distributed initialised and more than one rank, broadcast λ and ρ from
+            rank 0 here and average their gradients over the ranks in every validation step, so that they stay
+            identical on every rank (the weights are DDP's or FSDP's business). False if you do it yourself.
+        process_group: the group of ranks sharing the hyperparameters (default: the default group).
     """
 
     def __init__(self, model_fn: Callable, criterion: Callable, hparams: HyperparameterSet,
@@ -139,7 +149,8 @@ class STNTrainer:
                  train_steps: int = 2, valid_steps: int = 1, warmup_steps: int = 0,
                  entropy_weight: float = 1e-3, tune_scales: bool = True, constrained_layer_input: bool = False,
                  delta_stn: bool = False, linearize: bool = False,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                 sync_hyperparameters: bool = True, process_group=None) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn: expected a callable (inputs, sample) -> output, got {type(model_fn).__name__}")
         if not callable(criterion):
@@ -158,6 +169,8 @@ class STNTrainer:
         if linearize and not delta_stn:
             raise ValueError("linearize: the linearised response is part of Delta-STN; expected delta_stn=True "
                              "with linearize=True, got delta_stn=False")
+        if not isinstance(sync_hyperparameters, bool):
+            raise TypeError(f"sync_hyperparameters: expected a bool, got {type(sync_hyperparameters).__name__}")
         if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) \
                 or not math.isfinite(entropy_weight) or entropy_weight < 0:
             raise ValueError(f"entropy_weight: expected a finite float >= 0, got {entropy_weight!r}")
@@ -180,6 +193,21 @@ class STNTrainer:
         self.generator = generator
         self.train_steps_done = 0
         self.valid_steps_done = 0
+        # Data parallel: per-rank random streams and the same λ, ρ on every rank (stn/distributed.py).
+        self.process_group = process_group
+        self.rank, self.world_size = distributed.distributed_rank(process_group)
+        self.sync_hyperparameters = sync_hyperparameters
+        self.seed = None
+        if seed is not None or self.world_size > 1:
+            self.seed = distributed.seed_rank_streams(seed, process_group=process_group)
+        if self.world_size > 1 and sync_hyperparameters:
+            distributed.sync_hyperparameters(hparams, process_group=process_group)
+        # DDP and FSDP2 reduce the weight gradients in hooks on the parameters they hold (FSDP2: unsharded
+        # copies no optimizer holds), so a backward restricted to the optimizer's parameters would skip them
+        # (DDP: an error at the next step; FSDP2: silently no update). Under torch.distributed, training steps
+        # differentiate every parameter; each optimizer still steps only its own.
+        dist = torch.distributed
+        self._restrict_backward = not (dist.is_available() and dist.is_initialized())
 
     # -- helpers
 
@@ -194,6 +222,9 @@ class STNTrainer:
     def _sample(self, batch: Tensor, regularize: bool) -> HyperparameterSample:
         return self.hparams.make_sample(batch, regularize=regularize, constrained=self.constrained_layer_input,
                                         centre=self.delta_stn)
+
+    def _backward_inputs(self, optimizer: torch.optim.Optimizer) -> Optional[List[Tensor]]:
+        return _optimizer_params(optimizer) if self._restrict_backward else None
 
     def _batch_size(self, targets) -> int:
         if isinstance(targets, Tensor) and targets.dim() > 0:
@@ -223,7 +254,7 @@ class STNTrainer:
             self.weight_optimizer.zero_grad()
             out = self.model_fn(inputs, self._sample(current, regularize=True))
             loss = self.criterion(out, targets)
-            loss.backward(inputs=_optimizer_params(self.weight_optimizer))
+            loss.backward(inputs=self._backward_inputs(self.weight_optimizer))
             self.weight_optimizer.step()
             results.append(StepResult(kind, float(loss.detach()), out.detach()))
             # Response parameters on perturbed λ_b.
@@ -234,14 +265,14 @@ class STNTrainer:
             else:
                 out = self.model_fn(inputs, sample)
             loss = self.criterion(out, targets)
-            loss.backward(inputs=_optimizer_params(self.response_optimizer))
+            loss.backward(inputs=self._backward_inputs(self.response_optimizer))
             self.response_optimizer.step()
             results.append(StepResult("response", float(loss.detach()), out.detach()))
         else:
             self.weight_optimizer.zero_grad()
             out = self.model_fn(inputs, self._sample(perturbed, regularize=True))
             loss = self.criterion(out, targets)
-            loss.backward(inputs=_optimizer_params(self.weight_optimizer))
+            loss.backward(inputs=self._backward_inputs(self.weight_optimizer))
             self.weight_optimizer.step()
             results.append(StepResult(kind, float(loss.detach()), out.detach()))
         self.train_steps_done += 1
@@ -264,6 +295,10 @@ class STNTrainer:
         grads = torch.autograd.grad(objective, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
+        if self.world_size > 1 and self.sync_hyperparameters:
+            # Each rank's gradient is the mean over its own validation batch: their average is the gradient
+            # of the whole (all ranks') batch, and every rank then takes the same step.
+            distributed.average_gradients(params, process_group=self.process_group)
         for opt in optimizers:
             opt.step()
         self.valid_steps_done += 1
