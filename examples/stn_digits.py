@@ -16,6 +16,13 @@ the test set is used only for the table.
 
     python examples/stn_digits.py            # < 5 min on 2 CPU cores
     python examples/stn_digits.py --quick    # < 1 min
+    torchrun --nproc-per-node 2 examples/stn_digits.py --quick   # data parallel, 2 processes (gloo)
+
+Under torchrun (WORLD_SIZE > 1) every run is data parallel: each rank trains on its own shard of the
+training and validation splits with a per-rank batch of batch-size / ranks (the global batch stays the
+same), the model is wrapped in DistributedDataParallel, STNTrainer keeps λ and σ identical on every
+rank, and each rank draws its own perturbations, dropout masks and noise. The runs go one after
+another (the ranks are the parallelism); only rank 0 prints and writes files.
 
 Writes ``stn_digits_schedules.png`` (the hyperparameter schedules STN found) and ``results.json``
 to ``--out`` (default examples/out/). Seeded and deterministic: single-threaded, deterministic
@@ -172,25 +179,47 @@ def evaluate(model, hp: stn.HyperparameterSet, split: Split):
     return F.cross_entropy(logits, split.y).item(), (logits.argmax(1) == split.y).float().mean().item()
 
 
+def shard(split: Split, rank: int, world: int) -> Split:
+    """This rank's share of a split (every world-th example)."""
+    return Split(split.x[rank::world], split.y[rank::world])
+
+
+def check_ranks_agree(model: nn.Module, hp: stn.HyperparameterSet) -> None:
+    """Raises unless every rank holds the same weights, λ and σ (what DDP and STNTrainer promise)."""
+    with torch.no_grad():
+        mine = (list(hp.values().values()), list(hp.scales().values()),
+                [float(p.double().sum()) for p in model.parameters()])
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    if any(other != mine for other in everyone):
+        raise RuntimeError(f"ranks disagree on the weights or hyperparameters: {everyone}")
+
+
 def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=print) -> RunResult:
-    """Trains one model for args.steps weight updates: with STN (method "stn") or fixed hyperparameters."""
+    """Trains one model for args.steps weight updates: with STN (method "stn") or fixed hyperparameters.
+    Under torchrun, data parallel over the ranks (the same result on every rank)."""
     train, val, test = data
+    rank, world = stn.distributed_rank()
     start = time.perf_counter()
     torch.manual_seed(args.seed)  # the same initial weights for every run of one model
     model = MODELS[kind](len(HPARAM_NAMES))
-    torch.manual_seed(args.seed + 1)  # dropout seeds and input noise
+    # DDP averages the weight gradients over the ranks (and broadcasts rank 0's initial weights).
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # Dropout seeds and input noise: torch.manual_seed(seed + 1) in one process, each rank its own stream.
+    stn.seed_rank_streams(args.seed + 1)
     hp = make_hparams(values, scale=args.perturb_scale)
-    weight_optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    next_train = BatchStream(train, args.batch_size, args.seed + 2)
-    next_val = BatchStream(val, args.batch_size, args.seed + 3)
+    weight_optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    # Each rank its own shard; per-rank batches of batch_size / world keep the global batch.
+    next_train = BatchStream(shard(train, rank, world), args.batch_size // world, args.seed + 2)
+    next_val = BatchStream(shard(val, rank, world), args.batch_size // world, args.seed + 3)
     schedule = []
     if method == "stn":
         trainer = stn.STNTrainer(
-            model, F.cross_entropy, hp, weight_optimizer,
+            net, F.cross_entropy, hp, weight_optimizer,
             hparam_optimizer=torch.optim.Adam([hp.unconstrained], lr=args.hparam_lr),
             scale_optimizer=torch.optim.Adam([hp.raw_scale], lr=args.hparam_lr),
-            train_steps=2, valid_steps=1, warmup_steps=args.warmup_steps,
-            entropy_weight=args.entropy_weight, generator=torch.Generator().manual_seed(args.seed + 4))
+            train_steps=2, valid_steps=1, warmup_steps=args.warmup_steps, entropy_weight=args.entropy_weight,
+            seed=args.seed + 1, generator=torch.Generator().manual_seed(stn.rank_seed(args.seed + 4, rank)))
 
     best = {"val_loss": math.inf}
     step = 0
@@ -201,10 +230,10 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
             step = trainer.train_steps_done
             schedule.append({"step": step, **hp.values(), **{f"{k}_scale": v for k, v in hp.scales().items()}})
         else:
-            model.train()
+            net.train()
             x, y = next_train()
             weight_optimizer.zero_grad()
-            loss = F.cross_entropy(model(x, hp.sample(len(y), perturb=False)), y)
+            loss = F.cross_entropy(net(x, hp.sample(len(y), perturb=False)), y)
             loss.backward()
             weight_optimizer.step()
             step += 1
@@ -218,6 +247,8 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
                 next_report += args.steps // 4
                 shown = ", ".join(f"{k}={v:.3f}" for k, v in hp.values().items())
                 log(f"        step {step:5d}/{args.steps}  val loss {val_loss:.4f}  {shown}")
+    if world > 1:
+        check_ranks_agree(model, hp)
     model.load_state_dict(best["model"])
     hp.load_state_dict(best["hp"])
     test_loss, test_acc = evaluate(model, hp, test)
@@ -327,6 +358,8 @@ def parse_args(argv=None):
     args.random_runs = args.random_runs if args.random_runs is not None else (1 if args.quick else 3)
     if args.workers < 1:
         parser.error(f"--workers: expected an int >= 1, got {args.workers}")
+    if args.batch_size < int(os.environ.get("WORLD_SIZE", "1")):
+        parser.error(f"--batch-size: expected at least one example per rank, got {args.batch_size}")
     args.eval_every = max(args.steps // 30, 2)
     args.warmup_steps = int(args.warmup_fraction * args.steps)
     return args
@@ -336,6 +369,8 @@ _WORKER_STATE: dict = {}
 
 
 def _say(line: str) -> None:
+    if stn.distributed_rank()[0] != 0:
+        return  # under torchrun every rank computes the same; rank 0 speaks for all
     # One write per line, so that lines from two worker processes never interleave mid-line.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -356,17 +391,39 @@ def _print_done(number, total, result, started):
          f"[{result.seconds:.1f} s; {time.perf_counter() - started:.0f} s elapsed]")
 
 
+def init_distributed() -> int:
+    """Joins the process group torchrun describes in the environment (WORLD_SIZE > 1); returns the world size.
+    The example's tensors live on the CPU, hence gloo; a CUDA model would take nccl and
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return world
+
+
 def main(argv=None) -> List[RunResult]:
     args = parse_args(argv)
+    world = init_distributed()
+    try:
+        return _main(args, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _main(args, world: int) -> List[RunResult]:
+    rank = stn.distributed_rank()[0]
+    if world > 1:
+        args.workers = 1  # the ranks are the parallelism: every rank takes part in every run, in order
     # Tiny matrices: one thread is faster than two here, and a fixed thread count keeps every
     # reduction in the same order, so the run is bit-for-bit repeatable.
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    os.makedirs(args.out, exist_ok=True)
     data = load_digits_splits(args.seed)
-    print(f"digits: {len(data[0].y)} train / {len(data[1].y)} validation / {len(data[2].y)} test images; "
-          f"{args.steps} weight updates per run, batch {args.batch_size}; STN: T_train=2, T_valid=1, "
-          f"warm-up {args.warmup_steps} steps, τ={args.entropy_weight}", flush=True)
+    parallel = f" ({world} ranks × {args.batch_size // world}, DDP)" if world > 1 else ""
+    _say(f"digits: {len(data[0].y)} train / {len(data[1].y)} validation / {len(data[2].y)} test images; "
+         f"{args.steps} weight updates per run, batch {args.batch_size // world * world}{parallel}; STN: T_train=2, "
+         f"T_valid=1, warm-up {args.warmup_steps} steps, τ={args.entropy_weight}")
     # The STN runs first: they are the longest, so two workers finish at about the same time.
     plan = [(kind, "stn", dict(START)) for kind in args.models]
     for kind in args.models:
@@ -392,6 +449,11 @@ def main(argv=None) -> List[RunResult]:
             _print_done(number, len(plan), result, started)
     results = [results[number] for number in sorted(results)]
 
+    if world > 1:
+        _say(f"checked: weights, λ and σ identical on all {world} ranks at the end of every run")
+    if rank != 0:
+        return results
+    os.makedirs(args.out, exist_ok=True)
     table = format_table(results, args)
     print("\n" + table)
     for kind in args.models:

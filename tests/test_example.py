@@ -69,3 +69,21 @@ def test_training_is_deterministic():
             assert first.schedule == second.schedule
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def test_torchrun_data_parallel_run(tmp_path):
+    """`torchrun --nproc-per-node 2 examples/stn_digits.py` on the CPU (gloo): shorter than --quick, one model.
+    The example itself checks, after every run, that all ranks hold the same weights, λ and σ."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # --standalone: a rendezvous on a free port, so parallel test runs cannot collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", EXAMPLE,
+               "--models", "mlp", "--steps", "40", "--grid", "0.1", "--random-runs", "0", "--out", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    out = run.stdout
+    assert out.count("digits: ") == 1 and "(2 ranks × 32, DDP)" in out           # rank 0 alone prints
+    assert "checked: weights, λ and σ identical on all 2 ranks at the end of every run" in out
+    assert "MLP    STN (1 run)" in out and "MLP    grid search, best" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["model"], r["method"]) for r in results["runs"]} == {("mlp", "stn"), ("mlp", "grid")}
+    assert next(r for r in results["runs"] if r["method"] == "stn")["schedule"][-1]["step"] == 40
