@@ -106,8 +106,8 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def ddp(model):
-    return torch.nn.parallel.DistributedDataParallel(model)
+def ddp(model, **options):
+    return torch.nn.parallel.DistributedDataParallel(model, **options)
 
 
 def fsdp2(model):
@@ -176,6 +176,9 @@ def main(rank, world, init_file, out_dir):
         "delta_ddp": lambda: stn_loop(rank, ddp, delta=True),
         "delta_ddp_linearized": lambda: stn_loop(rank, ddp, delta=True, linearize=True),
         "delta_fsdp2": lambda: stn_loop(rank, fsdp2, delta=True),
+        # The valid step's forward builds no weight gradient: DDP must not wait for one in these modes either.
+        "delta_ddp_find_unused": lambda: stn_loop(rank, lambda m: ddp(m, find_unused_parameters=True), delta=True),
+        "ddp_static_graph": lambda: stn_loop(rank, lambda m: ddp(m, static_graph=True)),
         "equivalence": lambda: equivalence_run([equivalence_batches(rank)], wrap=ddp),
         "helpers": lambda: helpers(rank, world),
     }

@@ -1,5 +1,5 @@
-"""`import stn_kernels` is cheap: no Triton kernel module, no compiled extension, no CUDA initialisation;
-the ops are registered."""
+"""`import stn_kernels` is cheap: no Triton kernel module, no compiled extension, no CUDA initialisation,
+no process group; the ops are registered."""
 
 import json
 import os
@@ -18,6 +18,7 @@ print(json.dumps({
     "triton_imported": "triton" in sys.modules,
     "extension_imported": "stn_kernels._C" in sys.modules,
     "cuda_initialized": torch.cuda.is_initialized(),
+    "distributed_initialized": torch.distributed.is_available() and torch.distributed.is_initialized(),
     "ops": {name: hasattr(ops, name) for name in (
         "hyper_linear", "hyper_linear_backward", "hyper_conv2d", "hyper_conv2d_backward",
         "hyper_embedding", "hyper_embedding_backward", "hyper_lstm_recurrence",
@@ -54,6 +55,11 @@ def test_no_compiled_extension_loaded(probe):
 
 def test_cuda_not_initialized(probe):
     assert probe["cuda_initialized"] is False
+
+
+def test_no_process_group_initialized(probe):
+    """stn_kernels.stn.distributed asks for the process group only when its functions are called."""
+    assert probe["distributed_initialized"] is False
 
 
 def test_ops_registered(probe):

@@ -69,13 +69,14 @@ def _moved(start, end):
         bool((start["lam"] != end["lam"]).all())
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "fsdp2", "delta_ddp", "delta_ddp_linearized", "delta_fsdp2"])
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp2", "delta_ddp", "delta_ddp_linearized", "delta_fsdp2",
+                                      "delta_ddp_find_unused", "ddp_static_graph"])
 def test_weights_lambda_and_sigma_are_identical_on_every_rank(ranks, scenario):
     first, second = _scenario(ranks, scenario)
     assert _same(first["start"], second["start"])
     assert _moved(first["start"], first["end"])
     assert _same(first["end"], second["end"])                  # weights, λ, ρ, values(), scales(): bit for bit
-    if scenario in ("ddp", "fsdp2"):
+    if not scenario.startswith("delta"):
         assert not torch.equal(first["end"]["rho"], first["start"]["rho"])   # σ was tuned too
 
 
