@@ -408,6 +408,9 @@ def main(argv=None) -> List[RunResult]:
         return _main(args, world)
     finally:
         if world > 1:
+            # Leave together: a rank that tears its group down while another still works on its last lines
+            # can abort at exit in gloo's threads.
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

@@ -189,6 +189,7 @@ def main(rank, world, init_file, out_dir):
         except Exception:
             results[name] = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()  # leave together (see examples/stn_digits.py)
     torch.distributed.destroy_process_group()
     return 0
 
