@@ -169,6 +169,7 @@ class RunResult:
     best_step: int
     seconds: float
     schedule: List[dict] = field(default_factory=list)  # STN only: λ and σ after validation steps
+    cycle_ms: float = math.nan  # STN only: median wall time of one cycle (2 training + 1 validation step)
 
 
 @torch.no_grad()
@@ -219,14 +220,18 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
             hparam_optimizer=torch.optim.Adam([hp.unconstrained], lr=args.hparam_lr),
             scale_optimizer=torch.optim.Adam([hp.raw_scale], lr=args.hparam_lr),
             train_steps=2, valid_steps=1, warmup_steps=args.warmup_steps, entropy_weight=args.entropy_weight,
-            seed=args.seed + 1, generator=torch.Generator().manual_seed(stn.rank_seed(args.seed + 4, rank)))
+            seed=args.seed + 1, generator=torch.Generator().manual_seed(stn.rank_seed(args.seed + 4, rank)),
+            compile=args.compile)
+    cycle_seconds = []
 
     best = {"val_loss": math.inf}
     step = 0
     next_eval, next_report = args.eval_every, args.steps // 4
     while step < args.steps:
         if method == "stn":
+            cycle_start = time.perf_counter()
             trainer.step(next_train, next_val)
+            cycle_seconds.append(time.perf_counter() - cycle_start)
             step = trainer.train_steps_done
             schedule.append({"step": step, **hp.values(), **{f"{k}_scale": v for k, v in hp.scales().items()}})
         else:
@@ -252,8 +257,11 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
     model.load_state_dict(best["model"])
     hp.load_state_dict(best["hp"])
     test_loss, test_acc = evaluate(model, hp, test)
+    # Cycles after the warm-up (whose cycles have no validation step) and after the first compiles.
+    tuned = sorted(cycle_seconds[args.warmup_steps // 2 + 2:])
+    cycle_ms = 1e3 * tuned[len(tuned) // 2] if tuned else math.nan
     return RunResult(kind, method, dict(hp.values()), best["val_loss"], best["val_acc"], test_loss, test_acc,
-                     best["step"], time.perf_counter() - start, schedule)
+                     best["step"], time.perf_counter() - start, schedule, cycle_ms)
 
 
 # --------------------------------------------------------------------------- experiment
@@ -343,6 +351,8 @@ def parse_args(argv=None):
     parser.add_argument("--entropy-weight", type=float, default=1e-3, help="τ")
     parser.add_argument("--perturb-scale", type=float, default=0.5, help="initial σ")
     parser.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps before tuning starts")
+    parser.add_argument("--compile", action="store_true",
+                        help="run STN's steps through torch.compile (STNTrainer(compile=True))")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel runs (processes; results do not depend on it)")
     args = parser.parse_args(argv)
@@ -388,7 +398,8 @@ def _run_planned(item):
 def _print_done(number, total, result, started):
     _say(f"[{number:2d}/{total}] {result.model.upper()} {result.method:6}  done: best val loss {result.val_loss:.4f} "
          f"(acc {result.val_acc:.2%}) at step {result.best_step}, hparams {format_hparams(result.hparams)}  "
-         f"[{result.seconds:.1f} s; {time.perf_counter() - started:.0f} s elapsed]")
+         f"[{result.seconds:.1f} s; {time.perf_counter() - started:.0f} s elapsed]"
+         + (f"  STN cycle {result.cycle_ms:.2f} ms (median)" if result.method == "stn" else ""))
 
 
 def init_distributed() -> int:

@@ -196,9 +196,10 @@ def test_bench_package_has_no_import_cycle_and_a_layer_free_harness():
     for name, tree in sources.items():
         graph[name], outside[name] = _imports(tree, sources)
     layers = {"linear", "conv2d", "embedding", "lstm"}
-    assert layers | {"harness", "report", "cli", "__init__", "__main__"} == set(sources)
+    whole_step_modes = {"stn_step"}   # modes that time more than one layer
+    assert layers | whole_step_modes | {"harness", "report", "cli", "__init__", "__main__"} == set(sources)
     for base in ("harness", "report"):
-        assert not graph[base] & (layers | {"cli"}), (base, graph[base])
+        assert not graph[base] & (layers | whole_step_modes | {"cli"}), (base, graph[base])
         assert "hyper_linear" not in open(os.path.join(BENCH_DIR, base + ".py"), encoding="utf-8").read()
     assert not graph["report"], graph["report"]  # the report needs nothing of the harness
 
@@ -290,3 +291,15 @@ def test_backend_with_sets_and_restores_module_attributes():
     with harness.backend_with("reference", kernels, PACKED=False, TABLE_GRAD="sorted"):
         assert (kernels.PACKED, kernels.TABLE_GRAD) == (False, "sorted")
     assert (kernels.PACKED, kernels.TABLE_GRAD) == (True, "atomic")
+
+
+def test_stn_step_mode_writes_its_table(tmp_path, capsys):
+    torch._dynamo.reset()
+    assert main(["--stn-step", "--quick", "--out", str(tmp_path)]) == []
+    text = (tmp_path / "stn_step.md").read_text()
+    assert text in capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("| digits-mlp |"))
+    eager, compiled, ratio = (cell.strip() for cell in row.split("|")[5:8])
+    assert float(eager) > 0 and float(compiled) > 0 and ratio.endswith("×")
+    with pytest.raises(SystemExit, match="unknown STN step model nope"):
+        main(["--stn-step", "nope"])

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import conv2d, embedding, harness, linear, lstm
+from . import conv2d, embedding, harness, linear, lstm, stn_step
 from .report import MODES, Report, Row, legend, machine_info, write_plot
 
 LAYERS: Dict[str, harness.Layer] = {
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lstm", nargs="?", const="lstm-ptb", default=None, metavar="SHAPES",
                     help="the same as --layer lstm --shapes SHAPES: a comma list of lstm-ptb (B=40, T=70, 2x650, "
                          f"H=7; the default), lstm-tiny or {lstm.SHAPE_FORMAT}")
+    ap.add_argument("--stn-step", nargs="?", const="", default=None, metavar="MODELS",
+                    help="time the whole STN cycle (STNTrainer.step) eager vs compiled instead of a layer: a comma "
+                         f"list of {', '.join(stn_step.SHAPES)} (default: digits-mlp on CPU, alexnet-fc with --gpu)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds; what was measured is still reported")
     return ap
@@ -98,6 +101,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _run_stn_step(args: argparse.Namespace, device: torch.device) -> List[Row]:
+    """``--stn-step``: the STN cycle table (stn_step.md in ``--out``); no layer rows."""
+    names = _parse_list(args.stn_step or None, list(stn_step.SHAPES), "STN step model") or (
+        ["alexnet-fc"] if device.type == "cuda" else ["digits-mlp"])
+    lines = ["# stn_kernels benchmark: the STN cycle, eager vs compiled", ""]
+    lines += [f"- {line}" for line in machine_info(device)] + [""]
+    lines += stn_step.run(device, names, args.quick)
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "stn_step.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+    return []
+
+
 def main(argv=None) -> List[Row]:
     """Run the benchmark for ``argv`` (default: sys.argv[1:]); returns the rows measured."""
     args = parse_args(argv)
@@ -112,6 +131,8 @@ def main(argv=None) -> List[Row]:
     gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stn_step is not None:
+        return _run_stn_step(args, device)
     layer = LAYERS[args.layer]
     try:
         shapes = [layer.parse_shape(s) for s in (_parse_list(args.shapes, list(layer.shapes), "shape") or [])]

@@ -314,16 +314,32 @@ class HyperparameterSet(nn.Module):
         _check_batch_size(batch_size)
         return self.unconstrained.unsqueeze(0).expand(batch_size, len(self))
 
-    def perturb(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
-        """λ_b = λ + σ ⊙ ε_b, ε_b ~ N(0, I): [B, H], differentiable w.r.t. λ and ρ.
-
-        Columns of hyperparameters with per_example=False hold one draw shared by the whole batch.
-        """
+    def noise(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
+        """ε [B, H] ~ N(0, I), the draw behind :meth:`perturb`; columns of hyperparameters with
+        per_example=False hold one draw shared by the whole batch."""
         _check_batch_size(batch_size)
         lam = self.unconstrained
         noise = torch.randn(batch_size, len(self), dtype=lam.dtype, device=lam.device, generator=generator)
-        noise = torch.where(self._shared_draw, noise[:1], noise)
-        return lam + self.scale * noise
+        return torch.where(self._shared_draw, noise[:1], noise)
+
+    def perturb(self, batch_size: int, *, generator: Optional[torch.Generator] = None,
+                noise: Optional[Tensor] = None) -> Tensor:
+        """λ_b = λ + σ ⊙ ε_b, ε_b ~ N(0, I): [B, H], differentiable w.r.t. λ and ρ.
+
+        Columns of hyperparameters with per_example=False hold one draw shared by the whole batch.
+        ``noise``: a given ε [B, H] (e.g. from :meth:`noise`) instead of a fresh draw.
+        """
+        if noise is None:
+            noise = self.noise(batch_size, generator=generator)
+        else:
+            _check_batch_size(batch_size)
+            if generator is not None:
+                raise ValueError("generator: expected None when noise is given (the noise is the draw), "
+                                 "got a Generator")
+            if not isinstance(noise, Tensor) or noise.shape != (batch_size, len(self)):
+                got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+                raise ValueError(f"noise: expected a tensor of shape ({batch_size}, {len(self)}), got {got}")
+        return self.unconstrained + self.scale * noise
 
     def entropy(self) -> Tensor:
         """Entropy of the perturbation distribution, Σ_h log(σ_h·√(2πe)) (a scalar, differentiable w.r.t. ρ)."""

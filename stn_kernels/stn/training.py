@@ -23,6 +23,7 @@ Delta-STN (``delta_stn=True``)
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Tuple
@@ -81,12 +82,18 @@ def linearized_output(model_fn: Callable, inputs, sample: HyperparameterSample, 
 
 @dataclass
 class StepResult:
-    """What one step did: ``kind`` is "warmup", "train", "response" (Delta-STN) or "valid"; ``loss``
-    the data loss (without the entropy term) as a float; ``output`` the model output, detached."""
+    """What one step did: ``kind`` is "warmup", "train", "response" (Delta-STN) or "valid";
+    ``loss_tensor`` the data loss (without the entropy term), detached; ``output`` the model output,
+    detached. ``loss`` is the loss as a float, read only when asked: on a GPU that read waits for the
+    step to finish, so a loop that never looks at it never stalls the host."""
 
     kind: str
-    loss: float
+    loss_tensor: Tensor
     output: Tensor
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> List[Tensor]:
@@ -98,6 +105,25 @@ def _check_optimizer(value, name: str, required: bool = True) -> None:
         return
     if not isinstance(value, torch.optim.Optimizer):
         raise TypeError(f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}")
+
+
+# torch.compile modes that capture CUDA graphs on a GPU: their outputs are overwritten by the next replay.
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _compile_options(value) -> Optional[dict]:
+    """``compile=`` as torch.compile keyword arguments (None: eager), with unknown keys refused up front."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"compile: expected False, True or a dict of torch.compile options, got {type(value).__name__}")
+    allowed = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise ValueError(f"compile: expected torch.compile options among {sorted(allowed)}, got {unknown}")
+    return dict(value)
 
 
 def _check_count(value, name: str, minimum: int) -> int:
@@ -139,6 +165,13 @@ class STNTrainer:
             rank 0 here and average their gradients over the ranks in every validation step, so that they stay
             identical on every rank (the weights are DDP's or FSDP's business). False if you do it yourself.
         process_group: the group of ranks sharing the hyperparameters (default: the default group).
+        compile: run each step's forward half (λ_b = λ + σ ⊙ ε_b, the sample, the model, the loss and,
+            in validation steps, the entropy term) as one ``torch.compile`` graph, and so its backward
+            as one compiled graph too: ``True``, or a dict of ``torch.compile`` options. On CUDA the mode
+            defaults to ``"reduce-overhead"`` (CUDA graphs). ε is drawn outside the graph (one eager
+            ``randn``), so it is the same draw as in eager mode; dropout seeds drawn inside the graph come
+            from the compiled RNG unless ``torch._inductor.config.fallback_random`` is set. Delta-STN's
+            linearised response step (``linearize=True``) differentiates inside its forward and stays eager.
     """
 
     def __init__(self, model_fn: Callable, criterion: Callable, hparams: HyperparameterSet,
@@ -150,7 +183,8 @@ class STNTrainer:
                  entropy_weight: float = 1e-3, tune_scales: bool = True, constrained_layer_input: bool = False,
                  delta_stn: bool = False, linearize: bool = False,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-                 sync_hyperparameters: bool = True, process_group=None) -> None:
+                 sync_hyperparameters: bool = True, process_group=None,
+                 compile=False) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn: expected a callable (inputs, sample) -> output, got {type(model_fn).__name__}")
         if not callable(criterion):
@@ -191,6 +225,9 @@ class STNTrainer:
         self.delta_stn = bool(delta_stn)
         self.linearize = bool(linearize)
         self.generator = generator
+        self.compile_options = _compile_options(compile)
+        self._compiled_loss: Optional[Callable] = None
+        self._cuda_graphs = False
         self.train_steps_done = 0
         self.valid_steps_done = 0
         # Data parallel: per-rank random streams and the same λ, ρ on every rank (stn/distributed.py).
@@ -237,6 +274,47 @@ class STNTrainer:
         with torch.no_grad():
             return self._sample(self.hparams.repeat(batch_size).detach(), regularize=False)
 
+    def _loss(self, inputs, targets, noise: Optional[Tensor], regularize: bool, differentiate_hparams: bool,
+              entropy_term: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """(objective, loss, output) at λ_b = λ + σ ⊙ noise (λ itself if noise is None); what ``compile``
+        turns into one graph. Training steps do not differentiate the hyperparameters."""
+        batch_size = targets.shape[0]
+        batch = self.hparams.repeat(batch_size) if noise is None else self.hparams.perturb(batch_size, noise=noise)
+        if not differentiate_hparams:
+            batch = batch.detach()
+        out = self.model_fn(inputs, self._sample(batch, regularize=regularize))
+        loss = self.criterion(out, targets)
+        objective = loss - self.entropy_weight * self.hparams.entropy() if entropy_term else loss
+        return objective, loss, out
+
+    def _run_loss(self, inputs, targets, noise, regularize, differentiate_hparams, entropy_term):
+        if self.compile_options is None:
+            return self._loss(inputs, targets, noise, regularize, differentiate_hparams, entropy_term)
+        if self._compiled_loss is None:
+            options = dict(self.compile_options)
+            if self.hparams.unconstrained.device.type == "cuda":
+                options.setdefault("mode", "reduce-overhead")
+            self._cuda_graphs = (self.hparams.unconstrained.device.type == "cuda"
+                                 and options.get("mode") in _CUDA_GRAPH_MODES)
+            self._compiled_loss = torch.compile(self._loss, **options)
+        if self._cuda_graphs:
+            # A new iteration for CUDA graph trees: the previous step's graph outputs may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
+        objective, loss, out = self._compiled_loss(inputs, targets, noise, regularize, differentiate_hparams,
+                                                   entropy_term)
+        if self._cuda_graphs:
+            # The next replay overwrites graph outputs; what the caller keeps must be its own copy.
+            loss, out = loss.clone(), out.clone()
+        return objective, loss, out
+
+    def _noise(self, batch_size: int) -> Tensor:
+        with torch.no_grad():
+            return self.hparams.noise(batch_size, generator=self.generator)
+
+    def _update(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+        loss.backward(inputs=self._backward_inputs(optimizer))
+        optimizer.step()
+
     # -- the steps
 
     def train_step(self, inputs, targets) -> List[StepResult]:
@@ -245,36 +323,30 @@ class STNTrainer:
         kind = "warmup" if self.in_warmup else "train"
         self._set_mode(True)
         results = []
-        with torch.no_grad():
-            perturbed = self.hparams.perturb(batch_size, generator=self.generator)
+        noise = self._noise(batch_size)
         if self.delta_stn:
             # General weights at the current λ: centred input 0, regularisers at λ itself.
-            with torch.no_grad():
-                current = self.hparams.repeat(batch_size).detach()
             self.weight_optimizer.zero_grad()
-            out = self.model_fn(inputs, self._sample(current, regularize=True))
-            loss = self.criterion(out, targets)
-            loss.backward(inputs=self._backward_inputs(self.weight_optimizer))
-            self.weight_optimizer.step()
-            results.append(StepResult(kind, float(loss.detach()), out.detach()))
+            loss, _, out = self._run_loss(inputs, targets, None, True, False, False)
+            self._update(self.weight_optimizer, loss)
+            results.append(StepResult(kind, loss.detach(), out.detach()))
             # Response parameters on perturbed λ_b.
-            sample = self._sample(perturbed, regularize=True)
             self.response_optimizer.zero_grad()
             if self.linearize:
+                with torch.no_grad():
+                    perturbed = self.hparams.perturb(batch_size, noise=noise)
+                sample = self._sample(perturbed, regularize=True)
                 out = linearized_output(self.model_fn, inputs, sample, sample.layer_input.detach())
+                loss = self.criterion(out, targets)
             else:
-                out = self.model_fn(inputs, sample)
-            loss = self.criterion(out, targets)
-            loss.backward(inputs=self._backward_inputs(self.response_optimizer))
-            self.response_optimizer.step()
-            results.append(StepResult("response", float(loss.detach()), out.detach()))
+                loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
+            self._update(self.response_optimizer, loss)
+            results.append(StepResult("response", loss.detach(), out.detach()))
         else:
             self.weight_optimizer.zero_grad()
-            out = self.model_fn(inputs, self._sample(perturbed, regularize=True))
-            loss = self.criterion(out, targets)
-            loss.backward(inputs=self._backward_inputs(self.weight_optimizer))
-            self.weight_optimizer.step()
-            results.append(StepResult(kind, float(loss.detach()), out.detach()))
+            loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
+            self._update(self.weight_optimizer, loss)
+            results.append(StepResult(kind, loss.detach(), out.detach()))
         self.train_steps_done += 1
         return results
 
@@ -282,13 +354,8 @@ class STNTrainer:
         """One hyperparameter step: validation loss − τ·entropy, regularisers off."""
         batch_size = self._batch_size(targets)
         self._set_mode(False)
-        if self.tune_scales:
-            batch = self.hparams.perturb(batch_size, generator=self.generator)
-        else:
-            batch = self.hparams.repeat(batch_size)
-        out = self.model_fn(inputs, self._sample(batch, regularize=False))
-        loss = self.criterion(out, targets)
-        objective = loss - self.entropy_weight * self.hparams.entropy() if self.tune_scales else loss
+        noise = self._noise(batch_size) if self.tune_scales else None
+        objective, loss, out = self._run_loss(inputs, targets, noise, False, True, self.tune_scales)
         optimizers = [self.hparam_optimizer] + ([self.scale_optimizer] if self.tune_scales else [])
         params = [p for opt in optimizers for p in _optimizer_params(opt)]
         # Only the hyperparameters are differentiated: no weight gradient is formed or accumulated.
@@ -302,7 +369,7 @@ class STNTrainer:
         for opt in optimizers:
             opt.step()
         self.valid_steps_done += 1
-        return StepResult("valid", float(loss.detach()), out.detach())
+        return StepResult("valid", loss.detach(), out.detach())
 
     def step(self, next_train_batch: Callable[[], tuple], next_valid_batch: Callable[[], tuple]) -> List[StepResult]:
         """One cycle of Algorithm 1: T_train training steps, then T_valid validation steps once the warm-up
