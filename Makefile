@@ -18,6 +18,8 @@ CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
 $(STAMP): setup.py pyproject.toml $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "$(RUFF_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib ninja
+	# torchvision: a test dependency only (the augmentation tests' oracle); --no-deps so it never pulls another torch.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchvision==0.29.1
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -12,11 +12,16 @@ from . import (
 from .backends import BACKENDS, BackendUnavailableError, requested_backend, use_backend
 from .convert import convert
 from .functional import (
+                         augment_draws,
+                         augment_images,
+                         color_jitter,
+                         cutout,
                          hyper_conv2d,
                          hyper_embedding,
                          hyper_linear,
                          hyper_lstm_layer,
                          hyper_lstm_recurrence,
+                         input_scale,
                          per_example_channel_dropout,
                          per_example_dropout,
 )
@@ -26,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "HyperConv2d", "HyperEmbedding", "HyperLSTM", "HyperLSTMCell",
-    "HyperLinear", "convert", "hyper_conv2d", "hyper_embedding", "hyper_linear", "hyper_lstm_layer",
-    "hyper_lstm_recurrence", "per_example_channel_dropout", "per_example_dropout", "requested_backend", "stn",
-    "use_backend",
+    "HyperLinear", "augment_draws", "augment_images", "color_jitter", "convert", "cutout", "hyper_conv2d",
+    "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
+    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "stn", "use_backend",
 ]

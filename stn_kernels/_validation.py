@@ -215,3 +215,79 @@ def seed_offset_tensor(seed, offset, device: torch.device, generator: Optional[t
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed: expected an int in [0, 2**63 - 1], got {seed!r}")
     return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+# ----------------------------------------------------------------------------- data augmentation
+
+IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_images(images, *, color: bool) -> Tensor:
+    """images [B, C, H, W] float (3 channels for the colour stages)."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dtype not in IMAGE_DTYPES:
+        raise TypeError(f"images: expected dtype float16, bfloat16, float32 or float64 (values in [0, 1]), got "
+                        f"{images.dtype}" + (" (convert with images.float() / 255)" if images.dtype == torch.uint8
+                                             else ""))
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape [B, C, H, W], got {tuple(images.shape)}")
+    if color and images.shape[1] != 3:
+        raise ValueError(f"images: expected 3 channels (RGB) for the colour jitter, got shape {tuple(images.shape)}")
+    return images
+
+
+def check_strength(value, name: str, images: Tensor, low: float, high: float) -> Tensor:
+    """A per-example strength as a detached float32 [B] tensor: a number for every example, a 0-d
+    tensor (expanded) or one value per example [B], all in [low, high] (checked on the device for
+    accelerator tensors, not under torch.compile)."""
+    batch = images.shape[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not low <= value <= high:
+            raise ValueError(f"{name}: expected values in [{low}, {high}], got {value}")
+        return torch.full((batch,), float(value), dtype=torch.float32, device=images.device)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a number or a torch.Tensor of shape [{batch}], got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
+    if value.device != images.device:
+        raise ValueError(f"{name}: expected device {images.device} (the device of images), got {value.device}")
+    if value.dim() == 0:
+        value = value.expand(batch)
+    elif tuple(value.shape) != (batch,):
+        raise ValueError(f"{name}: expected shape [{batch}] (one value per example, images' first dim) or [], "
+                         f"got {tuple(value.shape)}")
+    value = value.detach().to(torch.float32)
+    if not torch.compiler.is_compiling():
+        in_range = (value >= low) & (value <= high)
+        if value.device.type == "cpu":
+            if not bool(in_range.all()):
+                bad = value[~in_range]
+                raise ValueError(f"{name}: expected values in [{low}, {high}], got {bad.numel()} outside, "
+                                 f"e.g. {bad[0].item()}")
+        else:  # no host synchronisation on accelerators: the check runs on the device
+            torch._assert_async(in_range.all(), f"{name}: expected values in [{low}, {high}]")
+    return value
+
+
+def check_max_holes(max_holes, holes, limit: int) -> int:
+    """The number of hole slots: ``max_holes``, or ⌊holes⌋ for a number, or ⌊max(holes)⌋ for a tensor
+    (a host synchronisation; pass max_holes to avoid it, and under torch.compile)."""
+    if max_holes is None:
+        if isinstance(holes, (int, float)) and not isinstance(holes, bool):
+            max_holes = int(holes)
+        elif torch.compiler.is_compiling():
+            raise ValueError("max_holes: expected an int when holes is a tensor under torch.compile, got None")
+        else:
+            max_holes = int(holes.detach().max().floor()) if holes.numel() else 0
+    if isinstance(max_holes, bool) or not isinstance(max_holes, int) or not 0 <= max_holes <= limit:
+        raise ValueError(f"max_holes: expected an int in [0, {limit}], got {max_holes!r}")
+    return max_holes
+
+
+def check_holes_fit(holes: Tensor, max_holes: int) -> None:
+    """⌊holes_b⌋ ≤ max_holes for every example (CPU tensors; skipped under torch.compile)."""
+    if holes.device.type == "cpu" and not torch.compiler.is_compiling():
+        most = int(holes.max().floor()) if holes.numel() else 0
+        if most > max_holes:
+            raise ValueError(f"holes: expected at most max_holes = {max_holes} holes per example, got {most}")

@@ -13,6 +13,8 @@ function                        op
 :func:`hyper_lstm_recurrence`   ``stn_kernels::hyper_lstm_recurrence``
 :func:`hyper_lstm_layer`        ``hyper_linear`` (i2h over all steps) + ``hyper_lstm_recurrence``
 :func:`per_example_dropout`     ``stn_kernels::per_example_dropout``
+:func:`augment_images`          ``stn_kernels::augment`` (also :func:`color_jitter`, :func:`cutout`,
+                                :func:`input_scale`; the draws: :func:`augment_draws`)
 ==============================  =======================================================
 """
 
@@ -29,17 +31,22 @@ from ._validation import (
     autocast_operands,
     check_dtype,
     check_hidden_params,
+    check_holes_fit,
     check_hparams,
     check_hyper_params,
+    check_images,
     check_lstm_hparams,
+    check_max_holes,
     check_rates,
     check_same_device,
     check_shape,
+    check_strength,
     check_tensor,
     rows_of_hparams,
     seed_offset_tensor,
 )
 from .ops import (
+    apply_augment,
     apply_hyper_conv2d,
     apply_hyper_embedding,
     apply_hyper_linear,
@@ -347,3 +354,82 @@ def per_example_dropout(x: Tensor, rates: Union[Tensor, float], *, training: boo
 def per_example_channel_dropout(x: Tensor, rates: Union[Tensor, float], **kwargs) -> Tensor:
     """:func:`per_example_dropout` with ``per_channel=True``: whole feature maps of x [B, C, H, W]."""
     return per_example_dropout(x, rates, per_channel=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- per-example data augmentation
+
+def augment_draws(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, holes=0, length=0,
+                  scale=0.0, max_holes: Optional[int] = None, random_order: bool = True,
+                  seed: Union[int, Tensor, None] = None, offset: int = 0,
+                  generator: Optional[torch.Generator] = None):
+    """The per-example parameters :func:`augment_images` applies with these arguments (an
+    :class:`stn_kernels.reference_augment.AugmentDraws`: jitter factors and order, hole centres and
+    boxes, scale factors); the same seed and offset give the same draws on every backend and device.
+    Arguments as :func:`augment_images`."""
+    from .reference_augment import MAX_HOLES, draw
+
+    color = any(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast, saturation, hue))
+    check_images(images, color=color)
+    strengths = {name: check_strength(value, name, images, 0.0, high) for name, value, high in (
+        ("brightness", brightness, math.inf), ("contrast", contrast, math.inf),
+        ("saturation", saturation, math.inf), ("hue", hue, 0.5), ("holes", holes, math.inf),
+        ("length", length, math.inf), ("scale", scale, math.inf))}
+    if not isinstance(random_order, bool):
+        raise TypeError(f"random_order: expected a bool, got {type(random_order).__name__}")
+    max_holes = check_max_holes(max_holes, holes, MAX_HOLES)
+    check_holes_fit(strengths["holes"], max_holes)
+    seed_offset = seed_offset_tensor(seed, offset, images.device, generator)
+    return draw(images.shape[0], images.shape[2], images.shape[3], seed_offset, max_holes=max_holes,
+                random_order=random_order, **strengths)
+
+
+def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, holes=0, length=0,
+                   scale=0.0, max_holes: Optional[int] = None, random_order: bool = True,
+                   seed: Union[int, Tensor, None] = None, offset: int = 0,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """Per-example data augmentation of images [B, C, H, W] (float, values in [0, 1] for the colour
+    stages; contiguous or channels_last, returned in the same format) in one op: colour jitter, then
+    cutout, then input scale.
+
+    Each strength is a number for the whole batch or a [B] tensor (one row of λ), and gets no gradient:
+
+    * ``brightness``, ``contrast``, ``saturation`` (≥ 0): factor uniform in [max(0, 1 − s), 1 + s];
+      ``hue`` (in [0, 0.5]): shift uniform in [−s, s]; torchvision's adjust_* formulas, a strength 0
+      skips its stage; with ``random_order`` (default, as torchvision's ColorJitter) each example
+      applies its stages in its own random order, else brightness, contrast, saturation, hue. Needs C = 3;
+    * ``holes``, ``length`` (≥ 0, floored): ⌊holes⌋ squares of side 2·⌊length/2⌋ centred at uniform
+      pixels, clipped at the borders, set to 0 in every channel (the published Cutout).
+      ``max_holes`` bounds ⌊holes⌋ (default: ⌊holes⌋ for a number, the batch maximum for a tensor,
+      which synchronises with the device; required under torch.compile with tensor holes);
+    * ``scale`` (≥ 0): the image times a factor uniform in [1/(1 + s), 1 + s].
+
+    Draws are a pure function of (seed, offset + counter) (see :mod:`stn_kernels.reference_augment`);
+    ``seed=None`` draws a seed from torch's generator (``generator`` or the default one). The images
+    get a gradient (by autograd through the reference on every backend).
+    """
+    draws = augment_draws(images, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                          holes=holes, length=length, scale=scale, max_holes=max_holes, random_order=random_order,
+                          seed=seed, offset=offset, generator=generator)
+    return apply_augment(images, draws.order, draws.factors, draws.boxes, draws.scales)
+
+
+def color_jitter(images: Tensor, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, *,
+                 random_order: bool = True, seed: Union[int, Tensor, None] = None, offset: int = 0,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """torchvision's ColorJitter per example: :func:`augment_images` with the jitter stages only."""
+    return augment_images(images, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                          random_order=random_order, seed=seed, offset=offset, generator=generator)
+
+
+def cutout(images: Tensor, holes, length, *, max_holes: Optional[int] = None, seed: Union[int, Tensor, None] = None,
+           offset: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Cutout per example (⌊holes_b⌋ squares of side 2·⌊length_b/2⌋ set to 0): :func:`augment_images`
+    with cutout only."""
+    return augment_images(images, holes=holes, length=length, max_holes=max_holes, seed=seed, offset=offset,
+                          generator=generator)
+
+
+def input_scale(images: Tensor, strength, *, seed: Union[int, Tensor, None] = None, offset: int = 0,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """The published ``inscale``: each image times a factor uniform in [1/(1 + s_b), 1 + s_b]."""
+    return augment_images(images, scale=strength, seed=seed, offset=offset, generator=generator)

@@ -99,6 +99,19 @@ def hash_uniform(seed, counters: Tensor, *, counters_below_2_32: bool = False) -
     return h.bitwise_right_shift_(32 - _UNIFORM_BITS).to(torch.float32).mul_(2.0 ** -_UNIFORM_BITS)
 
 
+def uniform_from(seed_offset: Tensor, index: Tensor, index_end: int) -> Tensor:
+    """u(seed, offset + index) for int64 ``index`` in [0, index_end) (on the device of the result) and the
+    op's int64 [seed, offset] tensor: the draws of every op that uses this hash (dropout masks,
+    augmentation)."""
+    if seed_offset.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Seed and offset are on the host already: keys as Python ints, and no high counter word
+        # to hash when every counter fits in 32 bits (the usual case).
+        seed, offset = seed_offset.tolist()
+        return hash_uniform(seed, index + offset, counters_below_2_32=offset + index_end <= 2**32)
+    # No host synchronisation: everything stays on the device.
+    return hash_uniform(seed_offset[0], index + seed_offset[1].to(index.device))
+
+
 # --------------------------------------------------------------------------- the reference kernel
 
 
@@ -111,15 +124,7 @@ def keep_mask(shape, rates: Tensor, seed_offset: Tensor, unit_size: int) -> Tens
     """The boolean keep mask of an x of ``shape`` (contiguous index order)."""
     numel = math.prod(shape)
     num_units = numel // unit_size
-    if seed_offset.device.type == "cpu":
-        # Seed and offset are on the host already: keys as Python ints, and no high counter word
-        # to hash when every counter fits in 32 bits (the usual case).
-        seed, offset = seed_offset.tolist()
-        counters = torch.arange(offset, offset + num_units, device=rates.device, dtype=torch.int64)
-        uniform = hash_uniform(seed, counters, counters_below_2_32=offset + num_units <= 2**32)
-    else:  # no host synchronisation: everything stays on the device
-        counters = seed_offset[1] + torch.arange(num_units, device=rates.device, dtype=torch.int64)
-        uniform = hash_uniform(seed_offset[0], counters)
+    uniform = uniform_from(seed_offset, torch.arange(num_units, device=rates.device, dtype=torch.int64), num_units)
     per_unit = (numel // shape[0]) // unit_size
     keep = uniform.view(shape[0], per_unit, 1) >= rates.to(torch.float32).view(-1, 1, 1)
     return keep.expand(shape[0], per_unit, unit_size).reshape(shape)

@@ -530,3 +530,32 @@ def lstm_recurrence_fn(*args):
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 HALF_DTYPES = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
 HPARAMS = ["per_example", "shared", "none"]
+
+
+def on_both_backends(fn):
+    """(fn() under use_backend("reference"), fn() under use_backend("triton"))."""
+    with stn_kernels.use_backend("reference"):
+        expected = fn()
+    with stn_kernels.use_backend("triton"):
+        got = fn()
+    return expected, got
+
+
+def assert_rejected(call, error, words) -> None:
+    """call() raises ``error`` whose message holds every one of ``words`` (argument name, expected, actual)."""
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def assert_compiled_matches_eager(f, x: Tensor) -> None:
+    """torch.compile(f, fullgraph=True) (aot_eager) gives f(x) and its gradient w.r.t. x bit for bit."""
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for fn in (f, compiled):
+        out = fn(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        if fn is f:
+            expected = out, grad
+    assert torch.equal(out, expected[0])
+    assert torch.equal(grad, expected[1])

@@ -1,4 +1,4 @@
-"""The one backend table (stn_kernels.backends.registry) drives all five ops: resolution rules, the
+"""The one backend table (stn_kernels.backends.registry) drives all six ops: resolution rules, the
 modules it loads, that every op really asks it (no kernel runs in the resolution tests), and the
 measured rules table (stn_kernels/backends/rules.json) between triton and cuda."""
 
@@ -14,7 +14,8 @@ from stn_kernels.backends import TABLE, registry, resolve_backend, rules
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-OPS = ("hyper_linear", "hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout")
+OPS = ("hyper_linear", "hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout",
+       "augment")
 
 
 def test_the_table_has_every_op_and_every_op_has_a_reference():
@@ -27,11 +28,12 @@ def test_the_table_has_every_op_and_every_op_has_a_reference():
 @pytest.mark.parametrize("op", OPS)
 def test_every_backend_module_has_the_op_contract(op):
     """Each loader gives a module with ``{op}_forward`` (and ``{op}_backward`` where the op has a backward op)."""
-    has_backward = op != "per_example_dropout"  # its backward is the op itself
     for backend in TABLE[op].kernels:
         if backend == "triton":
             pytest.importorskip("triton")
         module = backends.load(op, backend)
+        # dropout's backward is the op itself; augment's is the reference's autograd on every backend
+        has_backward = op != "per_example_dropout" and (op != "augment" or backend == "reference")
         assert callable(getattr(module, f"{op}_forward")), (op, backend)
         assert callable(getattr(module, f"{op}_backward", None)) or not has_backward, (op, backend)
 
@@ -45,7 +47,7 @@ def test_auto_on_cuda_takes_only_gpu_checked_kernels():
     pytest.importorskip("triton")
     assert resolve_backend("hyper_linear", CUDA) == "triton"
     # Interpreter-tested only: opt-in until a GPU run checks them.
-    for op in ("hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout"):
+    for op in ("hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout", "augment"):
         assert resolve_backend(op, CUDA) == "reference", op
 
 
@@ -88,6 +90,10 @@ def _calls(op, device="cpu"):
     if op == "hyper_lstm_recurrence":
         return stn_kernels.hyper_lstm_recurrence(r(3, 2, 8), r(2, 2), r(2, 2), lam, r(8, 2), r(8, 2), r(8), r(8),
                                                  r(8, 3), r(8, 3))[0]
+    if op == "augment":
+        images = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+        return stn_kernels.augment_images(images, brightness=0.3, contrast=0.3, holes=1, length=2, scale=0.2,
+                                          seed=1)
     return stn_kernels.per_example_dropout(r(2, 6), torch.tensor([0.25, 0.5]), seed=1)
 
 

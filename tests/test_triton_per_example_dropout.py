@@ -5,20 +5,13 @@ every dtype, through backward and for non-contiguous input. On the CPU through t
 import pytest
 import torch
 
-import stn_kernels
 from stn_kernels.stn import per_example_dropout
+
+from _naive import on_both_backends
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"  # Triton tests run on the GPU, else on the CPU under the interpreter
 INTERPRETING = not HAS_CUDA
-
-
-def _both_backends(fn):
-    with stn_kernels.use_backend("reference"):
-        expected = fn()
-    with stn_kernels.use_backend("triton"):
-        got = fn()
-    return expected, got
 
 
 @pytest.mark.triton
@@ -30,7 +23,7 @@ def test_triton_kernel_matches_reference_bit_for_bit(dtype, per_channel):
     x = torch.randn(3, 5, 7, 11, device=DEVICE).to(dtype)
     rates = torch.tensor([0.0, 0.35, 0.8], device=DEVICE)
     kwargs = dict(seed=2**40 + 17, offset=2**32 - 600, per_channel=per_channel)
-    expected, got = _both_backends(lambda: per_example_dropout(x, rates, **kwargs))
+    expected, got = on_both_backends(lambda: per_example_dropout(x, rates, **kwargs))
     assert got.dtype == dtype
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bitwise, signed zeros included
 
@@ -46,7 +39,7 @@ def test_triton_backward_and_noncontiguous_input_match_reference():
         (grad,) = torch.autograd.grad(y, x, torch.ones_like(y) * 0.5)
         return y, grad
 
-    (y_ref, g_ref), (y_tri, g_tri) = _both_backends(run)
+    (y_ref, g_ref), (y_tri, g_tri) = on_both_backends(run)
     assert torch.equal(y_tri, y_ref)
     assert torch.equal(g_tri, g_ref)
 
@@ -55,7 +48,7 @@ def test_triton_backward_and_noncontiguous_input_match_reference():
 def test_triton_bfloat16_keeps_the_same_mask():
     x = torch.randn(2, 300, device=DEVICE).to(torch.bfloat16)
     rates = torch.tensor([0.25, 0.6], device=DEVICE)
-    expected, got = _both_backends(lambda: per_example_dropout(x, rates, seed=1))
+    expected, got = on_both_backends(lambda: per_example_dropout(x, rates, seed=1))
     assert torch.equal(got == 0, expected == 0)
     if INTERPRETING:
         # The interpreter truncates float32 → bfloat16 instead of rounding: at most one bfloat16 ulp apart.

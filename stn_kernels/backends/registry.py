@@ -9,7 +9,7 @@ loaders below (explicit imports, so a reader sees where the GPU path enters): th
 kernels and the compiled extension are never imported by ``import stn_kernels``.
 
 "auto" picks only kernels whose tests have passed on a GPU (``benchmarks/results/``): the
-conv, embedding, LSTM and dropout kernels have run in the Triton interpreter only so far, so
+conv, embedding, LSTM, dropout and augmentation kernels have run in the Triton interpreter only so far, so
 they stay opt-in (``use_backend("triton")``) until a GPU run checks them. Between ``triton``
 and ``cuda``, "auto" follows the measured table :mod:`stn_kernels.backends.rules`.
 """
@@ -24,7 +24,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .. import reference, reference_dropout, reference_lstm
+from .. import reference, reference_augment, reference_dropout, reference_lstm
 from . import extension, rules
 from .selection import BackendUnavailableError, requested_backend
 
@@ -56,6 +56,11 @@ def _triton_per_example_dropout() -> ModuleType:
     return per_example_dropout
 
 
+def _triton_augment() -> ModuleType:
+    from .triton import augment
+    return augment
+
+
 def _cuda_hyper_linear() -> ModuleType:
     from . import cuda
     return cuda
@@ -79,6 +84,7 @@ TABLE: Dict[str, OpBackends] = {
                                          "triton": _triton_hyper_lstm_recurrence}),
     "per_example_dropout": OpBackends({"reference": lambda: reference_dropout,
                                        "triton": _triton_per_example_dropout}),
+    "augment": OpBackends({"reference": lambda: reference_augment, "triton": _triton_augment}),
 }
 
 _loaded: Dict[Loader, ModuleType] = {}

@@ -13,6 +13,7 @@ op file                       ops registered
 ``hyper_embedding.py``        ``stn_kernels::hyper_embedding``, ``hyper_embedding_backward``
 ``hyper_lstm_recurrence.py``  ``stn_kernels::hyper_lstm_recurrence``, ``hyper_lstm_recurrence_backward``
 ``per_example_dropout.py``    ``stn_kernels::per_example_dropout`` (its own backward)
+``augment.py``                ``stn_kernels::augment``, ``augment_backward``
 ============================  =========================================================================
 
 The ops take the 2-D / 3-D / 4-D tensors the kernels see; the public functions in
@@ -20,11 +21,12 @@ The ops take the 2-D / 3-D / 4-D tensors the kernels see; the public functions i
 :func:`stn_kernels.backends.kernels` for its backend's module when it runs.
 """
 
+from .augment import apply_augment
 from .hyper_conv2d import apply_hyper_conv2d
 from .hyper_embedding import apply_hyper_embedding
 from .hyper_linear import apply_hyper_linear
 from .hyper_lstm_recurrence import apply_hyper_lstm_recurrence
 from .per_example_dropout import apply_per_example_dropout
 
-__all__ = ["apply_hyper_conv2d", "apply_hyper_embedding", "apply_hyper_linear", "apply_hyper_lstm_recurrence",
-           "apply_per_example_dropout"]
+__all__ = ["apply_augment", "apply_hyper_conv2d", "apply_hyper_embedding", "apply_hyper_linear",
+           "apply_hyper_lstm_recurrence", "apply_per_example_dropout"]

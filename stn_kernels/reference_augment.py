@@ -1,0 +1,230 @@
+"""Reference of per-example data augmentation (the "reference" backend of ``stn_kernels::augment``), and
+the random draws every backend shares.
+
+Per example b of images [B, C, H, W] (float, values in [0, 1] for the colour stages), in this order:
+
+1. colour jitter (C = 3), the stages of torchvision's ``ColorJitter`` with the factors drawn below,
+   applied in the order ``order[b]`` (a permutation of a subset of 0 = brightness, 1 = contrast,
+   2 = saturation, 3 = hue; −1 pads it): with g = 0.2989·r + 0.587·g + 0.114·b (grayscale),
+   brightness x·f; contrast x·f + mean(g)·(1 − f); saturation x·f + g·(1 − f); each clamped to
+   [0, 1]; hue: RGB → HSV, h ← (h + shift) mod 1, HSV → RGB (torchvision's formulas);
+2. cutout: pixels inside any of the example's boxes [y0, y1) × [x0, x1) (every channel) set to 0;
+3. input scale: x · scale_b.
+
+Random draws
+------------
+Every draw is u(seed, offset + b·SLOTS + slot) of the dropout hash
+(:func:`stn_kernels.reference_dropout.uniform_from`), u ∈ [0, 1) a multiple of 2⁻²⁴, so any backend and
+any device get the same bits and nothing random is stored. Slots per example: 0–3 the jitter factors,
+4 the jitter order, 5 the input scale, 6 + 2k and 7 + 2k the centre (y, x) of hole k (k < MAX_HOLES).
+A call consumes the counters offset … offset + SLOTS·B − 1, whatever it applies, so the same seed
+gives the same draws to :func:`draw` whichever stages are on.
+
+* brightness, contrast, saturation strength s: factor lo + u·(hi − lo), lo = max(0, 1 − s), hi = 1 + s;
+  hue strength s: shift −s + u·2s (torchvision ColorJitter's ranges); a strength of 0 skips its stage
+  (ColorJitter skips it too: no clamp, no HSV round trip);
+* order: ``random_order=True`` takes permutation ⌊24·u⌋ of the 24 in lexicographic order (ColorJitter
+  draws a random permutation per call, i.e. per example in the published code), the skipped stages
+  then removed; ``False`` keeps brightness, contrast, saturation, hue;
+* hole k < ⌊holes_b⌋ of side L = ⌊length_b⌋: centre y = ⌊u·H⌋, x = ⌊u'·W⌋, box rows
+  [clip(y − ⌊L/2⌋), clip(y + ⌊L/2⌋)) and the same for columns, clipped to the image (the published
+  Cutout: a square of side 2·⌊L/2⌋ before clipping);
+* input scale strength s: factor lo + u·(hi − lo), lo = 1/(1 + s), hi = 1 + s.
+
+Factors are float32 (what the ops take); the image math is float32 (float64 for float64 images).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .reference_dropout import uniform_from
+
+SLOTS = 64  # counters per example
+MAX_HOLES = (SLOTS - 6) // 2
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+STAGES = ("brightness", "contrast", "saturation", "hue")
+PERMUTATIONS = tuple(itertools.permutations(range(4)))  # 24, lexicographic
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+class AugmentDraws(NamedTuple):
+    """What one call draws, per example (the op's operands, plus the raw draws for inspection)."""
+
+    factors: Tensor  # [B, 4] float32: brightness, contrast, saturation factors and the hue shift
+    order: Tensor  # [B, 4] int64: the stages applied, in order, −1 padded
+    centres: Tensor  # [B, K, 2] int64: hole centres (y, x); K = max_holes
+    boxes: Tensor  # [B, K, 4] int64: (y0, y1, x0, x1) per hole, (0, 0, 0, 0) for holes not made
+    scales: Tensor  # [B] float32: the input scale factors
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _uniforms(seed_offset: Tensor, batch: int, slots, device) -> Tensor:
+    """[B, len(slots)] draws u(seed, offset + b·SLOTS + slot)."""
+    slots_t = torch.as_tensor(list(slots), dtype=torch.int64, device=device)
+    index = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(1) * SLOTS + slots_t
+    return uniform_from(seed_offset.to(device), index, batch * SLOTS)
+
+
+def _between(u: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    return low + u * (high - low)
+
+
+def draw(batch: int, height: int, width: int, seed_offset: Tensor, *, brightness: Tensor, contrast: Tensor,
+         saturation: Tensor, hue: Tensor, holes: Tensor, length: Tensor, scale: Tensor, max_holes: int,
+         random_order: bool = True) -> AugmentDraws:
+    """The draws of one call: strengths are float32 [B] tensors on one device (validated by the caller)."""
+    device = brightness.device
+    u = _uniforms(seed_offset, batch, range(6), device)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    factors = torch.stack([
+        _between(u[:, 0], (one - brightness).clamp(min=0), one + brightness),
+        _between(u[:, 1], (one - contrast).clamp(min=0), one + contrast),
+        _between(u[:, 2], (one - saturation).clamp(min=0), one + saturation),
+        _between(u[:, 3], -hue, hue),
+    ], dim=1)
+    if random_order:
+        table = torch.tensor(PERMUTATIONS, dtype=torch.int64, device=device)
+        order = table[(u[:, 4].double() * len(PERMUTATIONS)).long()]
+    else:
+        order = torch.arange(4, dtype=torch.int64, device=device).expand(batch, 4)
+    enabled = torch.stack([brightness, contrast, saturation, hue], dim=1) > 0
+    on = enabled.gather(1, order)
+    # Enabled stages first, keeping their order; the skipped ones become −1.
+    position = torch.arange(4, device=device) + 4 * (~on).long()
+    packed = order.gather(1, position.argsort(dim=1))
+    order = torch.where(on.gather(1, position.argsort(dim=1)), packed, torch.full_like(packed, -1))
+    scales = _between(u[:, 5], one / (one + scale), one + scale)
+
+    centre_u = _uniforms(seed_offset, batch, range(6, 6 + 2 * max_holes), device).double().view(batch, max_holes, 2)
+    # u·H in float64 is exact (24-bit u), so the floor never rounds up to H.
+    size = torch.tensor([height, width], dtype=torch.float64, device=device)
+    centres = (centre_u * size).floor().long()
+    half = (length.double().floor().long() // 2).view(batch, 1, 1)
+    limit = torch.tensor([height, width], dtype=torch.int64, device=device)
+    low = torch.minimum((centres - half).clamp(min=0), limit)
+    high = torch.minimum((centres + half).clamp(min=0), limit)
+    count = holes.double().floor().long().view(batch, 1, 1)
+    made = torch.arange(max_holes, device=device).view(1, max_holes, 1) < count
+    low, high = torch.where(made, low, 0), torch.where(made, high, 0)
+    boxes = torch.stack([low[..., 0], high[..., 0], low[..., 1], high[..., 1]], dim=-1)
+    return AugmentDraws(factors, order, centres, boxes, scales)
+
+
+# --------------------------------------------------------------------------- the stages, batched
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """[n, 1, H, W] luma of [n, 3, H, W] RGB (torchvision's weights and summation order)."""
+    r, g, b = x.unbind(1)
+    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def rgb_to_hsv(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    flat = maxc == minc  # grey pixels: hue and saturation 0 (no 0/0)
+    spread = maxc - minc
+    sat = spread / torch.where(flat, torch.ones_like(maxc), maxc)
+    divisor = torch.where(flat, torch.ones_like(spread), spread)
+    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, (rc + 2.0) - bc, (gc + 4.0) - rc))
+    hue = torch.fmod(hue * (1.0 / 6.0) + 1.0, 1.0)
+    return torch.stack([hue, sat, maxc], dim=1)
+
+
+def hsv_to_rgb(x: Tensor) -> Tensor:
+    h, s, v = x.unbind(1)
+    h6 = h * 6.0
+    sector = torch.floor(h6)
+    f = h6 - sector
+    sector = torch.remainder(sector.long(), 6).unsqueeze(1)
+    sf = s * f
+    p = ((1.0 - s) * v).clamp(0.0, 1.0)
+    q = ((1.0 - sf) * v).clamp(0.0, 1.0)
+    t = ((sf + (1.0 - s)) * v).clamp(0.0, 1.0)
+    vpqt = torch.stack([v, p, q, t], dim=1)
+    # Which of (v, p, q, t) each of r, g, b takes in each of the six hue sectors.
+    pick = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    index = pick[:, sector.squeeze(1)].movedim(0, 1)
+    return vpqt.gather(1, index)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    hsv = rgb_to_hsv(x)
+    hue = torch.remainder(hsv[:, 0] + shift.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.cat([hue.unsqueeze(1), hsv[:, 1:]], dim=1))
+
+
+def apply_stage(x: Tensor, stage: int, factor: Tensor) -> Tensor:
+    """One jitter stage on [n, 3, H, W] with per-example factors [n] (in x's dtype)."""
+    if stage == HUE:
+        return adjust_hue(x, factor)
+    f = factor.view(-1, 1, 1, 1)
+    if stage == BRIGHTNESS:
+        return (x * f).clamp(0.0, 1.0)
+    gray = grayscale(x)
+    other = gray.mean(dim=(1, 2, 3), keepdim=True) if stage == CONTRAST else gray
+    return (x * f + other * (1.0 - f)).clamp(0.0, 1.0)
+
+
+def color_jitter(x: Tensor, order: Tensor, factors: Tensor) -> Tensor:
+    """The jitter stages in each example's order (x in the compute dtype)."""
+    factors = factors.to(x.dtype)
+    for position in range(order.shape[1]):
+        stages = order[:, position]
+        for stage in range(4):
+            rows = (stages == stage).nonzero().squeeze(1)
+            if rows.numel():
+                x = x.index_copy(0, rows, apply_stage(x.index_select(0, rows), stage, factors[rows, stage]))
+    return x
+
+
+def hole_mask(boxes: Tensor, height: int, width: int) -> Tensor:
+    """[B, 1, H, W] bool: inside any box of the example."""
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= boxes[..., 0:1]) & (rows < boxes[..., 1:2])  # [B, K, H]
+    in_cols = (cols >= boxes[..., 2:3]) & (cols < boxes[..., 3:4])  # [B, K, W]
+    return (in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)).any(1).unsqueeze(1)
+
+
+def augment_forward(images: Tensor, order: Tensor, factors: Tensor, boxes: Tensor, scales: Tensor) -> Tensor:
+    """The reference backend on contiguous images [B, C, H, W]: jitter, cutout, scale (differentiable
+    in the images by autograd: the backward op differentiates this)."""
+    x = images.to(compute_dtype(images.dtype))
+    if order.numel() and bool((order >= 0).any()):
+        x = color_jitter(x, order, factors)
+    if boxes.shape[1]:
+        x = torch.where(hole_mask(boxes, x.shape[2], x.shape[3]), torch.zeros((), dtype=x.dtype, device=x.device), x)
+    x = x * scales.to(x.dtype).view(-1, 1, 1, 1)
+    return x.to(images.dtype)
+
+
+def augment_backward(grad_out: Tensor, images: Tensor, order: Tensor, factors: Tensor, boxes: Tensor,
+                     scales: Tensor) -> Tensor:
+    """dL/dimages by autograd through :func:`augment_forward` (every backend's backward)."""
+    with _autograd_dispatch(), torch.enable_grad():
+        leaf = images.detach().requires_grad_()
+        out = augment_forward(leaf, order, factors, boxes, scales)
+        (grad,) = torch.autograd.grad(out, leaf, grad_out)
+    return grad
+
+
+def _autograd_dispatch():
+    """Autograd back on inside a custom op's implementation: the dispatcher runs it with the autograd keys
+    excluded, where nothing records a graph (torch.func.vjp would, but its wrapper tensors break
+    opcheck's schema test). Only the autograd keys are taken out of the thread's exclude set."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradOther, keys.AutogradCPU, keys.AutogradCUDA, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
