@@ -19,11 +19,16 @@ Data parallel (DDP, FSDP2): the trainer keeps λ and σ identical on every rank 
 own random streams; ``sync_hyperparameters``, ``average_hyperparameter_grads`` and ``seed_rank_streams``
 do the same in a loop of your own (``stn/distributed.py``).
 
+Data augmentation by the tuned hyperparameters: ``stn.augment(images, sample)`` (``stn/augmentation.py``);
+the paper's hyperparameter sets: ``stn.presets.alexnet_cifar10()``.
+
 This package holds the toolkit's public API only: the per-example dropout op lives with the other
 ops (``stn_kernels.ops``, public function :func:`stn_kernels.functional.per_example_dropout`).
 """
 
 from ..functional import per_example_channel_dropout, per_example_dropout
+from . import presets
+from .augmentation import AUGMENT_NAMES, augment, augment_arguments
 from .distributed import (
                           average_gradients,
                           average_hyperparameter_grads,
@@ -43,8 +48,9 @@ from .hyperparameters import (
 from .training import StepResult, STNTrainer, cycle_batches, linearized_output, split_stn_parameters
 
 __all__ = [
-    "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult",
-    "average_gradients", "average_hyperparameter_grads", "cycle_batches", "distributed_rank",
-    "inverse_softplus", "linearized_output", "per_example_channel_dropout", "per_example_dropout", "rank_seed",
-    "seed_rank_streams", "split_stn_parameters", "stretched_logit", "stretched_sigmoid", "sync_hyperparameters",
+    "AUGMENT_NAMES", "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult",
+    "augment", "augment_arguments", "average_gradients", "average_hyperparameter_grads", "cycle_batches",
+    "distributed_rank", "inverse_softplus", "linearized_output", "per_example_channel_dropout", "per_example_dropout",
+    "presets", "rank_seed", "seed_rank_streams", "split_stn_parameters", "stretched_logit", "stretched_sigmoid",
+    "sync_hyperparameters",
 ]

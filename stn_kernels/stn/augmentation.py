@@ -1,0 +1,81 @@
+"""Data augmentation driven by the hyperparameters STN tunes: :func:`augment` applies, per example, the
+colour jitter, cutout, input scale and input dropout that one row of λ asks for (one
+``stn_kernels::augment`` op, plus per-example dropout), and nothing in validation steps.
+
+The hyperparameter names are the published code's (``bright``, ``contrast``, ``sat``, ``hue``,
+``cutholes``, ``cutlength``, ``inscale``, ``indropout``: :data:`AUGMENT_NAMES`, what
+:func:`stn_kernels.stn.presets.alexnet_cifar10` declares); pass ``names=`` to map other ones.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..functional import augment_images, per_example_dropout
+from ..reference_augment import SLOTS
+from .hyperparameters import HyperparameterSample
+
+# augment_images argument (and "dropout" for the input dropout) -> hyperparameter name.
+AUGMENT_NAMES: Mapping[str, str] = {
+    "brightness": "bright", "contrast": "contrast", "saturation": "sat", "hue": "hue",
+    "holes": "cutholes", "length": "cutlength", "scale": "inscale", "dropout": "indropout",
+}
+_COLOR = ("brightness", "contrast", "saturation", "hue")
+_SPATIAL = ("holes", "length", "scale")
+
+
+def augment_arguments(sample: HyperparameterSample, names: Optional[Mapping[str, str]] = None) -> Dict[str, Tensor]:
+    """The per-example strengths ([B] tensors) for :func:`stn_kernels.augment_images` (and ``"dropout"``, the
+    input dropout rates) from a sample: one entry for every argument whose hyperparameter the sample has."""
+    names = AUGMENT_NAMES if names is None else names
+    unknown = sorted(set(names) - set(AUGMENT_NAMES))
+    if unknown:
+        raise ValueError(f"names: expected keys among {sorted(AUGMENT_NAMES)}, got {unknown}")
+    return {arg: sample[name] for arg, name in names.items() if name in sample.names}
+
+
+def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Mapping[str, str]] = None,
+            max_holes: int = 4, random_order: bool = True, mean: Union[Sequence[float], Tensor, None] = None,
+            std: Union[Sequence[float], Tensor, None] = None, seed: Union[int, Tensor, None] = None, offset: int = 0,
+            generator: Optional[torch.Generator] = None) -> Tensor:
+    """Per-example augmentation of images [B, C, H, W] (values in [0, 1]) by the sample's hyperparameters.
+
+    In training steps (``sample.regularize``): colour jitter (brightness, contrast, saturation, hue, each
+    example in its own random order unless ``random_order=False``), then, if ``mean`` and ``std`` are
+    given, the normalisation (x − mean) / std per channel, then cutout (``max_holes`` bounds the floored
+    holes), input scale and input dropout, the published order (jitter on the image, cutout after the
+    normalisation, scale and dropout in the training step). Hyperparameters the sample lacks are off. In
+    validation steps and evaluation only the normalisation is applied (``images`` is returned as it is
+    without one). One seed drives it all (``seed=None``: drawn from torch's generator); the input dropout
+    takes the counters after the augmentation's.
+    """
+    normalise = mean is not None or std is not None
+    if normalise and (mean is None or std is None):
+        raise ValueError("mean, std: expected both or neither, got only one")
+
+    def normalised(x: Tensor) -> Tensor:
+        shape = (1, -1, 1, 1)
+        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - m) / s
+
+    if not sample.regularize:
+        return normalised(images) if normalise else images
+    args = augment_arguments(sample, names)
+    rates = args.pop("dropout", None)
+    if seed is None:  # one draw shared by every stage below
+        device = generator.device if generator is not None else images.device
+        seed = torch.randint(2**62, (1,), generator=generator, device=device).to(images.device)
+    common = dict(seed=seed, offset=offset, random_order=random_order)
+    if normalise:
+        x = augment_images(images, **common, **{k: v for k, v in args.items() if k in _COLOR})
+        x = augment_images(normalised(x), max_holes=max_holes, **common,
+                           **{k: v for k, v in args.items() if k in _SPATIAL})
+    else:
+        x = augment_images(images, max_holes=max_holes, **common, **args)
+    if rates is not None:
+        x = per_example_dropout(x, rates, seed=seed, offset=offset + SLOTS * images.shape[0])
+    return x
