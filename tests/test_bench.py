@@ -196,7 +196,7 @@ def test_bench_package_has_no_import_cycle_and_a_layer_free_harness():
     for name, tree in sources.items():
         graph[name], outside[name] = _imports(tree, sources)
     layers = {"linear", "conv2d", "embedding", "lstm"}
-    whole_step_modes = {"stn_step"}   # modes that time more than one layer
+    whole_step_modes = {"stn_step", "augment"}   # modes with their own table (a whole step, augmentation)
     assert layers | whole_step_modes | {"harness", "report", "cli", "__init__", "__main__"} == set(sources)
     for base in ("harness", "report"):
         assert not graph[base] & (layers | whole_step_modes | {"cli"}), (base, graph[base])
@@ -303,3 +303,15 @@ def test_stn_step_mode_writes_its_table(tmp_path, capsys):
     assert float(eager) > 0 and float(compiled) > 0 and ratio.endswith("×")
     with pytest.raises(SystemExit, match="unknown STN step model nope"):
         main(["--stn-step", "nope"])
+
+
+def test_augment_layer_writes_its_table(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    assert main(["--layer", "augment", "--quick", "--shape", "4,3,8,8", "--out", str(tmp_path)]) == []
+    text = (tmp_path / "augment.md").read_text()
+    assert text in capsys.readouterr().out
+    for provider in ("stn", "published-pil", "torchvision-v2"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {provider} |"))
+        assert float(row.split("|")[3].replace(",", "")) > 0, row
+    with pytest.raises(SystemExit, match="unknown provider nope"):
+        main(["--layer", "augment", "--providers", "nope"])

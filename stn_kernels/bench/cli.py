@@ -1,6 +1,8 @@
 """The command line of the stn_kernels benchmark: ``python -m stn_kernels.bench [--layer NAME]``.
 
-One entry for every layer: ``--layer linear`` (the default: ``hyper_linear``), ``conv2d``,
+One entry for every layer (and ``--layer augment``: images per second of per-example data
+augmentation, its own table, :mod:`stn_kernels.bench.augment`): ``--layer linear`` (the default:
+``hyper_linear``), ``conv2d``,
 ``embedding`` or ``lstm`` (the HyperLSTM stack; ``--lstm [SHAPES]`` is the same as ``--layer lstm
 --shapes SHAPES``, default lstm-ptb). Without ``--gpu`` it times the layer's CPU-default providers
 at its CPU-default shapes in float32, fwd and fwd+bwd, and prints the table; ``--out DIR`` also
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import conv2d, embedding, harness, linear, lstm, stn_step
+from . import augment, conv2d, embedding, harness, linear, lstm, stn_step
 from .report import MODES, Report, Row, legend, machine_info, write_plot
 
 LAYERS: Dict[str, harness.Layer] = {
@@ -58,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m stn_kernels.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     ap.add_argument("--gpu", action="store_true", help="run the CUDA suite (errors without CUDA)")
-    ap.add_argument("--layer", default=None, choices=tuple(LAYERS),
-                    help=f"the layer to time (default {DEFAULT_LAYER}); its shapes and providers are listed below")
+    ap.add_argument("--layer", default=None, choices=tuple(LAYERS) + ("augment",),
+                    help=f"the layer to time (default {DEFAULT_LAYER}); its shapes and providers are listed below; "
+                         "augment: per-example data augmentation, images per second (its own table)")
     ap.add_argument("--shapes", help="comma list of the layer's shape names (listed below; default: its CPU "
                                      "shapes, or its GPU shapes with --gpu)")
     formats = "; ".join(f"{layer.name}: {layer.shape_format}" for layer in LAYERS.values())
@@ -117,6 +120,26 @@ def _run_stn_step(args: argparse.Namespace, device: torch.device) -> List[Row]:
     return []
 
 
+def _run_augment(args: argparse.Namespace, device: torch.device) -> List[Row]:
+    """``--layer augment``: images per second of the augmentation providers (augment.md in ``--out``)."""
+    try:
+        shapes = [augment.parse_shape(s) for s in (_parse_list(args.shapes, list(augment.SHAPES), "shape") or [])]
+        shapes += [augment.parse_shape(s) for s in args.shape]
+    except ValueError as exc:
+        raise SystemExit(f"stn_kernels.bench: {exc}") from None
+    providers = _parse_list(args.providers, list(augment.PROVIDERS), "provider")
+    lines = ["# stn_kernels benchmark: per-example data augmentation", ""]
+    lines += [f"- {line}" for line in machine_info(device)] + [""]
+    lines += augment.run(device, shapes or list(augment.SHAPES.values()), args.quick, providers)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "augment.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+    return []
+
+
 def main(argv=None) -> List[Row]:
     """Run the benchmark for ``argv`` (default: sys.argv[1:]); returns the rows measured."""
     args = parse_args(argv)
@@ -133,6 +156,8 @@ def main(argv=None) -> List[Row]:
         torch.set_num_threads(args.threads)
     if args.stn_step is not None:
         return _run_stn_step(args, device)
+    if args.layer == "augment":
+        return _run_augment(args, device)
     layer = LAYERS[args.layer]
     try:
         shapes = [layer.parse_shape(s) for s in (_parse_list(args.shapes, list(layer.shapes), "shape") or [])]
