@@ -108,16 +108,20 @@ def _run_stn_step(args: argparse.Namespace, device: torch.device) -> List[Row]:
     """``--stn-step``: the STN cycle table (stn_step.md in ``--out``); no layer rows."""
     names = _parse_list(args.stn_step or None, list(stn_step.SHAPES), "STN step model") or (
         ["alexnet-fc"] if device.type == "cuda" else ["digits-mlp"])
-    lines = ["# stn_kernels benchmark: the STN cycle, eager vs compiled", ""]
-    lines += [f"- {line}" for line in machine_info(device)] + [""]
-    lines += stn_step.run(device, names, args.quick)
-    text = "\n".join(lines) + "\n"
-    print(text, flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "stn_step.md"), "w", encoding="utf-8") as f:
-            f.write(text)
+    _own_table("the STN cycle, eager vs compiled", stn_step.run(device, names, args.quick), device, args.out,
+               "stn_step.md")
     return []
+
+
+def _own_table(title: str, table: List[str], device: torch.device, out: Optional[str], filename: str) -> None:
+    """Prints a mode's own markdown table under the machine's description and writes it to ``out/filename``."""
+    lines = [f"# stn_kernels benchmark: {title}", ""] + [f"- {line}" for line in machine_info(device)] + [""]
+    text = "\n".join(lines + table) + "\n"
+    print(text, flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, filename), "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def _run_augment(args: argparse.Namespace, device: torch.device) -> List[Row]:
@@ -128,15 +132,8 @@ def _run_augment(args: argparse.Namespace, device: torch.device) -> List[Row]:
     except ValueError as exc:
         raise SystemExit(f"stn_kernels.bench: {exc}") from None
     providers = _parse_list(args.providers, list(augment.PROVIDERS), "provider")
-    lines = ["# stn_kernels benchmark: per-example data augmentation", ""]
-    lines += [f"- {line}" for line in machine_info(device)] + [""]
-    lines += augment.run(device, shapes or list(augment.SHAPES.values()), args.quick, providers)
-    text = "\n".join(lines)
-    print(text, flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "augment.md"), "w", encoding="utf-8") as f:
-            f.write(text)
+    table = augment.run(device, shapes or list(augment.SHAPES.values()), args.quick, providers)
+    _own_table("per-example data augmentation", table, device, args.out, "augment.md")
     return []
 
 
