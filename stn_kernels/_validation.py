@@ -64,6 +64,30 @@ def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_h
     check_same_device(data, data_name, hparams=hparams)
 
 
+def param_signature(params: Sequence[Optional[Tensor]]) -> tuple:
+    """What every check of a module's parameters depends on: dtype, device and shape of each (None kept).
+
+    A cache keyed on it goes stale with anything that changes them: reassignment, ``.to()``/``.half()``,
+    ``p.data = ...`` (none of which bumps ``p._version``); in-place updates (optimizer steps) leave it valid."""
+    return tuple(None if p is None else (p.dtype, p.device, p.shape) for p in params)
+
+
+def layer_param_info(weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor], hyper_bias: Optional[Tensor],
+                     hparam_weight: Tensor, weight_dim: int) -> Optional[tuple]:
+    """(dtype, device, λ dtype) when a HyperLinear/HyperConv2d module's parameters pass every check the public
+    function makes of them (floating weights of one dtype and device, ``weight_dim``-D, biases [N], hparam_weight
+    [2N, H] of a λ dtype the input dtype allows), else None: such a module takes the full path every call,
+    which raises the error naming the argument."""
+    dtype, device, n = weight.dtype, weight.device, weight.shape[0]
+    hp_dtype = hparam_weight.dtype
+    ok = (weight.is_floating_point() and weight.dim() == weight_dim and hyper_weight.shape == weight.shape
+          and hparam_weight.dim() == 2 and hparam_weight.shape[0] == 2 * n and hparam_weight.device == device
+          and (hp_dtype == dtype or (dtype in HALF_DTYPES and hp_dtype == torch.float32))
+          and all(t.dtype == dtype and t.device == device for t in (hyper_weight, bias, hyper_bias) if t is not None)
+          and all(t.shape == (n,) for t in (bias, hyper_bias) if t is not None))
+    return (dtype, device, hp_dtype) if ok else None
+
+
 def rows_of_hparams(hparams: Optional[Tensor], batch: int, rows_per_example: int) -> Optional[Tensor]:
     """hparams as one row per flattened input row: [H] and [B, H] become [B·rows_per_example, H]."""
     if hparams is None:
@@ -156,6 +180,22 @@ def check_lstm_hparams(hparams, batch: int, like: Tensor, like_name: str) -> Opt
     return hparams.expand(batch, hparams.shape[-1]) if hparams.dim() == 1 else hparams
 
 
+# ----------------------------------------------------------------------------- HyperEmbedding
+
+def check_indices(input: Tensor, num_embeddings: int) -> None:
+    """Indices in [0, num_embeddings): a ValueError with the range found on the CPU; on accelerators a device
+    assert (as nn.Embedding's), since reading the range on the host would wait for the device."""
+    if torch.compiler.is_compiling() or not input.numel():
+        return
+    if input.device.type == "cpu":
+        low, high = (int(v) for v in input.aminmax())
+        if low < 0 or high >= num_embeddings:
+            raise ValueError(f"input: expected indices in [0, {num_embeddings - 1}], got values in [{low}, {high}]")
+    else:
+        torch._assert_async(((input >= 0) & (input < num_embeddings)).all(),
+                            f"input: expected indices in [0, {num_embeddings - 1}]")
+
+
 # ----------------------------------------------------------------------------- per-example dropout
 
 _MAX_SEED = 2**63 - 1
@@ -210,8 +250,10 @@ def seed_offset_tensor(seed, offset, device: torch.device, generator: Optional[t
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
                             f"of shape {tuple(seed.shape)}")
-        return torch.cat([seed.reshape(1).to(device),
+        # non_blocking: a host seed is staged at once, and the host does not wait for the device (a
+        # blocking host-to-device copy would).
+        return torch.cat([seed.reshape(1).to(device, non_blocking=True),
                           torch.full((1,), offset, dtype=torch.int64, device=device)])
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed: expected an int in [0, 2**63 - 1], got {seed!r}")
-    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+    return torch.tensor([seed, offset], dtype=torch.int64).to(device, non_blocking=True)

@@ -31,6 +31,7 @@ from ._validation import (
     check_hidden_params,
     check_hparams,
     check_hyper_params,
+    check_indices,
     check_lstm_hparams,
     check_rates,
     check_same_device,
@@ -171,10 +172,7 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     check_dtype(weight.dtype, "weight", hyper_weight=hyper_weight)
     check_same_device(weight, "weight", input=input, hyper_weight=hyper_weight, weight_scale=weight_scale)
     check_hparams(hparams, weight, "weight", num_hparams, input.shape[0], weight_scale, None)
-    if not torch.compiler.is_compiling() and input.numel():
-        low, high = int(input.min()), int(input.max())
-        if low < 0 or high >= num_embeddings:
-            raise ValueError(f"input: expected indices in [0, {num_embeddings - 1}], got values in [{low}, {high}]")
+    check_indices(input, num_embeddings)
     if hparams is None:
         weight_scale = None
     rows = rows_of_hparams(hparams, input.shape[0], math.prod(input.shape[1:]))

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from . import functional
-from ._validation import check_shape, check_tensor
+from ._validation import autocast_dtype, check_shape, check_tensor, layer_param_info, param_signature
+from .backends import kernels
+from .ops import apply_hyper_linear_stacked, eager
 
 # Published name -> ours. The official CNN layers also carry ``elem_scalar`` a,
 # which multiplies the elementary path: it is folded into weight and bias.
@@ -79,6 +81,37 @@ class _HyperLayer(nn.Module):
                     p.uniform_(-bound, bound)
             self.hparam_weight.normal_(0.0, 0.01)
 
+    def _fast_call(self, op: str, input, hparams, extra=()) -> Optional[tuple]:
+        """(backend module, parameters, extra facts) when this call can take the fast path, else None.
+
+        The fast path is for the common call: eager, no autocast, input in the parameters' dtype and on
+        their device, hparams [B, H] in hparam_weight's dtype or None. What the checks of the parameters
+        find is cached on their signature (dtype, device, shape) and ``extra`` (the conv's geometry), so a
+        right call costs a few attribute reads and comparisons here; every other call, and every wrong
+        one, takes the full path (:mod:`stn_kernels.functional`), which raises the error naming the
+        argument. The backend is resolved once, here, and kept for the backward."""
+        p = self._parameters
+        try:
+            params = (p["weight"], p["hyper_weight"], p["bias"], p["hyper_bias"], p["hparam_weight"])
+        except KeyError:  # a parameter replaced by something else: the full path sorts it out
+            return None
+        key = (param_signature(params), extra)
+        cached = self.__dict__.get("_param_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, layer_param_info(*params, 2 if op == "hyper_linear" else 4))
+            self.__dict__["_param_cache"] = cached
+        info = cached[1]
+        if info is None or not isinstance(input, Tensor) or not eager():
+            return None
+        dtype, device, hp_dtype = info
+        if input.dtype != dtype or input.device != device or autocast_dtype(device.type) is not None:
+            return None
+        if hparams is not None and not (isinstance(hparams, Tensor) and hparams.dtype == hp_dtype
+                                        and hparams.shape == (input.shape[0], params[4].shape[1])
+                                        and hparams.device == device):
+            return None
+        return kernels(op, device, input.shape[0], dtype, input.numel() == 0), params
+
     def _scales(self):
         # (V, C) as views of the stacked [2N, H] parameter; one chunk op costs half of two slices.
         return self.hparam_weight.chunk(2)
@@ -107,6 +140,9 @@ class HyperLinear(_HyperLayer):
         self.reset_parameters()
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        fast = self._fast_call("hyper_linear", input, hparams)
+        if fast is not None and input.dim() == 2 and input.shape[1] == fast[1][0].shape[1]:
+            return apply_hyper_linear_stacked(fast[0], input, hparams, *fast[1])
         weight_scale, bias_scale = self._scales()
         return functional.hyper_linear(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
                                        weight_scale, bias_scale)

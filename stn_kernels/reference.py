@@ -24,9 +24,15 @@ Tensor = torch.Tensor
 
 
 def hparam_scales(hparams: Tensor, weight_scale: Tensor, bias_scale: Optional[Tensor], dtype: torch.dtype):
-    """s = λ·Vᵀ and t = λ·Cᵀ (t is None without a bias scale), cast to ``dtype``."""
-    s = (hparams @ weight_scale.t()).to(dtype)
-    t = None if bias_scale is None else (hparams @ bias_scale.t()).to(dtype)
+    """s = λ·Vᵀ and t = λ·Cᵀ (t is None without a bias scale), cast to ``dtype``.
+
+    F.linear needs no transposed view and the cast is skipped when a no-op: each is a µs of host time
+    per call, which is what a layer costs at small shapes."""
+    s = F.linear(hparams, weight_scale)
+    t = None if bias_scale is None else F.linear(hparams, bias_scale)
+    if s.dtype != dtype:
+        s = s.to(dtype)
+        t = None if t is None else t.to(dtype)
     return s, t
 
 

@@ -196,7 +196,7 @@ def test_bench_package_has_no_import_cycle_and_a_layer_free_harness():
     for name, tree in sources.items():
         graph[name], outside[name] = _imports(tree, sources)
     layers = {"linear", "conv2d", "embedding", "lstm"}
-    assert layers | {"harness", "report", "cli", "__init__", "__main__"} == set(sources)
+    assert layers | {"harness", "report", "cli", "host_overhead", "__init__", "__main__"} == set(sources)
     for base in ("harness", "report"):
         assert not graph[base] & (layers | {"cli"}), (base, graph[base])
         assert "hyper_linear" not in open(os.path.join(BENCH_DIR, base + ".py"), encoding="utf-8").read()
@@ -290,3 +290,28 @@ def test_backend_with_sets_and_restores_module_attributes():
     with harness.backend_with("reference", kernels, PACKED=False, TABLE_GRAD="sorted"):
         assert (kernels.PACKED, kernels.TABLE_GRAD) == (False, "sorted")
     assert (kernels.PACKED, kernels.TABLE_GRAD) == (True, "atomic")
+
+
+def test_host_overhead_mode_writes_its_table(tmp_path, capsys):
+    """--host-overhead --quick: one row per (layer, mode) with the three providers' times, the ratio and the
+    target marked; the same rows in host_overhead.csv. (No timing is asserted: a smoke test.)"""
+    from stn_kernels.bench import host_overhead
+
+    main(["--host-overhead", "--quick", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    md = (tmp_path / "host_overhead.md").read_text()
+    assert md == printed and md.startswith("# stn_kernels host overhead")
+    assert "| layer | shape | mode | ours µs | published µs | torch µs | ours / published | target | |" in md
+    assert "torch threads 1," in md and "1 thread(s)" in md  # the mode's default
+    rows = _rows(tmp_path / "host_overhead.csv")
+    layers = ("HyperLinear", "HyperConv2d", "HyperEmbedding", "HyperLSTM step")
+    assert [(r["layer"], r["mode"]) for r in rows] == [(layer, m) for layer in layers for m in host_overhead.MODES]
+    for r in rows:
+        for column in ("ours_us", "published_us", "torch_us"):
+            assert math.isfinite(float(r[column])) and float(r[column]) > 0, r
+        assert float(r["ratio"]) == pytest.approx(float(r["ours_us"]) / float(r["published_us"]), rel=1e-2)
+        assert float(r["target"]) == (0.8 if r["layer"] == "HyperLinear" else 1.0)
+        assert r["met"] == str(float(r["ratio"]) <= float(r["target"]))
+        line = next(line for line in md.splitlines() if line.startswith(f"| {r['layer']} |") and
+                    f"| {r['mode']} |" in line)
+        assert line.endswith("| met |") or line.endswith("| not met |"), line

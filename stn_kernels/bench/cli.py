@@ -4,7 +4,8 @@ One entry for every layer: ``--layer linear`` (the default: ``hyper_linear``), `
 ``embedding`` or ``lstm`` (the HyperLSTM stack; ``--lstm [SHAPES]`` is the same as ``--layer lstm
 --shapes SHAPES``, default lstm-ptb). Without ``--gpu`` it times the layer's CPU-default providers
 at its CPU-default shapes in float32, fwd and fwd+bwd, and prints the table; ``--out DIR`` also
-writes results.csv, results.md and speedup.png. The layers are in :data:`LAYERS`; what is timed
+writes results.csv, results.md and speedup.png. ``--host-overhead`` instead times every layer's per-call
+host overhead at a tiny shape (:mod:`stn_kernels.bench.host_overhead`). The layers are in :data:`LAYERS`; what is timed
 and how is in :mod:`stn_kernels.bench.harness` and each layer's module.
 """
 
@@ -21,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import conv2d, embedding, harness, linear, lstm
+from . import conv2d, embedding, harness, host_overhead, linear, lstm
 from .report import MODES, Report, Row, legend, machine_info, write_plot
 
 LAYERS: Dict[str, harness.Layer] = {
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lstm", nargs="?", const="lstm-ptb", default=None, metavar="SHAPES",
                     help="the same as --layer lstm --shapes SHAPES: a comma list of lstm-ptb (B=40, T=70, 2x650, "
                          f"H=7; the default), lstm-tiny or {lstm.SHAPE_FORMAT}")
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="per-call time of every layer at a tiny shape (fwd, fwd+bwd, no_grad): ours vs the published "
+                         "formulation vs the plain torch layer, one thread unless --threads; with --quick, --out, "
+                         "--gpu (see stn_kernels.bench.host_overhead)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds; what was measured is still reported")
     return ap
@@ -101,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> List[Row]:
     """Run the benchmark for ``argv`` (default: sys.argv[1:]); returns the rows measured."""
     args = parse_args(argv)
+    if args.host_overhead:
+        host_overhead.run(gpu=args.gpu, threads=args.threads or 1, quick=args.quick, out=args.out)
+        return []
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit(f"stn_kernels.bench: --gpu needs a CUDA device, but torch.cuda.is_available() is "

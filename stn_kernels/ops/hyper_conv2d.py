@@ -22,8 +22,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import kernels
 from ..reference import dense_format
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, run_op
-from .hyper_linear import participating
+from ._support import double_backward, empty_unless, fake_grads, grads_or_none, participating, run_op
 
 OP = "hyper_conv2d"
 

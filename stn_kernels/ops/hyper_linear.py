@@ -23,31 +23,31 @@ which validates and reshapes user input, is :func:`stn_kernels.functional.hyper_
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from types import SimpleNamespace
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import kernels
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, run_op
+from ._support import (
+    StackedScalesFunction,
+    double_backward,
+    empty_unless,
+    fake_grads,
+    grads_or_none,
+    participating,
+    records_graph,
+    run_op,
+    split_scales,
+)
 
 OP = "hyper_linear"
 
 
 def _kernels(x: Tensor):
     return kernels(OP, x.device, x.shape[0], x.dtype, x.numel() == 0)
-
-
-def participating(mask: Sequence[bool], hparams_given: bool, bias_given: bool, hyper_bias_given: bool) -> list:
-    """The output mask of (x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale) less
-    the inputs that take no part: without hparams only x, W and b do. (Shared with hyper_conv2d.)"""
-    mask = list(mask)
-    mask[4] = mask[4] and bias_given
-    if not hparams_given:
-        mask[1] = mask[3] = mask[5] = mask[6] = mask[7] = False
-    mask[7] = mask[7] and hyper_bias_given
-    return mask
 
 
 @torch.library.custom_op("stn_kernels::hyper_linear", mutates_args=())
@@ -130,6 +130,21 @@ def apply_hyper_linear(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
     return run_op((x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale),
                   registered=_registered, composite=reference.hyper_linear, kernel=_kernel_forward,
                   function=HyperLinearFunction)
+
+
+STACKED = SimpleNamespace(forward="hyper_linear_forward", backward="hyper_linear_backward",
+                          reference=reference.hyper_linear)
+
+
+def apply_hyper_linear_stacked(backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight) -> Tensor:
+    """out of the op for :class:`stn_kernels.HyperLinear`'s fast path: V and C stacked as ``hparam_weight``
+    [2N, H], ``backend`` the kernels module resolved for this call; inputs validated, 2-D, eager only
+    (:func:`stn_kernels.ops._support.eager`)."""
+    args = (x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
+    if records_graph(args):
+        return StackedScalesFunction.apply(STACKED, backend, *args)
+    return backend.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias,
+                                        *split_scales(hparam_weight, weight.shape[0], hparams, hyper_bias))[0]
 
 
 # ----------------------------------------------------------------------------- the cuda backend's private ops
