@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -86,6 +87,42 @@ def layer_param_info(weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor
           and all(t.dtype == dtype and t.device == device for t in (hyper_weight, bias, hyper_bias) if t is not None)
           and all(t.shape == (n,) for t in (bias, hyper_bias) if t is not None))
     return (dtype, device, hp_dtype) if ok else None
+
+
+def lstm_param_info(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]]) -> Optional[tuple]:
+    """(dtype, device, λ dtype) when a HyperLSTMCell's i2h [4N, K] and h2h [4N, N] layers (parameters as
+    :func:`layer_param_info` takes them) pass every check of the public functions, with one dtype, device
+    and H, else None."""
+    info = layer_param_info(*i2h, 2)
+    weight, h_weight = i2h[0], h2h[0]
+    ok = (info is not None and layer_param_info(*h2h, 2) == info and h_weight.shape[0] == 4 * h_weight.shape[1]
+          and weight.shape[0] == h_weight.shape[0] and i2h[4].shape[1] == h2h[4].shape[1])
+    return info if ok else None
+
+
+def embedding_param_info(weight: Tensor, hyper_weight: Tensor, hparam_weight: Tensor) -> Optional[tuple]:
+    """(dtype, device, λ dtype) when a HyperEmbedding's tables [num, D] and V [D, H] pass every check the
+    public function makes of them, else None (see :func:`layer_param_info`)."""
+    dtype, device, hp_dtype = weight.dtype, weight.device, hparam_weight.dtype
+    ok = (weight.is_floating_point() and weight.dim() == 2 and hyper_weight.shape == weight.shape
+          and hyper_weight.dtype == dtype and hyper_weight.device == device and hparam_weight.dim() == 2
+          and hparam_weight.shape[0] == weight.shape[1] and hparam_weight.device == device
+          and (hp_dtype == dtype or (dtype in HALF_DTYPES and hp_dtype == torch.float32)))
+    return (dtype, device, hp_dtype) if ok else None
+
+
+def check_groups(groups, out_channels: int) -> None:
+    if not isinstance(groups, int) or groups < 1 or out_channels % groups:
+        raise ValueError(f"groups: expected a positive int dividing out_channels={out_channels}, got {groups!r}")
+
+
+def check_conv_geometry(stride, padding, dilation) -> Tuple[list, list, list]:
+    """stride, padding, dilation (an int or a pair each) as lists of two ints, stride and dilation >= 1."""
+    stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
+    for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if any(not isinstance(v, int) or v < low for v in values):
+            raise ValueError(f"{name}: expected ints >= {low}, got {values}")
+    return stride, padding, dilation
 
 
 def rows_of_hparams(hparams: Optional[Tensor], batch: int, rows_per_example: int) -> Optional[Tensor]:

@@ -52,7 +52,23 @@ class _CopyWatch(TorchDispatchMode):
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch):
+def noted_inputs(monkeypatch):
+    """The node of an autograd.Function has edges for its tensor inputs only, while its backward returns one
+    entry per input: which inputs were tensors is noted on the node, for _backward."""
+    function_apply = torch.autograd.Function.__dict__["apply"]  # a C classmethod descriptor
+
+    def apply(cls, *args, **kwargs):
+        out = function_apply.__get__(None, cls)(*args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        if isinstance(first, torch.Tensor) and first.grad_fn is not None:
+            first.grad_fn.tensor_inputs = [isinstance(a, torch.Tensor) for a in args]
+        return out
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(apply))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, noted_inputs):
     """Yields (launches, copy watch); inside, tensors made on "cuda" are fake and the CUDA paths are taken."""
     import triton.runtime.jit as triton_jit
 
@@ -107,6 +123,9 @@ def _backward(out, grad, inputs):
         grads = pending.pop(node, None)
         if grads is None:
             continue
+        # What the engine does between nodes: reduce a broadcast gradient to the shape the node expects.
+        grads = [g if g is None or tuple(g.shape) == tuple(m.shape) else g.sum_to_size(m.shape)
+                 for g, m in zip(grads, node._input_metadata)]
         if hasattr(node, "variable"):  # AccumulateGrad: a leaf
             found[node.variable] = grads[0]
             continue
@@ -114,9 +133,10 @@ def _backward(out, grad, inputs):
             if hasattr(node, "_forward_cls"):  # a Python autograd.Function: its backward, through apply
                 arity = len(inspect.signature(node._forward_cls.backward).parameters) - 1
                 results = node.apply(*grads, *[None] * (arity - len(grads)))
+                results = [r for r, tensor in zip(results, node.tensor_inputs) if tensor]
             else:
                 results = node(*grads)
-        results = results if isinstance(results, tuple) else (results,)
+        results = results if isinstance(results, (tuple, list)) else (results,)
         for (child, slot), g in zip(node.next_functions, results):
             if child is None or g is None:
                 continue
@@ -240,3 +260,19 @@ def test_the_old_index_check_fails_the_harness_and_the_new_one_passes(fake_cuda)
     with pytest.raises(DataDependentOutputException):
         old_check(indices, 50)
     check_indices(indices, 50)
+
+
+def test_the_node_by_node_backward_is_autograds(noted_inputs):
+    """_backward (what the fake-CUDA tests differentiate with) gives torch.autograd.grad's gradients, on real
+    CPU tensors, through a Function with non-tensor inputs, broadcasts and the LSTM's two-output op."""
+    torch.manual_seed(0)
+    embed = stn_kernels.HyperEmbedding(20, 8, 3)
+    lstm = stn_kernels.HyperLSTM(8, 6, 2, 3)
+    head = stn_kernels.HyperLinear(6, 4, 3)
+    tokens, lam = torch.randint(0, 20, (5, 4)), torch.randn(4, 3, requires_grad=True)
+    out = head(lstm(embed(tokens, lam, batch_dim=1), None, lam)[0].transpose(0, 1), lam)
+    inputs = [lam, *embed.parameters(), *lstm.parameters(), *head.parameters()]
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    for got, want in zip(_backward(out, grad, inputs), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -76,15 +76,16 @@ class StackedScalesFunction(torch.autograd.Function):
     shapes. The backend module is resolved once by the caller and kept for the backward.
 
     ``apply(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, *extra)``: ``op`` has
-    ``forward``/``backward`` (names of the backend module's functions) and ``reference`` (the composite, for
-    double backward); ``extra`` are the op's non-tensor arguments (the conv's stride, padding, ...).
+    ``forward``/``backward`` (names of the backend module's functions on V and C), ``stacked_forward`` /
+    ``stacked_backward`` (names of those on [V; C], which a backend may have: the reference does) and
+    ``reference`` (the composite, for double backward); ``extra`` are the op's non-tensor arguments (the
+    conv's stride, padding, ...).
     """
 
     @staticmethod
     def forward(ctx, op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, *extra):
-        scales = split_scales(hparam_weight, weight.shape[0], hparams, hyper_bias)
-        out, z_hyper = getattr(backend, op.forward)(x, hparams, weight, hyper_weight, bias, hyper_bias, *scales,
-                                                     *extra)
+        out, z_hyper = _stacked_forward(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias,
+                                        hparam_weight, extra)
         ctx.op, ctx.backend, ctx.extra = op, backend, extra
         ctx.save_for_backward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, z_hyper)
         return out
@@ -102,6 +103,9 @@ class StackedScalesFunction(torch.autograd.Function):
                                     *split_scales(hparam_weight, n, hparams, hyper_bias), *extra)
 
             grads = double_backward(composite, inputs, mask[:7], grad_out)
+        elif hasattr(ctx.backend, op.stacked_backward):  # the backend takes [V; C] as it is
+            grads = getattr(ctx.backend, op.stacked_backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias,
+                                                              hparam_weight, z_hyper, *extra, mask[:7])
         else:
             scales = split_scales(hparam_weight, n, hparams, hyper_bias)
             found = getattr(ctx.backend, op.backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias, *scales,
@@ -109,6 +113,26 @@ class StackedScalesFunction(torch.autograd.Function):
             grads = grads_or_none(found, mask)[:6] + (_stacked_grad(found[6], found[7], hparam_weight)
                                                       if mask[6] else None,)
         return (None, None) + tuple(grads) + (None,) * len(extra)
+
+
+def run_stacked(op, backend, x: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
+                bias: Optional[Tensor], hyper_bias: Optional[Tensor], hparam_weight: Tensor, *extra) -> Tensor:
+    """The op's output for a module's fast path (eager only, see :func:`eager`): through
+    :class:`StackedScalesFunction` when autograd records the call, else the backend's forward directly."""
+    args = (x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
+    if records_graph(args):
+        return StackedScalesFunction.apply(op, backend, *args, *extra)
+    return _stacked_forward(op, backend, *args, extra)[0]
+
+
+def _stacked_forward(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, extra):
+    """(out, z_hyper) from the backend's forward: its ``stacked_forward`` when it has one (the reference: one
+    GEMM for λ·[V; C]ᵀ), else its forward on the split V and C."""
+    stacked = getattr(backend, op.stacked_forward, None)
+    if stacked is not None:
+        return stacked(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, *extra)
+    scales = split_scales(hparam_weight, weight.shape[0], hparams, hyper_bias)
+    return getattr(backend, op.forward)(x, hparams, weight, hyper_weight, bias, hyper_bias, *scales, *extra)
 
 
 def _stacked_grad(d_weight_scale: Optional[Tensor], d_bias_scale: Optional[Tensor], hparam_weight: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ public function is :func:`stn_kernels.functional.hyper_conv2d`.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import kernels
 from ..reference import dense_format
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, participating, run_op
+from ._support import double_backward, empty_unless, fake_grads, grads_or_none, participating, run_op, run_stacked
 
 OP = "hyper_conv2d"
 
@@ -125,3 +126,16 @@ def apply_hyper_conv2d(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
     return run_op((x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, stride, padding,
                    dilation, groups), registered=_registered, composite=reference.hyper_conv2d,
                   kernel=_kernel_forward, function=HyperConv2dFunction)
+
+
+STACKED = SimpleNamespace(forward="hyper_conv2d_forward", backward="hyper_conv2d_backward",
+                          stacked_forward="hyper_conv2d_stacked_forward",
+                          stacked_backward="hyper_conv2d_stacked_backward", reference=reference.hyper_conv2d)
+
+
+def apply_hyper_conv2d_stacked(backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
+                               padding, dilation, groups) -> Tensor:
+    """out of the op for :class:`stn_kernels.HyperConv2d`'s fast path (see
+    :func:`stn_kernels.ops.hyper_linear.apply_hyper_linear_stacked`)."""
+    return run_stacked(STACKED, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
+                       padding, dilation, groups)

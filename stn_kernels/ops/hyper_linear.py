@@ -32,15 +32,13 @@ from torch import Tensor
 from .. import reference
 from ..backends import kernels
 from ._support import (
-    StackedScalesFunction,
     double_backward,
     empty_unless,
     fake_grads,
     grads_or_none,
     participating,
-    records_graph,
     run_op,
-    split_scales,
+    run_stacked,
 )
 
 OP = "hyper_linear"
@@ -133,18 +131,14 @@ def apply_hyper_linear(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
 
 
 STACKED = SimpleNamespace(forward="hyper_linear_forward", backward="hyper_linear_backward",
-                          reference=reference.hyper_linear)
+                          stacked_forward="hyper_linear_stacked_forward",
+                          stacked_backward="hyper_linear_stacked_backward", reference=reference.hyper_linear)
 
 
 def apply_hyper_linear_stacked(backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight) -> Tensor:
     """out of the op for :class:`stn_kernels.HyperLinear`'s fast path: V and C stacked as ``hparam_weight``
-    [2N, H], ``backend`` the kernels module resolved for this call; inputs validated, 2-D, eager only
-    (:func:`stn_kernels.ops._support.eager`)."""
-    args = (x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
-    if records_graph(args):
-        return StackedScalesFunction.apply(STACKED, backend, *args)
-    return backend.hyper_linear_forward(x, hparams, weight, hyper_weight, bias, hyper_bias,
-                                        *split_scales(hparam_weight, weight.shape[0], hparams, hyper_bias))[0]
+    [2N, H], ``backend`` the kernels module resolved for this call; inputs validated, 2-D, eager only."""
+    return run_stacked(STACKED, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
 
 
 # ----------------------------------------------------------------------------- the cuda backend's private ops
