@@ -21,7 +21,7 @@ from torch.nn.modules.utils import _pair
 
 from . import functional, reference, reference_lstm
 from ._validation import (
-    autocast_dtype,
+    any_autocast,
     check_conv_geometry,
     check_groups,
     check_shape,
@@ -140,7 +140,7 @@ class _HyperLayer(nn.Module):
         if info is None or not isinstance(input, Tensor):
             return None
         dtype, device, hp_dtype, facts = info
-        if (input.dtype != dtype or input.device != device or autocast_dtype(device.type) is not None
+        if (input.dtype != dtype or input.device != device or any_autocast()
                 or not _fast_hparams_ok(hparams, input.shape[0], params[4].shape[1], hp_dtype, device)):
             return None
         return kernels(op, device, input.shape[0], dtype, input.numel() == 0), params, facts
@@ -416,7 +416,7 @@ class HyperLSTMCell(nn.Module):
         dtype, device, hp_dtype = info
         shape = input.shape
         if (len(shape) != 3 or shape[2] != i2h[0].shape[1] or shape[self.batch_first] != 1  # one step
-                or input.dtype != dtype or input.device != device or autocast_dtype(device.type) is not None):
+                or input.dtype != dtype or input.device != device or any_autocast()):
             return None
         batch, n = shape[1 - self.batch_first], h2h[0].shape[1]
         if not _fast_hparams_ok(hparams, batch, i2h[4].shape[1], hp_dtype, device):
