@@ -36,6 +36,12 @@ def hparam_scales(hparams: Tensor, weight_scale: Tensor, bias_scale: Optional[Te
     return s, t
 
 
+def add_product(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """a + b ⊙ c for the composites torch differentiates: one addcmul under no_grad, else a product and a sum
+    (addcmul's backward forms two products more than theirs)."""
+    return a + b * c if torch.is_grad_enabled() else torch.addcmul(a, b, c)
+
+
 def stacked_scales(hparams: Tensor, hparam_weight: Tensor, n: int, dtype: torch.dtype):
     """(s, t) from the modules' stacked hparam_weight [V; C] [2N, H]: one GEMM and one split."""
     st = F.linear(hparams, hparam_weight)
@@ -328,7 +334,7 @@ def hyper_embedding_by_example(indices, hparams, weight, hyper_weight, weight_sc
     trailing = indices.dim() - 1 - batch_dim  # index dims after the batch dim, which s broadcasts over
     if trailing:
         s = s.view(s.shape[0], *([1] * trailing), s.shape[1])
-    return torch.addcmul(out, s, F.embedding(indices, hyper_weight))
+    return add_product(out, s, F.embedding(indices, hyper_weight))
 
 
 def hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, weight_scale, output_mask=(True,) * 5):

@@ -90,17 +90,17 @@ def hyper_lstm_cell_step(x: Tensor, h: Tensor, c: Tensor, hparams: Optional[Tens
     if hparams is not None:
         G = weight.shape[0]
         s, t = F.linear(hparams, hparam_weight).split(G, 1)
-        pre = torch.addcmul(pre, s, F.linear(x, hyper_weight))
+        pre = reference.add_product(pre, s, F.linear(x, hyper_weight))
         if hyper_bias is not None:
-            pre = torch.addcmul(pre, t, hyper_bias)
+            pre = reference.add_product(pre, t, hyper_bias)
         s, t = F.linear(hparams, h_hparam_weight).split(G, 1)
-        h_pre = torch.addcmul(h_pre, s, F.linear(h, h_hyper_weight))
+        h_pre = reference.add_product(h_pre, s, F.linear(h, h_hyper_weight))
         if h_hyper_bias is not None:
-            h_pre = torch.addcmul(h_pre, t, h_hyper_bias)
+            h_pre = reference.add_product(h_pre, t, h_hyper_bias)
     n = c.shape[-1]
     sig, g = (pre + h_pre).split([3 * n, n], 1)
     f, i, o = torch.sigmoid(sig).split(n, 1)
-    c = torch.addcmul(f * c, i, torch.tanh(g))
+    c = reference.add_product(f * c, i, torch.tanh(g))
     return o * torch.tanh(c), c
 
 

@@ -309,7 +309,7 @@ def test_host_overhead_mode_writes_its_table(tmp_path, capsys):
     for r in rows:
         for column in ("ours_us", "published_us", "torch_us"):
             assert math.isfinite(float(r[column])) and float(r[column]) > 0, r
-        assert float(r["ratio"]) == pytest.approx(float(r["ours_us"]) / float(r["published_us"]), rel=1e-2)
+        assert math.isfinite(float(r["ratio"])) and float(r["ratio"]) > 0, r  # the median of per-round ratios
         assert float(r["target"]) == (0.8 if r["layer"] == "HyperLinear" else 1.0)
         assert r["met"] == str(float(r["ratio"]) <= float(r["target"]))
         line = next(line for line in md.splitlines() if line.startswith(f"| {r['layer']} |") and

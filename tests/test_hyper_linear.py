@@ -519,3 +519,25 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
     assert not calls and not direct.requires_grad and not frozen.requires_grad
     torch.testing.assert_close(direct, recorded.detach(), rtol=0, atol=0)
     torch.testing.assert_close(frozen, recorded.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_module_resolves_its_backend_once_per_call(monkeypatch, layer):
+    """A module's forward and backward resolve the backend once; a backward under another use_backend
+    resolves it anew (and raises where that backend cannot run), as the ops' own backward does."""
+    from stn_kernels.backends import registry
+
+    monkeypatch.delenv("STN_KERNELS_BACKEND", raising=False)
+    torch.manual_seed(0)
+    module, x = {
+        "linear": (stn_kernels.HyperLinear(7, 5, 3), torch.randn(4, 7)),
+        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, 3, padding=1), torch.randn(4, 2, 5, 5)),
+    }[layer]
+    calls = []
+    resolve = registry.resolve_backend
+    monkeypatch.setattr(registry, "resolve_backend", lambda *a: calls.append(a[0]) or resolve(*a))
+    module(x, torch.randn(4, 3, requires_grad=True)).sum().backward()
+    assert calls == [f"hyper_{layer}"]
+    out = module(x, torch.randn(4, 3, requires_grad=True))
+    with stn_kernels.use_backend("cuda"), pytest.raises(stn_kernels.BackendUnavailableError, match="'cuda'"):
+        out.sum().backward()

@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..backends import kernels, requested_backend
 from ..reference import dense_format
 
 
@@ -42,6 +43,21 @@ def run_op(args: tuple, *, registered: Callable, composite: Callable, kernel: Ca
     if not records_graph(args):
         return kernel(*args)
     return function.apply(*args)
+
+
+def backward_backend(ctx, resolve: Callable):
+    """The backend module for a backward: the one the forward resolved (kept on ``ctx`` with the request it
+    answered), so a call resolves its backend once; anew only when the backend asked for has changed since
+    (a backward under another ``use_backend``, which must raise if that backend cannot run)."""
+    if requested_backend() == ctx.requested:
+        return ctx.backend
+    return resolve()
+
+
+def keep_backend(ctx, backend):
+    """Keeps the forward's backend module, and the request it answered, for :func:`backward_backend`."""
+    ctx.backend, ctx.requested = backend, requested_backend()
+    return backend
 
 
 def eager() -> bool:
@@ -84,9 +100,9 @@ class StackedScalesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, *extra):
-        out, z_hyper = _stacked_forward(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias,
-                                        hparam_weight, extra)
-        ctx.op, ctx.backend, ctx.extra = op, backend, extra
+        out, z_hyper = _stacked_forward(op, keep_backend(ctx, backend), x, hparams, weight, hyper_weight, bias,
+                                        hyper_bias, hparam_weight, extra)
+        ctx.op, ctx.extra = op, extra
         ctx.save_for_backward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, z_hyper)
         return out
 
@@ -97,18 +113,19 @@ class StackedScalesFunction(torch.autograd.Function):
         mask = participating(need[2:9] + (need[8],), hparams is not None, bias is not None, hyper_bias is not None)
         n, op, extra = weight.shape[0], ctx.op, ctx.extra
         inputs = (x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
+        backend = backward_backend(ctx, lambda: kernels(op.name, x.device, x.shape[0], x.dtype, x.numel() == 0))
         if torch.is_grad_enabled():  # create_graph=True: stay differentiable
             def composite(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight):
                 return op.reference(x, hparams, weight, hyper_weight, bias, hyper_bias,
                                     *split_scales(hparam_weight, n, hparams, hyper_bias), *extra)
 
             grads = double_backward(composite, inputs, mask[:7], grad_out)
-        elif hasattr(ctx.backend, op.stacked_backward):  # the backend takes [V; C] as it is
-            grads = getattr(ctx.backend, op.stacked_backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias,
+        elif hasattr(backend, op.stacked_backward):  # the backend takes [V; C] as it is
+            grads = getattr(backend, op.stacked_backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias,
                                                               hparam_weight, z_hyper, *extra, mask[:7])
         else:
             scales = split_scales(hparam_weight, n, hparams, hyper_bias)
-            found = getattr(ctx.backend, op.backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias, *scales,
+            found = getattr(backend, op.backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias, *scales,
                                                       z_hyper, *extra, mask)
             grads = grads_or_none(found, mask)[:6] + (_stacked_grad(found[6], found[7], hparam_weight)
                                                       if mask[6] else None,)

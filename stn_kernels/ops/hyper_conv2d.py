@@ -23,7 +23,17 @@ from torch import Tensor
 from .. import reference
 from ..backends import kernels
 from ..reference import dense_format
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, participating, run_op, run_stacked
+from ._support import (
+    backward_backend,
+    double_backward,
+    empty_unless,
+    fake_grads,
+    grads_or_none,
+    keep_backend,
+    participating,
+    run_op,
+    run_stacked,
+)
 
 OP = "hyper_conv2d"
 
@@ -102,14 +112,15 @@ class HyperConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, z_hyper = _kernels(inputs[0]).hyper_conv2d_forward(*inputs)
+        out, z_hyper = keep_backend(ctx, _kernels(inputs[0])).hyper_conv2d_forward(*inputs)
         ctx.conv_args = tuple(inputs[8:])
         ctx.save_for_backward(*inputs[:8], z_hyper)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, lambda *a: _kernels(a[1]).hyper_conv2d_backward(*a))
+        backend = backward_backend(ctx, lambda: _kernels(ctx.saved_tensors[0]))
+        return _grads(ctx, grad_out, backend.hyper_conv2d_backward)
 
 
 def _registered(*args) -> Tensor:
@@ -128,7 +139,7 @@ def apply_hyper_conv2d(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
                   kernel=_kernel_forward, function=HyperConv2dFunction)
 
 
-STACKED = SimpleNamespace(forward="hyper_conv2d_forward", backward="hyper_conv2d_backward",
+STACKED = SimpleNamespace(name="hyper_conv2d", forward="hyper_conv2d_forward", backward="hyper_conv2d_backward",
                           stacked_forward="hyper_conv2d_stacked_forward",
                           stacked_backward="hyper_conv2d_stacked_backward", reference=reference.hyper_conv2d)
 

@@ -32,10 +32,12 @@ from torch import Tensor
 from .. import reference
 from ..backends import kernels
 from ._support import (
+    backward_backend,
     double_backward,
     empty_unless,
     fake_grads,
     grads_or_none,
+    keep_backend,
     participating,
     run_op,
     run_stacked,
@@ -106,13 +108,14 @@ class HyperLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, z_hyper = _kernels(inputs[0]).hyper_linear_forward(*inputs)
+        out, z_hyper = keep_backend(ctx, _kernels(inputs[0])).hyper_linear_forward(*inputs)
         ctx.save_for_backward(*inputs, z_hyper)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, lambda *a: _kernels(a[1]).hyper_linear_backward(*a))
+        backend = backward_backend(ctx, lambda: _kernels(ctx.saved_tensors[0]))
+        return _grads(ctx, grad_out, backend.hyper_linear_backward)
 
 
 def _registered(*args) -> Tensor:
@@ -130,7 +133,7 @@ def apply_hyper_linear(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
                   function=HyperLinearFunction)
 
 
-STACKED = SimpleNamespace(forward="hyper_linear_forward", backward="hyper_linear_backward",
+STACKED = SimpleNamespace(name="hyper_linear", forward="hyper_linear_forward", backward="hyper_linear_backward",
                           stacked_forward="hyper_linear_stacked_forward",
                           stacked_backward="hyper_linear_stacked_backward", reference=reference.hyper_linear)
 
