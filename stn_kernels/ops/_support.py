@@ -63,7 +63,8 @@ def keep_backend(ctx, backend):
 def eager() -> bool:
     """Neither torch.compile tracing nor a torch.func transform / forward-mode AD: the eager Functions and the
     kernels may be called directly (what :func:`run_op` checks first, for callers that branch themselves)."""
-    return not torch.compiler.is_compiling() and not composite_needed()
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch.autograd.forward_ad._current_level >= 0)  # composite_needed(), inlined: called per call
 
 
 def participating(mask: Sequence[bool], hparams_given: bool, bias_given: bool, hyper_bias_given: bool) -> list:
