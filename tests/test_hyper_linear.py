@@ -487,11 +487,12 @@ def test_backward_op_matches_naive_grads():
 def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
     """Under no_grad (and with nothing requiring grad) the layers call the kernels directly, with the same
     result; a call autograd records goes through the autograd.Function (for the modules with a stacked
-    hparam_weight, the one that splits it inside: StackedScalesFunction). HyperEmbedding on the reference
-    backend runs plain torch ops (no Function at all), so it is checked on the Triton backend."""
+    hparam_weight, the one that splits it inside: StackedScalesFunction). HyperEmbedding and HyperConv2d on
+    the reference backend run plain torch ops (no Function at all), so they are checked on the Triton
+    backend."""
     from stn_kernels.ops import _support, hyper_embedding
 
-    if layer == "embedding":
+    if layer in ("embedding", "conv2d"):
         pytest.importorskip("triton")
         if not torch.cuda.is_available():
             monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -524,10 +525,14 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
 def test_module_resolves_its_backend_once_per_call(monkeypatch, layer):
     """A module's forward and backward resolve the backend once; a backward under another use_backend
-    resolves it anew (and raises where that backend cannot run), as the ops' own backward does."""
+    resolves it anew (and raises where that backend cannot run), as the ops' own backward does. (The second
+    part on the Triton backend: on the reference one HyperConv2d's backward is torch's, with no backend.)"""
     from stn_kernels.backends import registry
 
+    pytest.importorskip("triton")
     monkeypatch.delenv("STN_KERNELS_BACKEND", raising=False)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     module, x = {
         "linear": (stn_kernels.HyperLinear(7, 5, 3), torch.randn(4, 7)),
@@ -538,6 +543,7 @@ def test_module_resolves_its_backend_once_per_call(monkeypatch, layer):
     monkeypatch.setattr(registry, "resolve_backend", lambda *a: calls.append(a[0]) or resolve(*a))
     module(x, torch.randn(4, 3, requires_grad=True)).sum().backward()
     assert calls == [f"hyper_{layer}"]
-    out = module(x, torch.randn(4, 3, requires_grad=True))
+    with stn_kernels.use_backend("triton"):
+        out = module(x, torch.randn(4, 3, requires_grad=True))
     with stn_kernels.use_backend("cuda"), pytest.raises(stn_kernels.BackendUnavailableError, match="'cuda'"):
         out.sum().backward()

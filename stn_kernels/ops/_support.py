@@ -135,12 +135,15 @@ class StackedScalesFunction(torch.autograd.Function):
 
 def run_stacked(op, backend, x: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
                 bias: Optional[Tensor], hyper_bias: Optional[Tensor], hparam_weight: Tensor, *extra) -> Tensor:
-    """The op's output for a module's fast path (eager only, see :func:`eager`): through
-    :class:`StackedScalesFunction` when autograd records the call, else the backend's forward directly.
-    (Letting torch differentiate the reference's plain ops instead was measured too: no faster for the conv,
-    slower for the linear layer, whose written-out backward makes fewer ops than autograd's.)"""
+    """The op's output for a module's fast path (eager only, see :func:`eager`): the backend's forward directly
+    when autograd does not record the call, or when the backend is ``op.plain_torch`` (the reference: plain
+    torch ops, which torch's autograd differentiates, double backward included), else through
+    :class:`StackedScalesFunction`. Measured in one process at the tiny shapes of ``--host-overhead``: for
+    the conv torch's C++ backward nodes beat the Function's Python backward around the same ops (fwd+bwd
+    1.05 vs 1.12 of published), for the linear layer the written-out backward, with fewer ops than
+    autograd's, wins (0.90 vs 1.04): hyper_conv2d sets ``plain_torch``, hyper_linear does not."""
     args = (x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
-    if records_graph(args):
+    if backend is not op.plain_torch and records_graph(args):
         return StackedScalesFunction.apply(op, backend, *args, *extra)
     return _stacked_forward(op, backend, *args, extra)[0]
 

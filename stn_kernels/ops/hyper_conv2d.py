@@ -141,7 +141,8 @@ def apply_hyper_conv2d(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
 
 STACKED = SimpleNamespace(name="hyper_conv2d", forward="hyper_conv2d_forward", backward="hyper_conv2d_backward",
                           stacked_forward="hyper_conv2d_stacked_forward",
-                          stacked_backward="hyper_conv2d_stacked_backward", reference=reference.hyper_conv2d)
+                          stacked_backward="hyper_conv2d_stacked_backward", reference=reference.hyper_conv2d,
+                          plain_torch=reference)
 
 
 def apply_hyper_conv2d_stacked(backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
