@@ -10,8 +10,11 @@
 #      extension's; not the CPU-side AOT compile), no -x, in TEST_PROCS=5
 #      processes at once (Triton's compiles are what take the time), and beside them
 #      an untimed run of the linear benchmark's Triton cases that fills Triton's
-#      compile cache for phase 4                                         <= TESTS_S (200 s)
-#   4. benchmarks, python -m stn_kernels.bench --gpu --layer NAME, each with its own --time-budget:
+#      compile cache for phase 4                                         <= TESTS_S (180 s)
+#   4. benchmarks: first the host overhead of every layer at a tiny shape (python -m stn_kernels.bench
+#      --host-overhead --gpu --quick: ours on Triton vs published vs the plain torch layer, per call,
+#      the device synchronised around each loop of calls only)                    <= HOST_S (40 s)
+#      then python -m stn_kernels.bench --gpu --layer NAME, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
 #          at the STN and large shapes, bfloat16 first                       ~55 % of what is left
@@ -20,14 +23,15 @@
 #      torch.compile(mode="max-autotune") is slow to compile (~30-90 s per graph): each run's
 #      --compile-budget stops adding it once its share is spent.
 #   5. the tables (results/*.md), printed last.
-# Files written to RESULTS=${OUT:-benchmarks/results/run-<date>} (at most 8): log.txt,
-# linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, tests.log.
+# Files written to RESULTS=${OUT:-benchmarks/results/run-<date>} (at most 8): log.txt (with the pytest
+# output at its end), linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, host_overhead.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 PY=${PYTHON:-python3}  # the interpreter that has torch (the GPU image: plain python3)
 TOTAL_S=${TOTAL_S:-465}
-TESTS_S=${TESTS_S:-200}
+TESTS_S=${TESTS_S:-180}
+HOST_S=${HOST_S:-40}
 TEST_PROCS=${TEST_PROCS:-5}
 RESULTS=${OUT:-benchmarks/results/run-$(date +%F)}
 mkdir -p "$RESULTS"
@@ -73,7 +77,7 @@ phase "3/5 tests: -m 'gpu or triton', $TEST_PROCS processes"
 PYTEST_OPTS=(-q -m "gpu or triton")
 # pyproject's addopts pass --benchmark-disable, which pytest rejects without pytest-benchmark.
 if ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then PYTEST_OPTS=(-o "addopts=-ra" "${PYTEST_OPTS[@]}"); fi
-T=$(( $(left) - 150 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
+T=$(( $(left) - 150 - HOST_S / 2 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
 # Files dealt by their number of selected tests, most first, each to the least loaded process.
 mapfile -t TEST_GROUPS < <(timeout 60 "$PY" - "$TEST_PROCS" "${PYTEST_OPTS[@]}" <<'PY'
 import collections, subprocess, sys
@@ -119,11 +123,20 @@ done
 kill "$WARM_PID" 2>/dev/null; wait "$WARM_PID" 2>/dev/null
 echo "Triton warm-up for the linear benchmark: $(grep -c '| stn:triton |' "$TMP_LOGS/warm.txt") cases compiled" \
     | tee -a "$LOG"
-for f in "$TMP_LOGS"/*.log; do echo "=== pytest process $(basename "$f" .log)"; cat "$f"; done > "$RESULTS/tests.log"
+# The pytest output goes to the end of log.txt (kept here until then): $OUT brings back 8 files at most.
+TESTS_LOG=$(mktemp)
+for f in "$TMP_LOGS"/*.log; do echo "=== pytest process $(basename "$f" .log)"; cat "$f"; done > "$TESTS_LOG"
 rm -rf "$TMP_LOGS"
 echo "pytest exit $TESTS_RC (largest of the processes'; 124: timed out at $T s)" | tee -a "$LOG"
-grep -E "(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$RESULTS/tests.log" | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -n 30 | tee -a "$LOG"
+grep -E "(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$TESTS_LOG" | tee -a "$LOG"
+grep -E "^(FAILED|ERROR)" "$TESTS_LOG" | head -n 30 | tee -a "$LOG"
+
+phase "4/5 host overhead at tiny shapes (timeout $HOST_S s)"
+HOST_TMP=$(mktemp -d)
+timeout -k 5 "$HOST_S" "$PY" -m stn_kernels.bench --host-overhead --gpu --quick --out "$HOST_TMP" >> "$LOG" 2>&1
+echo "host overhead exit $? (124: timed out)" | tee -a "$LOG"
+[ -s "$HOST_TMP/host_overhead.md" ] && mv "$HOST_TMP/host_overhead.md" "$RESULTS/host_overhead.md"
+rm -rf "$HOST_TMP"
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
 bench() {
@@ -149,8 +162,10 @@ bench embedding 30 --layer embedding --dtypes bfloat16 --modes fwd,fwd+bwd
 bench lstm 95 --layer lstm --dtypes bfloat16 --modes fwd,fwd+bwd --shapes lstm-ptb
 
 phase "5/5 results ($RESULTS: $(ls "$RESULTS" | tr '\n' ' '))"
-for f in linear conv2d embedding lstm; do
+for f in linear conv2d embedding lstm host_overhead; do
     [ -s "$RESULTS/$f.md" ] && { echo; cat "$RESULTS/$f.md"; }
 done
+{ echo; echo "=== pytest output"; cat "$TESTS_LOG"; } >> "$LOG"
+rm -f "$TESTS_LOG"
 # The script's status is the tests' (benchmark failures are in the log and the tables' notes).
 exit "$TESTS_RC"

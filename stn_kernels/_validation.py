@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -64,6 +65,66 @@ def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_h
     check_same_device(data, data_name, hparams=hparams)
 
 
+def param_signature(params: Sequence[Optional[Tensor]]) -> tuple:
+    """What every check of a module's parameters depends on: dtype, device and shape of each (None kept).
+
+    A cache keyed on it goes stale with anything that changes them: reassignment, ``.to()``/``.half()``,
+    ``p.data = ...`` (none of which bumps ``p._version``); in-place updates (optimizer steps) leave it valid."""
+    return tuple(None if p is None else (p.dtype, p.device, p.shape) for p in params)
+
+
+def layer_param_info(weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor], hyper_bias: Optional[Tensor],
+                     hparam_weight: Tensor, weight_dim: int) -> Optional[tuple]:
+    """(dtype, device, λ dtype) when a HyperLinear/HyperConv2d module's parameters pass every check the public
+    function makes of them (floating weights of one dtype and device, ``weight_dim``-D, biases [N], hparam_weight
+    [2N, H] of a λ dtype the input dtype allows), else None: such a module takes the full path every call,
+    which raises the error naming the argument."""
+    dtype, device, n = weight.dtype, weight.device, weight.shape[0]
+    hp_dtype = hparam_weight.dtype
+    ok = (weight.is_floating_point() and weight.dim() == weight_dim and hyper_weight.shape == weight.shape
+          and hparam_weight.dim() == 2 and hparam_weight.shape[0] == 2 * n and hparam_weight.device == device
+          and (hp_dtype == dtype or (dtype in HALF_DTYPES and hp_dtype == torch.float32))
+          and all(t.dtype == dtype and t.device == device for t in (hyper_weight, bias, hyper_bias) if t is not None)
+          and all(t.shape == (n,) for t in (bias, hyper_bias) if t is not None))
+    return (dtype, device, hp_dtype) if ok else None
+
+
+def lstm_param_info(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]]) -> Optional[tuple]:
+    """(dtype, device, λ dtype) when a HyperLSTMCell's i2h [4N, K] and h2h [4N, N] layers (parameters as
+    :func:`layer_param_info` takes them) pass every check of the public functions, with one dtype, device
+    and H, else None."""
+    info = layer_param_info(*i2h, 2)
+    weight, h_weight = i2h[0], h2h[0]
+    ok = (info is not None and layer_param_info(*h2h, 2) == info and h_weight.shape[0] == 4 * h_weight.shape[1]
+          and weight.shape[0] == h_weight.shape[0] and i2h[4].shape[1] == h2h[4].shape[1])
+    return info if ok else None
+
+
+def embedding_param_info(weight: Tensor, hyper_weight: Tensor, hparam_weight: Tensor) -> Optional[tuple]:
+    """(dtype, device, λ dtype) when a HyperEmbedding's tables [num, D] and V [D, H] pass every check the
+    public function makes of them, else None (see :func:`layer_param_info`)."""
+    dtype, device, hp_dtype = weight.dtype, weight.device, hparam_weight.dtype
+    ok = (weight.is_floating_point() and weight.dim() == 2 and hyper_weight.shape == weight.shape
+          and hyper_weight.dtype == dtype and hyper_weight.device == device and hparam_weight.dim() == 2
+          and hparam_weight.shape[0] == weight.shape[1] and hparam_weight.device == device
+          and (hp_dtype == dtype or (dtype in HALF_DTYPES and hp_dtype == torch.float32)))
+    return (dtype, device, hp_dtype) if ok else None
+
+
+def check_groups(groups, out_channels: int) -> None:
+    if not isinstance(groups, int) or groups < 1 or out_channels % groups:
+        raise ValueError(f"groups: expected a positive int dividing out_channels={out_channels}, got {groups!r}")
+
+
+def check_conv_geometry(stride, padding, dilation) -> Tuple[list, list, list]:
+    """stride, padding, dilation (an int or a pair each) as lists of two ints, stride and dilation >= 1."""
+    stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
+    for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if any(not isinstance(v, int) or v < low for v in values):
+            raise ValueError(f"{name}: expected ints >= {low}, got {values}")
+    return stride, padding, dilation
+
+
 def rows_of_hparams(hparams: Optional[Tensor], batch: int, rows_per_example: int) -> Optional[Tensor]:
     """hparams as one row per flattened input row: [H] and [B, H] become [B·rows_per_example, H]."""
     if hparams is None:
@@ -80,6 +141,17 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+# One C call for "is autocast on for any device" (a private torch function; the public per-device check, a
+# fifth of a µs, where it is missing): the fast module paths leave autocast to the full path.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def any_autocast() -> bool:
+    if _any_autocast is not None:
+        return _any_autocast()
+    return autocast_dtype("cpu") is not None or autocast_dtype("cuda") is not None
 
 
 def autocast_operands(device_type: str, tensors: Sequence[Optional[Tensor]],
@@ -156,6 +228,22 @@ def check_lstm_hparams(hparams, batch: int, like: Tensor, like_name: str) -> Opt
     return hparams.expand(batch, hparams.shape[-1]) if hparams.dim() == 1 else hparams
 
 
+# ----------------------------------------------------------------------------- HyperEmbedding
+
+def check_indices(input: Tensor, num_embeddings: int) -> None:
+    """Indices in [0, num_embeddings): a ValueError with the range found on the CPU; on accelerators a device
+    assert (as nn.Embedding's), since reading the range on the host would wait for the device."""
+    if torch.compiler.is_compiling() or not input.numel():
+        return
+    if input.device.type == "cpu":
+        low, high = (int(v) for v in input.aminmax())
+        if low < 0 or high >= num_embeddings:
+            raise ValueError(f"input: expected indices in [0, {num_embeddings - 1}], got values in [{low}, {high}]")
+    else:
+        torch._assert_async(((input >= 0) & (input < num_embeddings)).all(),
+                            f"input: expected indices in [0, {num_embeddings - 1}]")
+
+
 # ----------------------------------------------------------------------------- per-example dropout
 
 _MAX_SEED = 2**63 - 1
@@ -210,11 +298,13 @@ def seed_offset_tensor(seed, offset, device: torch.device, generator: Optional[t
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
                             f"of shape {tuple(seed.shape)}")
-        return torch.cat([seed.reshape(1).to(device),
+        # non_blocking: a host seed is staged at once, and the host does not wait for the device (a
+        # blocking host-to-device copy would).
+        return torch.cat([seed.reshape(1).to(device, non_blocking=True),
                           torch.full((1,), offset, dtype=torch.int64, device=device)])
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed: expected an int in [0, 2**63 - 1], got {seed!r}")
-    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+    return torch.tensor([seed, offset], dtype=torch.int64).to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- data augmentation

@@ -25,16 +25,18 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
 from ._validation import (
     autocast_operands,
+    check_conv_geometry,
     check_dtype,
+    check_groups,
     check_hidden_params,
     check_holes_fit,
     check_hparams,
     check_hyper_params,
     check_images,
+    check_indices,
     check_lstm_hparams,
     check_max_holes,
     check_rates,
@@ -126,15 +128,11 @@ def hyper_conv2d(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
         if b is not None:
             check_tensor(b, name)
             check_shape(b, name, (out_channels,))
-    if not isinstance(groups, int) or groups < 1 or out_channels % groups:
-        raise ValueError(f"groups: expected a positive int dividing out_channels={out_channels}, got {groups!r}")
+    check_groups(groups, out_channels)
     in_channels = weight.shape[1] * groups
     if input.dim() != 4 or input.shape[1] != in_channels:
         raise ValueError(f"input: expected shape [B, {in_channels}, H, W], got {tuple(input.shape)}")
-    stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
-    for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if any(not isinstance(v, int) or v < low for v in values):
-            raise ValueError(f"{name}: expected ints >= {low}, got {values}")
+    stride, padding, dilation = check_conv_geometry(stride, padding, dilation)
     _, _, out_h, out_w = conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"input: spatial size {tuple(input.shape[2:])} is smaller than the dilated kernel "
@@ -178,10 +176,7 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     check_dtype(weight.dtype, "weight", hyper_weight=hyper_weight)
     check_same_device(weight, "weight", input=input, hyper_weight=hyper_weight, weight_scale=weight_scale)
     check_hparams(hparams, weight, "weight", num_hparams, input.shape[0], weight_scale, None)
-    if not torch.compiler.is_compiling() and input.numel():
-        low, high = int(input.min()), int(input.max())
-        if low < 0 or high >= num_embeddings:
-            raise ValueError(f"input: expected indices in [0, {num_embeddings - 1}], got values in [{low}, {high}]")
+    check_indices(input, num_embeddings)
     if hparams is None:
         weight_scale = None
     rows = rows_of_hparams(hparams, input.shape[0], math.prod(input.shape[1:]))

@@ -12,14 +12,27 @@ also accepts the official STN and the Delta-STN parameter names.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+import operator
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from . import functional
-from ._validation import check_shape, check_tensor
+from . import functional, reference, reference_lstm
+from ._validation import (
+    any_autocast,
+    check_conv_geometry,
+    check_groups,
+    check_shape,
+    check_tensor,
+    embedding_param_info,
+    layer_param_info,
+    lstm_param_info,
+    param_signature,
+)
+from .backends import kernels
+from .ops import apply_hyper_conv2d_stacked, apply_hyper_linear_stacked, eager
 
 # Published name -> ours. The official CNN layers also carry ``elem_scalar`` a,
 # which multiplies the elementary path: it is folded into weight and bias.
@@ -51,6 +64,29 @@ def _rename_published(state_dict: dict, prefix: str, names: dict) -> None:
                 state_dict[prefix + name] = state_dict[prefix + name] * scalar
 
 
+# The parameters of a HyperLinear / HyperConv2d (and of an LSTM cell's i2h and h2h), read from
+# ``_parameters`` directly: nn.Module.__getattr__ costs about a µs per name.
+_LAYER_PARAMS = operator.itemgetter("weight", "hyper_weight", "bias", "hyper_bias", "hparam_weight")
+_EMBEDDING_PARAMS = operator.itemgetter("weight", "hyper_weight", "hparam_weight")
+
+
+def _cached(owner: nn.Module, params: tuple, check: Callable[[], object], extra=()):
+    """``check()`` (what the checks of ``params`` and ``extra`` found), recomputed only when the parameters'
+    signature (dtype, device, shape of each) or ``extra`` changes; kept on ``owner``."""
+    key = (param_signature(params), extra)
+    cached = owner.__dict__.get("_param_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, check())
+        owner.__dict__["_param_cache"] = cached
+    return cached[1]
+
+
+def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """hparams None, or [batch, num_hparams] in ``dtype`` on ``device``: what the fast paths accept."""
+    return hparams is None or (isinstance(hparams, Tensor) and hparams.dtype == dtype
+                               and hparams.shape == (batch, num_hparams) and hparams.device == device)
+
+
 class _HyperLayer(nn.Module):
     """Shared parts of the layers with an elementary and a hyper path plus biases."""
 
@@ -78,6 +114,40 @@ class _HyperLayer(nn.Module):
                 if p is not None:
                     p.uniform_(-bound, bound)
             self.hparam_weight.normal_(0.0, 0.01)
+
+    def _fast_call(self, op: str, input, hparams, extra=()) -> Optional[tuple]:
+        """(backend module, parameters, facts) when this call can take the fast path, else None.
+
+        The fast path is for the common call: eager, no autocast, input in the parameters' dtype and on
+        their device, hparams [B, H] in hparam_weight's dtype or None. What the checks of the parameters
+        (and of ``extra``, the conv's geometry) find is cached on their signature (dtype, device, shape),
+        so a right call costs a few attribute reads and comparisons here; every other call, and every
+        wrong one, takes the full path (:mod:`stn_kernels.functional`), which raises the error naming the
+        argument. The backend is resolved once, here, and kept for the backward."""
+        if not eager():  # torch.compile traces the full path (the registered ops), torch.func the composite
+            return None
+        try:
+            params = _LAYER_PARAMS(self._parameters)
+        except KeyError:  # a parameter replaced by something else: the full path sorts it out
+            return None
+
+        def check():
+            info = layer_param_info(*params, 2 if op == "hyper_linear" else 4)
+            facts = None if info is None else self._facts(params[0], extra)
+            return None if facts is None else info + (facts,)
+
+        info = _cached(self, params, check, extra)
+        if info is None or not isinstance(input, Tensor):
+            return None
+        dtype, device, hp_dtype, facts = info
+        if (input.dtype != dtype or input.device != device or any_autocast()
+                or not _fast_hparams_ok(hparams, input.shape[0], params[4].shape[1], hp_dtype, device)):
+            return None
+        return kernels(op, device, input.shape[0], dtype, input.numel() == 0), params, facts
+
+    def _facts(self, weight: Tensor, extra) -> Optional[tuple]:
+        """What the fast path checks each input against (a tuple), or None when ``extra`` is invalid."""
+        return ()
 
     def _scales(self):
         # (V, C) as views of the stacked [2N, H] parameter; one chunk op costs half of two slices.
@@ -107,6 +177,9 @@ class HyperLinear(_HyperLayer):
         self.reset_parameters()
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        fast = self._fast_call("hyper_linear", input, hparams)
+        if fast is not None and input.dim() == 2 and input.shape[1] == fast[1][0].shape[1]:
+            return apply_hyper_linear_stacked(fast[0], input, hparams, *fast[1])
         weight_scale, bias_scale = self._scales()
         return functional.hyper_linear(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
                                        weight_scale, bias_scale)
@@ -136,7 +209,26 @@ class HyperConv2d(_HyperLayer):
                                 bias, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
+    def _facts(self, weight: Tensor, extra) -> Optional[tuple]:
+        """(in_channels, smallest input height and width, stride, padding, dilation as lists), None if invalid."""
+        stride, padding, dilation, groups = extra
+        try:
+            check_groups(groups, weight.shape[0])
+            stride, padding, dilation = check_conv_geometry(stride, padding, dilation)
+        except ValueError:
+            return None
+        min_size = [dilation[i] * (weight.shape[2 + i] - 1) + 1 - 2 * padding[i] for i in (0, 1)]
+        return weight.shape[1] * groups, min_size[0], min_size[1], stride, padding, dilation
+
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        fast = self._fast_call("hyper_conv2d", input, hparams, geometry)
+        if fast is not None:
+            in_channels, min_h, min_w, stride, padding, dilation = fast[2]
+            shape = input.shape
+            if len(shape) == 4 and shape[1] == in_channels and shape[2] >= min_h and shape[3] >= min_w:
+                return apply_hyper_conv2d_stacked(fast[0], input, hparams, *fast[1], stride, padding, dilation,
+                                                  self.groups)
         weight_scale, bias_scale = self._scales()
         return functional.hyper_conv2d(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
                                        weight_scale, bias_scale, self.stride, self.padding, self.dilation,
@@ -182,9 +274,38 @@ class HyperEmbedding(nn.Module):
             self.hyper_weight.normal_()
             self.hparam_weight.normal_(0.0, 0.01)
 
+    def _fast(self, input, hparams, batch_dim: int) -> Optional[Tensor]:
+        """The output on the fast path, or None for the full path (as :meth:`_HyperLayer._fast_call`): on the
+        reference backend the module runs :func:`stn_kernels.reference.hyper_embedding_by_example`, plain torch
+        ops that torch differentiates (λ·Vᵀ once per example, no reshapes of the input or λ)."""
+        if not eager():
+            return None
+        try:
+            params = _EMBEDDING_PARAMS(self._parameters)
+        except KeyError:
+            return None
+        info = _cached(self, params, lambda: embedding_param_info(*params))
+        if info is None or not isinstance(input, Tensor):
+            return None
+        dtype, device, hp_dtype = info
+        if (input.dtype not in (torch.int64, torch.int32) or input.device != device or input.dim() <= batch_dim
+                or not _fast_hparams_ok(hparams, input.shape[batch_dim], params[2].shape[1], hp_dtype, device)):
+            return None
+        if kernels("hyper_embedding", device, params[0].shape[0], dtype, params[0].numel() == 0) is not reference:
+            return None
+        try:
+            # The index range is checked by F.embedding itself: an IndexError on the CPU (the full path then
+            # raises the ValueError with the range found), a device assert on CUDA (as nn.Embedding's).
+            return reference.hyper_embedding_by_example(input, hparams, *params, batch_dim)
+        except IndexError:
+            return None
+
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None, batch_dim: int = 0) -> Tensor:
         if batch_dim not in (0, 1):
             raise ValueError(f"batch_dim: expected 0 or 1, got {batch_dim!r}")
+        out = self._fast(input, hparams, batch_dim)
+        if out is not None:
+            return out
         if batch_dim == 1:
             if input.dim() < 2:
                 raise ValueError(f"input: expected shape [T, B, ...] with batch_dim=1, got {tuple(input.shape)}")
@@ -273,8 +394,60 @@ class HyperLSTMCell(nn.Module):
                self.h2h.hparam_weight[n:])
         return i2h, h2h
 
+    def _fast(self, input, hidden, hparams, dropconnect):
+        """``(output, (h_T, c_T))`` on the fast path, or None for the full path (as
+        :meth:`_HyperLayer._fast_call`) for one step (T = 1: the cell called per step, where the host's work
+        per call is the cost): eager, no autocast, no DropConnect mask this call, both ops on the reference
+        backend, hidden None or two tensors [B, N] or [1, B, N]. It runs
+        :func:`stn_kernels.reference_lstm.hyper_lstm_cell_step`, plain torch ops that torch differentiates,
+        without the two ops' boundaries, validation and reshapes. Over longer sequences the recurrence op
+        (one GEMM for the weight gradients of all steps) is worth its overhead."""
+        if not eager() or dropconnect is not None or (self.training and (
+                self.dropconnect or getattr(self.i2h, "weight_mask", None) is not None
+                or getattr(self.h2h, "weight_mask", None) is not None)):
+            return None
+        try:
+            i2h, h2h = _LAYER_PARAMS(self.i2h._parameters), _LAYER_PARAMS(self.h2h._parameters)
+        except (AttributeError, KeyError):
+            return None
+        info = _cached(self, i2h + h2h, lambda: lstm_param_info(i2h, h2h))
+        if info is None or not isinstance(input, Tensor):
+            return None
+        dtype, device, hp_dtype = info
+        shape = input.shape
+        if (len(shape) != 3 or shape[2] != i2h[0].shape[1] or shape[self.batch_first] != 1  # one step
+                or input.dtype != dtype or input.device != device or any_autocast()):
+            return None
+        batch, n = shape[1 - self.batch_first], h2h[0].shape[1]
+        if not _fast_hparams_ok(hparams, batch, i2h[4].shape[1], hp_dtype, device):
+            return None
+        if hidden is None:
+            h0 = c0 = input.new_zeros(batch, n)
+            keep_dim = True
+        else:
+            if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
+                return None
+            h0, c0 = hidden
+            if not (isinstance(h0, Tensor) and isinstance(c0, Tensor) and h0.shape == c0.shape
+                    and h0.shape in ((batch, n), (1, batch, n)) and h0.dtype == dtype and c0.dtype == dtype
+                    and h0.device == device and c0.device == device):
+                return None
+            keep_dim = h0.dim() == 3
+            if keep_dim:
+                h0, c0 = h0[0], c0[0]
+        if (kernels("hyper_linear", device, batch, dtype, input.numel() == 0) is not reference
+                or kernels("hyper_lstm_recurrence", device, empty=not batch) is not reference_lstm):
+            return None
+        h, c = reference_lstm.hyper_lstm_cell_step(input[:, 0] if self.batch_first else input[0], h0, c0, hparams,
+                                                   i2h, h2h)
+        out = h.unsqueeze(1 if self.batch_first else 0)
+        return out, ((h.unsqueeze(0), c.unsqueeze(0)) if keep_dim else (h, c))
+
     def forward(self, input: Tensor, hidden: Optional[Tuple[Tensor, Tensor]] = None,
                 hparams: Optional[Tensor] = None, dropconnect: Optional[Union[float, Tensor]] = None):
+        fast = self._fast(input, hidden, hparams, dropconnect)
+        if fast is not None:
+            return fast
         keep_dim = True
         hx = None
         if hidden is not None:

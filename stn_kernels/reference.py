@@ -24,10 +24,28 @@ Tensor = torch.Tensor
 
 
 def hparam_scales(hparams: Tensor, weight_scale: Tensor, bias_scale: Optional[Tensor], dtype: torch.dtype):
-    """s = λ·Vᵀ and t = λ·Cᵀ (t is None without a bias scale), cast to ``dtype``."""
-    s = (hparams @ weight_scale.t()).to(dtype)
-    t = None if bias_scale is None else (hparams @ bias_scale.t()).to(dtype)
+    """s = λ·Vᵀ and t = λ·Cᵀ (t is None without a bias scale), cast to ``dtype``.
+
+    F.linear needs no transposed view and the cast is skipped when a no-op: each is a µs of host time
+    per call, which is what a layer costs at small shapes."""
+    s = F.linear(hparams, weight_scale)
+    t = None if bias_scale is None else F.linear(hparams, bias_scale)
+    if s.dtype != dtype:
+        s = s.to(dtype)
+        t = None if t is None else t.to(dtype)
     return s, t
+
+
+def add_product(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """a + b ⊙ c for the composites torch differentiates: one addcmul under no_grad, else a product and a sum
+    (addcmul's backward forms two products more than theirs)."""
+    return a + b * c if torch.is_grad_enabled() else torch.addcmul(a, b, c)
+
+
+def stacked_scales(hparams: Tensor, hparam_weight: Tensor, n: int, dtype: torch.dtype):
+    """(s, t) from the modules' stacked hparam_weight [V; C] [2N, H]: one GEMM and one split."""
+    st = F.linear(hparams, hparam_weight)
+    return (st if st.dtype == dtype else st.to(dtype)).split(n, 1)
 
 
 def hyper_linear_forward(
@@ -46,14 +64,24 @@ def hyper_linear_forward(
     an empty tensor when hparams is None). Two GEMMs, no weight packing: on the
     CPU this is what the benchmark in ``stn_kernels.bench`` found fastest.
     """
+    scales = None if hparams is None else hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
+    return _linear_forward(x, weight, hyper_weight, bias, hyper_bias, scales)
+
+
+def hyper_linear_stacked_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight):
+    """:func:`hyper_linear_forward` with V and C stacked as the modules' hparam_weight [2N, H]."""
+    scales = None if hparams is None else stacked_scales(hparams, hparam_weight, weight.shape[0], x.dtype)
+    return _linear_forward(x, weight, hyper_weight, bias, hyper_bias, scales)
+
+
+def _linear_forward(x, weight, hyper_weight, bias, hyper_bias, scales):
     out = F.linear(x, weight, bias)
-    if hparams is None:
+    if scales is None:
         return out, x.new_empty(0)
     z_hyper = F.linear(x, hyper_weight)
-    s, t = hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
-    out.addcmul_(s, z_hyper)
+    out.addcmul_(scales[0], z_hyper)
     if hyper_bias is not None:
-        out.addcmul_(t, hyper_bias)
+        out.addcmul_(scales[1], hyper_bias)
     return out, z_hyper
 
 
@@ -88,19 +116,56 @@ def hyper_linear_backward(
         dλ = (g ⊙ z_hyper)·V + (g ⊙ b_hyper)·C
         dV = (g ⊙ z_hyper)ᵀ·λ  dC = (g ⊙ b_hyper)ᵀ·λ
     """
+    return _separate_scales_backward(_linear_backward, grad_out, hparams, weight_scale, bias_scale, output_mask,
+                                     x, weight, hyper_weight, hyper_bias, z_hyper)
+
+
+def hyper_linear_stacked_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, hparam_weight, z_hyper,
+                                  output_mask):
+    """Gradients of :func:`hyper_linear_stacked_forward` for (x, hparams, weight, hyper_weight, bias,
+    hyper_bias, hparam_weight), None where not needed: d[V; C] and dλ are one GEMM each,
+    dλ = [g ⊙ z_hyper, g ⊙ b_hyper]·[V; C] and d[V; C] = [g ⊙ z_hyper, g ⊙ b_hyper]ᵀ·λ."""
+    return _stacked_scales_backward(_linear_backward, grad_out, hparams, hparam_weight, output_mask, x, weight,
+                                    hyper_weight, hyper_bias, z_hyper)
+
+
+def _separate_scales_backward(core, g, hparams, weight_scale, bias_scale, output_mask, *args):
+    """A backward on V and C: their scales, ``core`` (:func:`_linear_backward`, :func:`_conv2d_backward`) for
+    the rest, then dλ, dV, dC from its ds and dt. 8 gradients."""
     need = list(output_mask)
-    g = grad_out
-    grads: list = [None] * 8
-    if hparams is None:
+    scales = None if hparams is None else hparam_scales(hparams, weight_scale, bias_scale, g.dtype)
+    grads, ds, dt = core(g, scales, need[:6] + [need[1] or need[6] or (bias_scale is not None and need[7])],
+                         hparams, *args)
+    grads += [None, None]
+    if ds is not None:
+        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6],
+                                                     need[7])
+    return grads
+
+
+def _stacked_scales_backward(core, g, hparams, hparam_weight, output_mask, *args):
+    """A backward on the stacked [V; C]: as :func:`_separate_scales_backward`, 7 gradients."""
+    need = list(output_mask)
+    n = hparam_weight.shape[0] // 2
+    scales = None if hparams is None else stacked_scales(hparams, hparam_weight, n, g.dtype)
+    grads, ds, dt = core(g, scales, need[:6] + [need[1] or need[6]], hparams, *args)
+    grads[1], d_hparam_weight = _stacked_hparam_grads(ds, dt, hparams, hparam_weight, need[1], need[6])
+    return grads + [d_hparam_weight]
+
+
+def _linear_backward(g, scales, need, hparams, x, weight, hyper_weight, hyper_bias, z_hyper):
+    """(grads of x, λ (None: left to the caller), W, W_h, b, b_h; ds = g ⊙ z_hyper and dt = g ⊙ b_hyper in λ's
+    dtype when need[6] (the λ side) asks for them, else None)."""
+    grads: list = [None] * 6
+    if scales is None:
         if need[0]:
             grads[0] = g @ weight
         if need[2]:
             grads[2] = g.t() @ x
         if need[4]:
             grads[4] = g.sum(0)
-        return grads
-
-    s, t = hparam_scales(hparams, weight_scale, bias_scale, g.dtype)
+        return grads, None, None
+    s, t = scales
     g_s = g * s
     if need[0]:
         grads[0] = (g @ weight).addmm_(g_s, hyper_weight)
@@ -112,15 +177,15 @@ def hyper_linear_backward(
         grads[4] = g.sum(0)
     if hyper_bias is not None and need[5]:
         grads[5] = (g * t).sum(0)
-    if need[1] or need[6] or (bias_scale is not None and need[7]):
-        if z_hyper is None:
-            z_hyper = F.linear(x, hyper_weight)
-        # The λ-side products run in the dtype of λ and V (float32 for half inputs).
-        ds = (g * z_hyper).to(hparams.dtype)
-        dt = None if hyper_bias is None else (g * hyper_bias).to(hparams.dtype)
-        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6],
-                                                     need[7])
-    return grads
+    if not need[6]:
+        return grads, None, None
+    if z_hyper is None:
+        z_hyper = F.linear(x, hyper_weight)
+    # The λ-side products run in the dtype of λ and V (float32 for half inputs).
+    ds, dt = g * z_hyper, None if hyper_bias is None else g * hyper_bias
+    if ds.dtype != hparams.dtype:
+        ds, dt = ds.to(hparams.dtype), None if dt is None else dt.to(hparams.dtype)
+    return grads, ds, dt
 
 
 def hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
@@ -130,16 +195,29 @@ def hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, wei
     x [B, C_in, H, W]; hparams [B, H_p] or None; s = λ·Vᵀ and t = λ·Cᵀ are [B, C_out].
     Returns ``(out, z_hyper)`` with z_hyper = conv(x, W_hyper) (empty when hparams is None).
     """
+    scales = None if hparams is None else hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
+    return _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups)
+
+
+def hyper_conv2d_stacked_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
+                                 padding, dilation, groups):
+    """:func:`hyper_conv2d_forward` with V and C stacked as the modules' hparam_weight [2C_out, H]."""
+    scales = None if hparams is None else stacked_scales(hparams, hparam_weight, weight.shape[0], x.dtype)
+    return _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups)
+
+
+def _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups):
     # Outputs in the input's layout (channels_last in, channels_last out), whatever conv chose.
     layout = dense_format(x)
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(memory_format=layout)
-    if hparams is None:
+    if scales is None:
         return out, x.new_empty(0)
+    s, t = scales
     z_hyper = F.conv2d(x, hyper_weight, None, stride, padding, dilation, groups).contiguous(memory_format=layout)
-    s, t = hparam_scales(hparams, weight_scale, bias_scale, x.dtype)
-    out.addcmul_(s[:, :, None, None], z_hyper)
+    batch, channels = s.shape
+    out.addcmul_(s.view(batch, channels, 1, 1), z_hyper)
     if hyper_bias is not None:
-        out.add_((t * hyper_bias)[:, :, None, None])
+        out.add_((t * hyper_bias).view(batch, channels, 1, 1))
     return out, z_hyper
 
 
@@ -164,9 +242,21 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
     The two weight paths go through ``aten.convolution_backward`` (grad g for W_elem,
     g ⊙ s for W_hyper); the per-channel λ terms reduce g over the spatial dims first.
     """
-    need = list(output_mask)
-    g = grad_out
-    grads: list = [None] * 8
+    return _separate_scales_backward(_conv2d_backward, grad_out, hparams, weight_scale, bias_scale, output_mask,
+                                     x, weight, hyper_weight, hyper_bias, z_hyper, stride, padding, dilation, groups)
+
+
+def hyper_conv2d_stacked_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, hparam_weight, z_hyper,
+                                  stride, padding, dilation, groups, output_mask):
+    """Gradients of :func:`hyper_conv2d_stacked_forward` (7 entries, as :func:`hyper_linear_stacked_backward`)."""
+    return _stacked_scales_backward(_conv2d_backward, grad_out, hparams, hparam_weight, output_mask, x, weight,
+                                    hyper_weight, hyper_bias, z_hyper, stride, padding, dilation, groups)
+
+
+def _conv2d_backward(g, scales, need, hparams, x, weight, hyper_weight, hyper_bias, z_hyper, stride, padding,
+                     dilation, groups):
+    """As :func:`_linear_backward`, for the conv (ds and dt reduced over the spatial dims)."""
+    grads: list = [None] * 6
 
     def conv_backward(grad, w, with_bias):
         return torch.ops.aten.convolution_backward(
@@ -175,23 +265,34 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
 
     dx, grads[2], grads[4] = conv_backward(g, weight, need[4])
     grads[2] = None if grads[2] is None else grads[2].contiguous(memory_format=dense_format(weight))
-    if hparams is None:
+    if scales is None:
         grads[0] = None if dx is None else dx.contiguous(memory_format=dense_format(x))
-        return grads
-    s, t = hparam_scales(hparams, weight_scale, bias_scale, g.dtype)
-    dx_hyper, grads[3], _ = conv_backward(g * s[:, :, None, None], hyper_weight, False)
+        return grads, None, None
+    s, t = scales
+    batch, channels = s.shape
+    dx_hyper, grads[3], _ = conv_backward(g * s.view(batch, channels, 1, 1), hyper_weight, False)
     grads[3] = None if grads[3] is None else grads[3].contiguous(memory_format=dense_format(hyper_weight))
     if need[0]:
         grads[0] = (dx + dx_hyper).contiguous(memory_format=dense_format(x))
     g_sum = g.sum((2, 3))
     if hyper_bias is not None and need[5]:
         grads[5] = (g_sum * t).sum(0)
-    if need[1] or need[6] or (bias_scale is not None and need[7]):
-        ds = (g * z_hyper).sum((2, 3)).to(hparams.dtype)
-        dt = None if hyper_bias is None else (g_sum * hyper_bias).to(hparams.dtype)
-        grads[1], grads[6], grads[7] = _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need[1], need[6],
-                                                     need[7])
-    return grads
+    if not need[6]:
+        return grads, None, None
+    ds, dt = (g * z_hyper).sum((2, 3)), None if hyper_bias is None else g_sum * hyper_bias
+    if ds.dtype != hparams.dtype:
+        ds, dt = ds.to(hparams.dtype), None if dt is None else dt.to(hparams.dtype)
+    return grads, ds, dt
+
+
+def _stacked_hparam_grads(ds, dt, hparams, hparam_weight, need_hparams, need_hparam_weight):
+    """(dλ, d[V; C]) from ds = dL/ds and dt = dL/dt (None: no hyper bias, C takes no part and its rows of the
+    gradient are zeros): one GEMM each, dλ = [ds, dt]·[V; C] and d[V; C] = [ds, dt]ᵀ·λ."""
+    if ds is None:
+        return None, None
+    d_scales = torch.cat([ds, torch.zeros_like(ds) if dt is None else dt], 1)
+    return (d_scales @ hparam_weight if need_hparams else None,
+            d_scales.t() @ hparams if need_hparam_weight else None)
 
 
 def _hparam_grads(ds, dt, hparams, weight_scale, bias_scale, need_hparams, need_weight_scale, need_bias_scale):
@@ -218,6 +319,22 @@ def hyper_embedding_forward(indices, hparams, weight, hyper_weight, weight_scale
 
 
 hyper_embedding = hyper_embedding_forward
+
+
+def hyper_embedding_by_example(indices, hparams, weight, hyper_weight, weight_scale, batch_dim: int = 0):
+    """The embedding for indices of any shape with λ [B, H] per example along ``batch_dim`` (0 or 1): s = λ·Vᵀ
+    is formed once per example and broadcast, where the op takes one λ row per index. Plain torch ops,
+    differentiable by torch: the modules' path on the reference backend (4 ops, no reshapes)."""
+    out = F.embedding(indices, weight)
+    if hparams is None:
+        return out
+    s = F.linear(hparams, weight_scale)
+    if s.dtype != out.dtype:
+        s = s.to(out.dtype)
+    trailing = indices.dim() - 1 - batch_dim  # index dims after the batch dim, which s broadcasts over
+    if trailing:
+        s = s.view(s.shape[0], *([1] * trailing), s.shape[1])
+    return add_product(out, s, F.embedding(indices, hyper_weight))
 
 
 def hyper_embedding_backward(grad_out, indices, hparams, weight, hyper_weight, weight_scale, output_mask=(True,) * 5):

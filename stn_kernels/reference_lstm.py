@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -46,15 +47,15 @@ Tensor = torch.Tensor
 GATES = ("forget", "input", "output", "cell")  # blocks of the 4N pre-activations, in order
 
 
-def lstm_pointwise(pre: Tensor, c_prev: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(h, c, activations) from the pre-activations [B, 4N] in the published gate order."""
+def lstm_pointwise(pre: Tensor, c_prev: Tensor, activations: bool = True) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(h, c, activations or None) from the pre-activations [B, 4N] in the published gate order."""
     n = c_prev.shape[-1]
     sig = torch.sigmoid(pre[..., :3 * n])
     g = torch.tanh(pre[..., 3 * n:])
     f, i, o = sig[..., :n], sig[..., n:2 * n], sig[..., 2 * n:]
-    c = f * c_prev + i * g
+    c = torch.addcmul(f * c_prev, i, g)
     h = o * torch.tanh(c)
-    return h, c, torch.cat([sig, g], -1)
+    return h, c, (torch.cat([sig, g], -1) if activations else None)
 
 
 def hyper_lstm_recurrence(x_proj: Tensor, h0: Tensor, c0: Tensor, hparams: Optional[Tensor], weight: Tensor,
@@ -68,10 +69,39 @@ def hyper_lstm_recurrence(x_proj: Tensor, h0: Tensor, c0: Tensor, hparams: Optio
     for t in range(T):
         pre = x_proj[t] + reference.hyper_linear(h, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
                                                  bias_scale)
-        h, c, _ = lstm_pointwise(pre, c)
+        h, c, _ = lstm_pointwise(pre, c, activations=False)
         outs.append(h)
     out = torch.stack(outs) if outs else x_proj.new_empty(0, B, h0.shape[-1])
     return out, c
+
+
+def hyper_lstm_cell_step(x: Tensor, h: Tensor, c: Tensor, hparams: Optional[Tensor], i2h: Sequence,
+                         h2h: Sequence) -> Tuple[Tensor, Tensor]:
+    """One HyperLSTM step in plain torch ops that torch differentiates: ``(h, c)``, each [B, N].
+
+    x [B, K], h and c [B, N], hparams [B, H] or None; i2h and h2h are (weight, hyper_weight, bias,
+    hyper_bias, hparam_weight) with the modules' stacked hparam_weight [V; C]. The cell modules' path on
+    the reference backend for a single step, where the number of ops (and of autograd nodes: ``split``
+    is one node where slices are one each) is the cost: λ·[V; C]ᵀ is one GEMM per layer."""
+    weight, hyper_weight, bias, hyper_bias, hparam_weight = i2h
+    h_weight, h_hyper_weight, h_bias, h_hyper_bias, h_hparam_weight = h2h
+    pre = F.linear(x, weight, bias)
+    h_pre = F.linear(h, h_weight, h_bias)
+    if hparams is not None:
+        G = weight.shape[0]
+        s, t = F.linear(hparams, hparam_weight).split(G, 1)
+        pre = reference.add_product(pre, s, F.linear(x, hyper_weight))
+        if hyper_bias is not None:
+            pre = reference.add_product(pre, t, hyper_bias)
+        s, t = F.linear(hparams, h_hparam_weight).split(G, 1)
+        h_pre = reference.add_product(h_pre, s, F.linear(h, h_hyper_weight))
+        if h_hyper_bias is not None:
+            h_pre = reference.add_product(h_pre, t, h_hyper_bias)
+    n = c.shape[-1]
+    sig, g = (pre + h_pre).split([3 * n, n], 1)
+    f, i, o = torch.sigmoid(sig).split(n, 1)
+    c = reference.add_product(f * c, i, torch.tanh(g))
+    return o * torch.tanh(c), c
 
 
 def sequence_terms(hparams, bias, hyper_bias, weight_scale, bias_scale, dtype):

@@ -196,7 +196,7 @@ def test_bench_package_has_no_import_cycle_and_a_layer_free_harness():
     for name, tree in sources.items():
         graph[name], outside[name] = _imports(tree, sources)
     layers = {"linear", "conv2d", "embedding", "lstm"}
-    whole_step_modes = {"stn_step", "augment"}   # modes with their own table (a whole step, augmentation)
+    whole_step_modes = {"stn_step", "augment", "host_overhead"}   # modes with their own table
     assert layers | whole_step_modes | {"harness", "report", "cli", "__init__", "__main__"} == set(sources)
     for base in ("harness", "report"):
         assert not graph[base] & (layers | whole_step_modes | {"cli"}), (base, graph[base])
@@ -315,3 +315,28 @@ def test_augment_layer_writes_its_table(tmp_path, capsys):
         assert float(row.split("|")[3].replace(",", "")) > 0, row
     with pytest.raises(SystemExit, match="unknown provider nope"):
         main(["--layer", "augment", "--providers", "nope"])
+
+
+def test_host_overhead_mode_writes_its_table(tmp_path, capsys):
+    """--host-overhead --quick: one row per (layer, mode) with the three providers' times, the ratio and the
+    target marked; the same rows in host_overhead.csv. (No timing is asserted: a smoke test.)"""
+    from stn_kernels.bench import host_overhead
+
+    main(["--host-overhead", "--quick", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    md = (tmp_path / "host_overhead.md").read_text()
+    assert md == printed and md.startswith("# stn_kernels host overhead")
+    assert "| layer | shape | mode | ours µs | published µs | torch µs | ours / published | target | |" in md
+    assert "torch threads 1," in md and "1 thread(s)" in md  # the mode's default
+    rows = _rows(tmp_path / "host_overhead.csv")
+    layers = ("HyperLinear", "HyperConv2d", "HyperEmbedding", "HyperLSTM step")
+    assert [(r["layer"], r["mode"]) for r in rows] == [(layer, m) for layer in layers for m in host_overhead.MODES]
+    for r in rows:
+        for column in ("ours_us", "published_us", "torch_us"):
+            assert math.isfinite(float(r[column])) and float(r[column]) > 0, r
+        assert math.isfinite(float(r["ratio"])) and float(r["ratio"]) > 0, r  # the median of per-round ratios
+        assert float(r["target"]) == (0.8 if r["layer"] == "HyperLinear" else 1.0)
+        assert r["met"] == str(float(r["ratio"]) <= float(r["target"]))
+        line = next(line for line in md.splitlines() if line.startswith(f"| {r['layer']} |") and
+                    f"| {r['mode']} |" in line)
+        assert line.endswith("| met |") or line.endswith("| not met |"), line

@@ -486,8 +486,17 @@ def test_backward_op_matches_naive_grads():
 @pytest.mark.parametrize("layer", ["linear", "conv2d", "embedding"])
 def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
     """Under no_grad (and with nothing requiring grad) the layers call the kernels directly, with the same
-    result; a call autograd records goes through the autograd.Function."""
-    from stn_kernels.ops import hyper_conv2d, hyper_embedding, hyper_linear
+    result; a call autograd records goes through the autograd.Function (for the modules with a stacked
+    hparam_weight, the one that splits it inside: StackedScalesFunction). HyperEmbedding and HyperConv2d on
+    the reference backend run plain torch ops (no Function at all), so they are checked on the Triton
+    backend."""
+    from stn_kernels.ops import _support, hyper_embedding
+
+    if layer in ("embedding", "conv2d"):
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("STN_KERNELS_BACKEND", "triton")
 
     torch.manual_seed(0)
     module, x = {
@@ -495,7 +504,7 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
         "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, 3, padding=1), torch.randn(4, 2, 5, 5)),
         "embedding": (stn_kernels.HyperEmbedding(11, 5, 3), torch.randint(0, 11, (4, 2))),
     }[layer]
-    fn = {"linear": hyper_linear.HyperLinearFunction, "conv2d": hyper_conv2d.HyperConv2dFunction,
+    fn = {"linear": _support.StackedScalesFunction, "conv2d": _support.StackedScalesFunction,
           "embedding": hyper_embedding.HyperEmbeddingFunction}[layer]
     calls = []
     apply = fn.apply
@@ -511,3 +520,30 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
     assert not calls and not direct.requires_grad and not frozen.requires_grad
     torch.testing.assert_close(direct, recorded.detach(), rtol=0, atol=0)
     torch.testing.assert_close(frozen, recorded.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_module_resolves_its_backend_once_per_call(monkeypatch, layer):
+    """A module's forward and backward resolve the backend once; a backward under another use_backend
+    resolves it anew (and raises where that backend cannot run), as the ops' own backward does. (The second
+    part on the Triton backend: on the reference one HyperConv2d's backward is torch's, with no backend.)"""
+    from stn_kernels.backends import registry
+
+    pytest.importorskip("triton")
+    monkeypatch.delenv("STN_KERNELS_BACKEND", raising=False)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    module, x = {
+        "linear": (stn_kernels.HyperLinear(7, 5, 3), torch.randn(4, 7)),
+        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, 3, padding=1), torch.randn(4, 2, 5, 5)),
+    }[layer]
+    calls = []
+    resolve = registry.resolve_backend
+    monkeypatch.setattr(registry, "resolve_backend", lambda *a: calls.append(a[0]) or resolve(*a))
+    module(x, torch.randn(4, 3, requires_grad=True)).sum().backward()
+    assert calls == [f"hyper_{layer}"]
+    with stn_kernels.use_backend("triton"):
+        out = module(x, torch.randn(4, 3, requires_grad=True))
+    with stn_kernels.use_backend("cuda"), pytest.raises(stn_kernels.BackendUnavailableError, match="'cuda'"):
+        out.sum().backward()

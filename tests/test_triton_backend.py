@@ -99,8 +99,10 @@ def test_auto_uses_reference_on_cpu_even_when_interpreting(monkeypatch):
     import stn_kernels.reference as reference
 
     calls = []
-    original = reference.hyper_linear_forward
-    monkeypatch.setattr(reference, "hyper_linear_forward", lambda *a: calls.append(1) or original(*a))
+    # The module path runs the stacked-[V; C] form of the reference forward, the functional path the other.
+    for name in ("hyper_linear_forward", "hyper_linear_stacked_forward"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _f=original: calls.append(1) or _f(*a))
     layer = _layer(torch.float32)
     layer(torch.randn(2, 37), torch.randn(2, 7))
     assert calls, "auto on CPU must run the reference path"

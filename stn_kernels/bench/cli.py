@@ -6,7 +6,8 @@ augmentation, its own table, :mod:`stn_kernels.bench.augment`): ``--layer linear
 ``embedding`` or ``lstm`` (the HyperLSTM stack; ``--lstm [SHAPES]`` is the same as ``--layer lstm
 --shapes SHAPES``, default lstm-ptb). Without ``--gpu`` it times the layer's CPU-default providers
 at its CPU-default shapes in float32, fwd and fwd+bwd, and prints the table; ``--out DIR`` also
-writes results.csv, results.md and speedup.png. The layers are in :data:`LAYERS`; what is timed
+writes results.csv, results.md and speedup.png. ``--host-overhead`` instead times every layer's per-call
+host overhead at a tiny shape (:mod:`stn_kernels.bench.host_overhead`). The layers are in :data:`LAYERS`; what is timed
 and how is in :mod:`stn_kernels.bench.harness` and each layer's module.
 """
 
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import augment, conv2d, embedding, harness, linear, lstm, stn_step
+from . import augment, conv2d, embedding, harness, host_overhead, linear, lstm, stn_step
 from .report import MODES, Report, Row, legend, machine_info, write_plot
 
 LAYERS: Dict[str, harness.Layer] = {
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stn-step", nargs="?", const="", default=None, metavar="MODELS",
                     help="time the whole STN cycle (STNTrainer.step) eager vs compiled instead of a layer: a comma "
                          f"list of {', '.join(stn_step.SHAPES)} (default: digits-mlp on CPU, alexnet-fc with --gpu)")
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="per-call time of every layer at a tiny shape (fwd, fwd+bwd, no_grad): ours vs the published "
+                         "formulation vs the plain torch layer, one thread unless --threads; with --quick, --out, "
+                         "--gpu (see stn_kernels.bench.host_overhead)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds; what was measured is still reported")
     return ap
@@ -140,6 +145,9 @@ def _run_augment(args: argparse.Namespace, device: torch.device) -> List[Row]:
 def main(argv=None) -> List[Row]:
     """Run the benchmark for ``argv`` (default: sys.argv[1:]); returns the rows measured."""
     args = parse_args(argv)
+    if args.host_overhead:
+        host_overhead.run(gpu=args.gpu, threads=args.threads or 1, quick=args.quick, out=args.out)
+        return []
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit(f"stn_kernels.bench: --gpu needs a CUDA device, but torch.cuda.is_available() is "

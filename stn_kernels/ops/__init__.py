@@ -21,12 +21,14 @@ The ops take the 2-D / 3-D / 4-D tensors the kernels see; the public functions i
 :func:`stn_kernels.backends.kernels` for its backend's module when it runs.
 """
 
+from ._support import eager
 from .augment import apply_augment
-from .hyper_conv2d import apply_hyper_conv2d
+from .hyper_conv2d import apply_hyper_conv2d, apply_hyper_conv2d_stacked
 from .hyper_embedding import apply_hyper_embedding
-from .hyper_linear import apply_hyper_linear
+from .hyper_linear import apply_hyper_linear, apply_hyper_linear_stacked
 from .hyper_lstm_recurrence import apply_hyper_lstm_recurrence
 from .per_example_dropout import apply_per_example_dropout
 
-__all__ = ["apply_augment", "apply_hyper_conv2d", "apply_hyper_embedding", "apply_hyper_linear",
-           "apply_hyper_lstm_recurrence", "apply_per_example_dropout"]
+__all__ = ["apply_augment", "apply_hyper_conv2d", "apply_hyper_conv2d_stacked", "apply_hyper_embedding",
+           "apply_hyper_linear", "apply_hyper_linear_stacked", "apply_hyper_lstm_recurrence",
+           "apply_per_example_dropout", "eager"]

@@ -14,6 +14,7 @@ public function is :func:`stn_kernels.functional.hyper_conv2d`.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
@@ -22,8 +23,17 @@ from torch import Tensor
 from .. import reference
 from ..backends import kernels
 from ..reference import dense_format
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, run_op
-from .hyper_linear import participating
+from ._support import (
+    backward_backend,
+    double_backward,
+    empty_unless,
+    fake_grads,
+    grads_or_none,
+    keep_backend,
+    participating,
+    run_op,
+    run_stacked,
+)
 
 OP = "hyper_conv2d"
 
@@ -102,14 +112,15 @@ class HyperConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, z_hyper = _kernels(inputs[0]).hyper_conv2d_forward(*inputs)
+        out, z_hyper = keep_backend(ctx, _kernels(inputs[0])).hyper_conv2d_forward(*inputs)
         ctx.conv_args = tuple(inputs[8:])
         ctx.save_for_backward(*inputs[:8], z_hyper)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, lambda *a: _kernels(a[1]).hyper_conv2d_backward(*a))
+        backend = backward_backend(ctx, lambda: _kernels(ctx.saved_tensors[0]))
+        return _grads(ctx, grad_out, backend.hyper_conv2d_backward)
 
 
 def _registered(*args) -> Tensor:
@@ -126,3 +137,17 @@ def apply_hyper_conv2d(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
     return run_op((x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale, stride, padding,
                    dilation, groups), registered=_registered, composite=reference.hyper_conv2d,
                   kernel=_kernel_forward, function=HyperConv2dFunction)
+
+
+STACKED = SimpleNamespace(name="hyper_conv2d", forward="hyper_conv2d_forward", backward="hyper_conv2d_backward",
+                          stacked_forward="hyper_conv2d_stacked_forward",
+                          stacked_backward="hyper_conv2d_stacked_backward", reference=reference.hyper_conv2d,
+                          plain_torch=reference)
+
+
+def apply_hyper_conv2d_stacked(backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
+                               padding, dilation, groups) -> Tensor:
+    """out of the op for :class:`stn_kernels.HyperConv2d`'s fast path (see
+    :func:`stn_kernels.ops.hyper_linear.apply_hyper_linear_stacked`)."""
+    return run_stacked(STACKED, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
+                       padding, dilation, groups)

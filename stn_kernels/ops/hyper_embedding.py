@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import kernels
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, run_op
+from ._support import backward_backend, double_backward, empty_unless, fake_grads, grads_or_none, keep_backend, run_op
 
 OP = "hyper_embedding"
 
@@ -87,11 +87,12 @@ class HyperEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         ctx.save_for_backward(*inputs)
-        return _kernels(inputs[2]).hyper_embedding_forward(*inputs)
+        return keep_backend(ctx, _kernels(inputs[2])).hyper_embedding_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, lambda *a: _kernels(a[3]).hyper_embedding_backward(*a))
+        backend = backward_backend(ctx, lambda: _kernels(ctx.saved_tensors[2]))
+        return _grads(ctx, grad_out, backend.hyper_embedding_backward)
 
 
 def _kernel_forward(*args) -> Tensor:

@@ -23,31 +23,31 @@ which validates and reshapes user input, is :func:`stn_kernels.functional.hyper_
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from types import SimpleNamespace
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import kernels
-from ._support import double_backward, empty_unless, fake_grads, grads_or_none, run_op
+from ._support import (
+    backward_backend,
+    double_backward,
+    empty_unless,
+    fake_grads,
+    grads_or_none,
+    keep_backend,
+    participating,
+    run_op,
+    run_stacked,
+)
 
 OP = "hyper_linear"
 
 
 def _kernels(x: Tensor):
     return kernels(OP, x.device, x.shape[0], x.dtype, x.numel() == 0)
-
-
-def participating(mask: Sequence[bool], hparams_given: bool, bias_given: bool, hyper_bias_given: bool) -> list:
-    """The output mask of (x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale) less
-    the inputs that take no part: without hparams only x, W and b do. (Shared with hyper_conv2d.)"""
-    mask = list(mask)
-    mask[4] = mask[4] and bias_given
-    if not hparams_given:
-        mask[1] = mask[3] = mask[5] = mask[6] = mask[7] = False
-    mask[7] = mask[7] and hyper_bias_given
-    return mask
 
 
 @torch.library.custom_op("stn_kernels::hyper_linear", mutates_args=())
@@ -108,13 +108,14 @@ class HyperLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, z_hyper = _kernels(inputs[0]).hyper_linear_forward(*inputs)
+        out, z_hyper = keep_backend(ctx, _kernels(inputs[0])).hyper_linear_forward(*inputs)
         ctx.save_for_backward(*inputs, z_hyper)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, lambda *a: _kernels(a[1]).hyper_linear_backward(*a))
+        backend = backward_backend(ctx, lambda: _kernels(ctx.saved_tensors[0]))
+        return _grads(ctx, grad_out, backend.hyper_linear_backward)
 
 
 def _registered(*args) -> Tensor:
@@ -130,6 +131,18 @@ def apply_hyper_linear(x, hparams, weight, hyper_weight, bias, hyper_bias, weigh
     return run_op((x, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale),
                   registered=_registered, composite=reference.hyper_linear, kernel=_kernel_forward,
                   function=HyperLinearFunction)
+
+
+STACKED = SimpleNamespace(name="hyper_linear", forward="hyper_linear_forward", backward="hyper_linear_backward",
+                          stacked_forward="hyper_linear_stacked_forward",
+                          stacked_backward="hyper_linear_stacked_backward", reference=reference.hyper_linear,
+                          plain_torch=None)  # the Function's written-out backward is faster here
+
+
+def apply_hyper_linear_stacked(backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight) -> Tensor:
+    """out of the op for :class:`stn_kernels.HyperLinear`'s fast path: V and C stacked as ``hparam_weight``
+    [2N, H], ``backend`` the kernels module resolved for this call; inputs validated, 2-D, eager only."""
+    return run_stacked(STACKED, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
 
 
 # ----------------------------------------------------------------------------- the cuda backend's private ops

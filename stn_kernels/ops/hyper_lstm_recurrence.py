@@ -45,7 +45,15 @@ from torch import Tensor
 
 from .. import reference_lstm
 from ..backends import kernels
-from ._support import double_backward, empty_in_format_of, empty_unless, grads_or_none, run_op
+from ._support import (
+    backward_backend,
+    double_backward,
+    empty_in_format_of,
+    empty_unless,
+    grads_or_none,
+    keep_backend,
+    run_op,
+)
 
 OP = "hyper_lstm_recurrence"
 INPUT_NAMES = ("x_proj", "h0", "c0", "hparams", "weight", "hyper_weight", "bias", "hyper_bias", "weight_scale",
@@ -146,13 +154,14 @@ class HyperLSTMRecurrenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, c_T, gates, cells, z = _kernels(inputs[0]).hyper_lstm_recurrence_forward(*inputs)
+        out, c_T, gates, cells, z = keep_backend(ctx, _kernels(inputs[0])).hyper_lstm_recurrence_forward(*inputs)
         ctx.save_for_backward(*inputs, out, gates, cells, z)
         return out, c_T
 
     @staticmethod
     def backward(ctx, grad_out, grad_cT):
-        return _grads(ctx, grad_out, grad_cT, lambda *a: _kernels(a[11]).hyper_lstm_recurrence_backward(*a))
+        backend = backward_backend(ctx, lambda: _kernels(ctx.saved_tensors[0]))
+        return _grads(ctx, grad_out, grad_cT, backend.hyper_lstm_recurrence_backward)
 
 
 def _registered(*args) -> Tuple[Tensor, Tensor]:
