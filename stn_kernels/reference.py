@@ -201,9 +201,23 @@ def hyper_conv2d_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, wei
 
 def hyper_conv2d_stacked_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, stride,
                                  padding, dilation, groups):
-    """:func:`hyper_conv2d_forward` with V and C stacked as the modules' hparam_weight [2C_out, H]."""
-    scales = None if hparams is None else stacked_scales(hparams, hparam_weight, weight.shape[0], x.dtype)
-    return _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups)
+    """:func:`hyper_conv2d_forward` with V and C stacked as the modules' hparam_weight [2C_out, H].
+
+    With ``groups == 1`` both convolutions are one, over the stacked [W; W_hyper] (twice the output
+    channels): at the STN shapes on the CPU a convolution's fixed cost is most of its time, and the
+    module's fast path (whose backward torch forms) needs z_hyper only as a view."""
+    if hparams is None or groups != 1:
+        scales = None if hparams is None else stacked_scales(hparams, hparam_weight, weight.shape[0], x.dtype)
+        return _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups)
+    s, t = stacked_scales(hparams, hparam_weight, weight.shape[0], x.dtype)
+    batch, channels = s.shape
+    both = F.conv2d(x, torch.cat([weight, hyper_weight]), None, stride, padding, dilation)
+    elem, z_hyper = both[:, :channels], both[:, channels:]
+    shift = bias if hyper_bias is None else (bias if bias is not None else 0) + t * hyper_bias
+    out = torch.addcmul(elem, s.view(batch, channels, 1, 1), z_hyper)
+    if shift is not None:
+        out = out + shift.view(-1, channels, 1, 1)
+    return out.contiguous(memory_format=dense_format(x)), z_hyper
 
 
 def _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups):
