@@ -88,18 +88,17 @@ def hyper_lstm_cell_step(x: Tensor, h: Tensor, c: Tensor, hparams: Optional[Tens
     pre = F.linear(x, weight, bias)
     h_pre = F.linear(h, h_weight, h_bias)
     if hparams is not None:
-        G = weight.shape[0]
-        s, t = F.linear(hparams, hparam_weight).split(G, 1)
+        s, t = F.linear(hparams, hparam_weight).chunk(2, 1)  # chunk: no Python wrapper, unlike split
         pre = reference.add_product(pre, s, F.linear(x, hyper_weight))
         if hyper_bias is not None:
             pre = reference.add_product(pre, t, hyper_bias)
-        s, t = F.linear(hparams, h_hparam_weight).split(G, 1)
+        s, t = F.linear(hparams, h_hparam_weight).chunk(2, 1)
         h_pre = reference.add_product(h_pre, s, F.linear(h, h_hyper_weight))
         if h_hyper_bias is not None:
             h_pre = reference.add_product(h_pre, t, h_hyper_bias)
     n = c.shape[-1]
-    sig, g = (pre + h_pre).split([3 * n, n], 1)
-    f, i, o = torch.sigmoid(sig).split(n, 1)
+    sig, g = (pre + h_pre).split_with_sizes([3 * n, n], 1)
+    f, i, o = torch.sigmoid(sig).chunk(3, 1)
     c = reference.add_product(f * c, i, torch.tanh(g))
     return o * torch.tanh(c), c
 
