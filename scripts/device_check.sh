@@ -14,6 +14,9 @@
 #   4. benchmarks: first the host overhead of every layer at a tiny shape (python -m stn_kernels.bench
 #      --host-overhead --gpu --quick: ours on Triton vs published vs the plain torch layer, per call,
 #      the device synchronised around each loop of calls only)                    <= HOST_S (40 s)
+#      then the whole STN cycle eager vs STNTrainer(compile=True) (reduce-overhead: CUDA graphs) on
+#      AlexNet's STN classifier (python -m stn_kernels.bench --stn-step --gpu), appended to
+#      host_overhead.md                                                          <= STEP_S (90 s)
 #      then python -m stn_kernels.bench --gpu --layer NAME, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
@@ -24,7 +27,8 @@
 #      --compile-budget stops adding it once its share is spent.
 #   5. the tables (results/*.md), printed last.
 # Files written to RESULTS=${OUT:-benchmarks/results/run-<date>} (at most 8): log.txt (with the pytest
-# output at its end), linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, host_overhead.md.
+# output at its end), linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, host_overhead.md
+# (with the STN cycle table at its end).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -32,6 +36,7 @@ PY=${PYTHON:-python3}  # the interpreter that has torch (the GPU image: plain py
 TOTAL_S=${TOTAL_S:-465}
 TESTS_S=${TESTS_S:-180}
 HOST_S=${HOST_S:-40}
+STEP_S=${STEP_S:-90}
 TEST_PROCS=${TEST_PROCS:-5}
 RESULTS=${OUT:-benchmarks/results/run-$(date +%F)}
 mkdir -p "$RESULTS"
@@ -77,7 +82,7 @@ phase "3/5 tests: -m 'gpu or triton', $TEST_PROCS processes"
 PYTEST_OPTS=(-q -m "gpu or triton")
 # pyproject's addopts pass --benchmark-disable, which pytest rejects without pytest-benchmark.
 if ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then PYTEST_OPTS=(-o "addopts=-ra" "${PYTEST_OPTS[@]}"); fi
-T=$(( $(left) - 150 - HOST_S / 2 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
+T=$(( $(left) - 150 - HOST_S / 2 - STEP_S / 2 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
 # Files dealt by their number of selected tests, most first, each to the least loaded process.
 mapfile -t TEST_GROUPS < <(timeout 60 "$PY" - "$TEST_PROCS" "${PYTEST_OPTS[@]}" <<'PY'
 import collections, subprocess, sys
@@ -137,6 +142,14 @@ timeout -k 5 "$HOST_S" "$PY" -m stn_kernels.bench --host-overhead --gpu --quick 
 echo "host overhead exit $? (124: timed out)" | tee -a "$LOG"
 [ -s "$HOST_TMP/host_overhead.md" ] && mv "$HOST_TMP/host_overhead.md" "$RESULTS/host_overhead.md"
 rm -rf "$HOST_TMP"
+
+phase "4/5 the STN cycle, eager vs compiled (timeout $STEP_S s)"
+STEP_TMP=$(mktemp -d)
+timeout -k 5 "$STEP_S" "$PY" -m stn_kernels.bench --stn-step --gpu --out "$STEP_TMP" >> "$LOG" 2>&1
+echo "stn step exit $? (124: timed out)" | tee -a "$LOG"
+# $OUT brings back 8 files at most: the cycle table joins the per-call one.
+[ -s "$STEP_TMP/stn_step.md" ] && { echo; cat "$STEP_TMP/stn_step.md"; } >> "$RESULTS/host_overhead.md"
+rm -rf "$STEP_TMP"
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
 bench() {
