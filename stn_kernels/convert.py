@@ -109,15 +109,18 @@ _PUBLISHED = {
 _EMBEDDING = (("elem_embedding", "hnet_embedding"), "hnet_tensor_to_scalars")
 _BIAS_NAMES = {"stn": ("elem_bias", "hnet_bias"), "stn_lstm": ("elem_bias", "hnet_bias"),
                "delta_stn": ("general_bias", "response_bias")}
-# Any of these marks a module as "meant to be a published layer": a partial match is an error.
-_MARKERS = {"elem_weight", "hnet_weight", "elem_weight_raw", "hnet_weight_raw", "general_weight", "response_weight",
-            "elem_scalar"}
+# Any of these hyper-path weights marks a module as "meant to be a published STN layer": a partial match is an
+# error. The elementary names alone (``elem_weight_raw``, ``elem_bias``, ...) are not: the published non-STN
+# baselines use them too (the official ``lstm/model_basic.py``'s ``DropconnectLinear``), and are left alone.
+_MARKERS = {"hnet_weight", "hnet_weight_raw", "response_weight"}
 
 
 def published_layer_kind(module: nn.Module) -> Optional[str]:
     """"stn", "stn_lstm", "stn_embedding" or "delta_stn" for a published STN layer, else None.
 
-    Raises ValueError for a module that carries some of the published names but not all of them.
+    None also for a layer with only the elementary names and no hyper path (the official non-STN
+    baseline's ``DropconnectLinear``: ``elem_weight_raw`` and ``elem_bias`` only). Raises ValueError
+    for a module that has a hyper path of the published names but not all of its parts.
     """
     params = module._parameters
     children = module._modules
@@ -128,8 +131,8 @@ def published_layer_kind(module: nn.Module) -> Optional[str]:
         return "stn_embedding"
     for kind, (weights, scales) in _PUBLISHED.items():
         present = [name for name in weights if params.get(name) is not None]
-        if not present:
-            continue
+        if not present or (params.get(weights[1]) is None and scales not in children):
+            continue  # no hyper path at all: not an STN layer (a baseline's elementary-only layer)
         missing = [name for name in weights if params.get(name) is None]
         if scales not in children or not hasattr(children[scales], "weight"):
             missing.append(f"{scales}.weight")
@@ -260,11 +263,13 @@ def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module
                              f"got {module.padding_mode!r}")
         if isinstance(module.padding, str):
             raise ValueError(f"{where}: expected integer padding, got padding={module.padding!r}")
-        new = HyperConv2d(module.in_channels, module.out_channels, module.kernel_size, num_hparams,
+        new = HyperConv2d(weight.shape[1] * module.groups, weight.shape[0], tuple(weight.shape[2:]), num_hparams,
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
                           groups=module.groups, bias=bias is not None, **factory)
     else:
-        new = HyperLinear(module.in_features, module.out_features, num_hparams, bias=bias is not None, **factory)
+        # Sizes from the weight, not the attributes: a tied weight may have replaced the one built (the official
+        # LSTMs build nn.Linear(nhid, ntoken) and then tie it to the [ntoken, ninp] embedding).
+        new = HyperLinear(weight.shape[1], weight.shape[0], num_hparams, bias=bias is not None, **factory)
     _take(new, "weight", weight)
     _take(new, "bias", bias)
     with torch.no_grad():

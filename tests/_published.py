@@ -235,3 +235,102 @@ class PublishedLanguageModelCore(nn.Module):
             x, state = rnn(x, hidden[layer], lam)
             new_hidden.append(state)
         return x, new_hidden
+
+
+# --------------------------------------------------------------------------- the official non-STN LSTM baseline
+
+
+def locked_dropout(x, p):
+    """The official LSTM's LockedDropout in training mode: one Bernoulli(1 − p) mask per (example, unit) of a
+    time-major x [T, B, N], shared by all steps, scaled by 1/(1 − p); identity for p = 0 or in eval."""
+    if not p:
+        return x
+    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
+class DropconnectLinear(nn.Module):
+    """Official baseline (``lstm/model_basic.py``) DropConnect linear: ``elem_weight_raw``, ``elem_bias`` and no
+    hyper path; ``mask_weights(wdrop)`` draws a Bernoulli(1 − wdrop) mask over the weight in training mode (even
+    for wdrop = 0) and sets ``elem_weight``; forward(input) only."""
+
+    def __init__(self, input_dim, output_dim):
+        super().__init__()
+        self.elem_weight_raw = nn.Parameter(torch.empty(output_dim, input_dim, dtype=D64))
+        self.elem_bias = nn.Parameter(torch.empty(output_dim, dtype=D64))
+        with torch.no_grad():
+            bound = input_dim ** -0.5
+            self.elem_weight_raw.uniform_(-bound, bound)
+            self.elem_bias.uniform_(-bound, bound)
+
+    def mask_weights(self, wdrop):
+        if self.training:
+            mask = torch.empty_like(self.elem_weight_raw).bernoulli_(1 - wdrop) / (1 - wdrop)
+        else:
+            mask = torch.ones_like(self.elem_weight_raw)
+        self.elem_weight = self.elem_weight_raw * mask.detach()
+
+    def forward(self, input):
+        return F.linear(input, self.elem_weight, self.elem_bias)
+
+
+class DropconnectCell(nn.Module):
+    """Official baseline LSTM cell over two DropconnectLinear (gates forget, input, output, then candidate)."""
+
+    def __init__(self, ninp, nhid):
+        super().__init__()
+        self.nhid = nhid
+        self.i2h = DropconnectLinear(ninp, 4 * nhid)
+        self.h2h = DropconnectLinear(nhid, 4 * nhid)
+
+    def forward(self, input, hidden):
+        n = self.nhid
+        h, cell = hidden[0].squeeze(0), hidden[1].squeeze(0)
+        hs = []
+        for t in range(len(input)):
+            pre = self.i2h(input[t]) + self.h2h(h)
+            gates = torch.sigmoid(pre[:, :3 * n])
+            cell = gates[:, :n] * cell + gates[:, n:2 * n] * torch.tanh(pre[:, 3 * n:])
+            h = gates[:, 2 * n:] * torch.tanh(cell)
+            hs.append(h)
+        return torch.stack(hs), (h.unsqueeze(0), cell.unsqueeze(0))
+
+
+class BaselineRNNModel(nn.Module):
+    """Official baseline ``RNNModel`` (LSTM): nn.Embedding encoder with embedding dropout (whole rows), locked
+    dropout on the input, between layers and on the output, DropconnectCell layers (h2h.mask_weights(wdrop),
+    i2h.mask_weights(0) before each), a decoder tied to the encoder (the last layer then has ninp units)."""
+
+    def __init__(self, ntoken, ninp, nhid, nlayers, dropouto=0.4, dropouth=0.3, dropouti=0.2, dropoute=0.1,
+                 wdrop=0.5):
+        super().__init__()
+        self.encoder = nn.Embedding(ntoken, ninp, dtype=D64)
+        sizes = [nhid if layer != nlayers - 1 else ninp for layer in range(nlayers)]
+        self.rnns = nn.ModuleList([DropconnectCell(ninp if layer == 0 else nhid, sizes[layer])
+                                   for layer in range(nlayers)])
+        self.decoder = nn.Linear(nhid, ntoken, dtype=D64)
+        self.decoder.weight = self.encoder.weight
+        self.sizes = sizes
+        self.dropouto, self.dropouth, self.dropouti, self.dropoute, self.wdrop = (
+            dropouto, dropouth, dropouti, dropoute, wdrop)
+
+    def init_hidden(self, batch):
+        return [(torch.zeros(1, batch, n, dtype=D64), torch.zeros(1, batch, n, dtype=D64)) for n in self.sizes]
+
+    def forward(self, input, hidden):
+        weight = self.encoder.weight
+        if self.training and self.dropoute:
+            rows = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.dropoute) / (1 - self.dropoute)
+            weight = weight * rows
+        x = F.embedding(input, weight)
+        x = locked_dropout(x, self.dropouti if self.training else 0)
+        new_hidden = []
+        for layer, rnn in enumerate(self.rnns):
+            rnn.h2h.mask_weights(self.wdrop)
+            rnn.i2h.mask_weights(0)
+            x, state = rnn(x, hidden[layer])
+            new_hidden.append(state)
+            if layer != len(self.rnns) - 1:
+                x = locked_dropout(x, self.dropouth if self.training else 0)
+        x = locked_dropout(x, self.dropouto if self.training else 0)
+        return self.decoder(x.reshape(-1, x.shape[2])).view(x.shape[0], x.shape[1], -1), new_hidden

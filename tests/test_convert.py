@@ -11,8 +11,10 @@ from stn_kernels.convert import DropConnectHyperLinear, TimeMajorHyperEmbedding,
 
 from _naive import assert_close_rel, leaves, lstm_linear_params, naive_cell_sequence
 from _published import (
+    BaselineRNNModel,
     DeltaStnConv2d,
     DeltaStnLinear,
+    DropconnectLinear,
     OfficialHyperConv2d,
     OfficialHyperEmbedding,
     OfficialHyperLinear,
@@ -268,3 +270,37 @@ def test_convert_leaves_other_cells_whole():
     cell = model.rnns[0]
     assert type(cell) is PublishedHyperLSTMCell
     assert type(cell.i2h).__name__ == type(cell.h2h).__name__ == "DropConnectHyperLinear"
+
+
+# --------------------------------------------------------------------------- the official non-STN baseline
+
+
+@pytest.mark.parametrize("num_hparams", [None, 2])
+def test_official_baseline_rnn_model_converts_with_its_dropconnect_layers_left_alone(num_hparams):
+    """lstm/model_basic.py's RNNModel: its DropconnectLinear (elem_weight_raw, elem_bias, no hyper path) is not an
+    STN layer and is left alone; with num_hparams only the plain nn.Linear decoder becomes a HyperLinear (still
+    tied to the encoder). Same seed, same training-mode output and gradients, same RNG state after."""
+    torch.manual_seed(0)
+    model = BaselineRNNModel(13, 4, 5, 2)
+    tokens = torch.randint(0, 13, (6, 3))
+    params = list(model.parameters())
+
+    def run():
+        torch.manual_seed(7)
+        out, hidden = model(tokens, model.init_hidden(3))
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum()
+        return out, torch.autograd.grad(loss, params), torch.get_rng_state()
+
+    want_out, want_grads, want_rng = run()
+    layers = [cell.h2h for cell in model.rnns] + [cell.i2h for cell in model.rnns]
+    assert published_layer_kind(layers[0]) is None
+    assert stn_kernels.convert(model, num_hparams=num_hparams) is model
+    assert [cell.h2h for cell in model.rnns] + [cell.i2h for cell in model.rnns] == layers
+    assert all(type(layer) is DropconnectLinear for layer in layers)
+    assert type(model.decoder) is (nn.Linear if num_hparams is None else HyperLinear)
+    assert model.decoder.weight is model.encoder.weight
+    assert {id(p) for p in params} <= {id(p) for p in model.parameters()}   # taken over, not copied
+    out, grads, rng = run()
+    assert torch.equal(out, want_out) and torch.equal(rng, want_rng)
+    for got, want in zip(grads, want_grads):
+        assert torch.equal(got, want)
