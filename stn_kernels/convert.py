@@ -86,7 +86,7 @@ class TimeMajorHyperEmbedding(HyperEmbedding):
         p = float(dropoute)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropoute: expected an embedding dropout rate in [0, 1), got {p}")
-        weight, hyper_weight = self.weight, self.hyper_weight
+        weight, hyper_weight = self._tables()
         if p > 0.0:
             keep = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device).bernoulli_(1.0 - p)
             row_scale = keep / (1.0 - p)
@@ -171,7 +171,14 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
         elem, hnet = module.elem_embedding.weight, module.hnet_embedding.weight
         scales = module.hnet_tensor_to_scalars.weight
         _check_num_hparams(scales.shape[1], num_hparams, where)
-        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], scales.shape[1])
+        # The official layer passes its tables' padding_idx to F.embedding, -1 (the last row) when None.
+        pads = {getattr(module._modules[name], "padding_idx", None) for name in _EMBEDDING[0]}
+        pads = {(-1 if pad is None else pad) % elem.shape[0] for pad in pads}
+        if len(pads) != 1:
+            raise ValueError(f"{where}: expected elem_embedding and hnet_embedding with the same padding_idx, got "
+                             f"rows {sorted(pads)}")
+        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], scales.shape[1],
+                         padding_idx=pads.pop())
         _take(new, "weight", elem)
         _take(new, "hyper_weight", hnet)
         _take(new, "hparam_weight", scales)

@@ -9,7 +9,8 @@ that test_checkpoints.py (their state dicts load into ours) and test_convert.py
   ``htensor_to_scalars`` (nn.Linear(H, 2N, bias=False)) and ``elem_scalar`` a;
   out = a·(x·W_eᵀ + b_e) + s_w ⊙ (x·W_hᵀ) + s_b ⊙ b_h with [s_w, s_b] = htensor_to_scalars(λ);
 * official STN (LSTM) HyperEmbedding: ``elem_embedding``, ``hnet_embedding``, ``hnet_tensor_to_scalars``
-  (H -> D), time-major [T, B] indices; out = E_e[i] + s ⊙ E_h[i];
+  (H -> D), time-major [T, B] indices; out = E_e[i] + s ⊙ E_h[i], both lookups with ``padding_idx=-1``
+  (the last row of each table gets no gradient);
 * official STN LSTM HyperLinear: ``elem_weight_raw``, ``hnet_weight_raw``, ``elem_bias``, ``hnet_bias``,
   ``hnet_tensor_to_scalars``; ``mask_weights(wdrop)`` sets the ``elem_weight`` / ``hnet_weight`` used by
   the forward (no ``elem_scalar``);
@@ -112,7 +113,13 @@ class OfficialHyperEmbedding(nn.Module):
     def forward(self, input, hnet_tensor, dropoute=0):
         if dropoute:
             raise NotImplementedError("this stand-in has no embedding dropout: the tests use dropoute=0")
-        return self.elem_embedding(input) + self.hnet_tensor_to_scalars(hnet_tensor) * self.hnet_embedding(input)
+        # As the official layer: both lookups through F.embedding with padding_idx = the table's, or -1 (the last
+        # row, which then gets no gradient) when it is None.
+        out = []
+        for table in (self.elem_embedding, self.hnet_embedding):
+            pad = -1 if table.padding_idx is None else table.padding_idx
+            out.append(F.embedding(input, table.weight, pad))
+        return out[0] + self.hnet_tensor_to_scalars(hnet_tensor) * out[1]
 
 
 class OfficialLstmHyperLinear(nn.Module):

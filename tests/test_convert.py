@@ -304,3 +304,50 @@ def test_official_baseline_rnn_model_converts_with_its_dropconnect_layers_left_a
     assert torch.equal(out, want_out) and torch.equal(rng, want_rng)
     for got, want in zip(grads, want_grads):
         assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- the embedding's padding_idx = -1
+
+
+def test_converted_official_embedding_keeps_padding_idx_minus_one():
+    """The official HyperEmbedding looks both tables up with padding_idx=-1: row V−1 of each gets no gradient. The
+    converted layer keeps that: every gradient equals the published stand-in's in float64, token V−1 included."""
+    V, D = 7, 4
+    layer = OfficialHyperEmbedding(V, D, H)
+    tokens = torch.tensor([[6, 0, 6], [3, 6, 1], [6, 2, 5]])     # token V−1 = 6 occurs
+    lam = torch.randn(3, H, dtype=F64)
+
+    def grads(module):
+        lam_leaf = lam.clone().requires_grad_()
+        out = module(tokens, lam_leaf)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum()
+        params = [module.elem_embedding.weight, module.hnet_embedding.weight, module.hnet_tensor_to_scalars.weight] \
+            if hasattr(module, "elem_embedding") else [module.weight, module.hyper_weight, module.hparam_weight]
+        return out, torch.autograd.grad(loss, [*params, lam_leaf])
+
+    want_out, want = grads(layer)
+    assert torch.equal(want[0][V - 1], torch.zeros(D, dtype=F64)) and torch.equal(want[1][V - 1],
+                                                                                  torch.zeros(D, dtype=F64))
+    converted = stn_kernels.convert(layer)
+    assert type(converted) is TimeMajorHyperEmbedding and converted.padding_idx == V - 1
+    out, got = grads(converted)
+    assert_close_rel(out, want_out, F64, "output")
+    for name, g, w in zip(["weight", "hyper_weight", "hparam_weight", "λ"], got, want):
+        assert_close_rel(g, w, F64, f"d{name}")
+    assert "padding_idx=6" in repr(converted)
+
+
+def test_hyper_embedding_padding_idx_argument():
+    layer = HyperEmbedding(5, 3, H, padding_idx=-2, dtype=F64)
+    assert layer.padding_idx == 3
+    assert torch.equal(layer.weight[3], torch.zeros(3, dtype=F64))           # zeroed as nn.Embedding's row
+    assert torch.equal(layer.hyper_weight[3], torch.zeros(3, dtype=F64))
+    tokens = torch.tensor([[3, 1], [3, 4]])
+    lam = torch.randn(2, H, dtype=F64)
+    layer(tokens, lam).sum().backward()
+    assert torch.equal(layer.weight.grad[3], torch.zeros(3, dtype=F64))
+    assert torch.equal(layer.hyper_weight.grad[3], torch.zeros(3, dtype=F64))
+    assert layer.weight.grad[1].abs().sum() > 0 and layer.hyper_weight.grad[4].abs().sum() > 0
+    for bad in (5, -6, 1.0, True):
+        with pytest.raises(ValueError, match=r"padding_idx: expected None or an int in \[-5, 5\)"):
+            HyperEmbedding(5, 3, H, padding_idx=bad)
