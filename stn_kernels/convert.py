@@ -231,7 +231,31 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
         # The published Delta-STN trainers build their two optimisers from these lists.
         new.general_parameters = [p for p in (new.weight, new.bias) if p is not None]
         new.response_parameters = [p for p in (new.hyper_weight, new.hyper_bias, new.hparam_weight) if p is not None]
+        new.__class__ = _also_instance_of(type(new), type(module))
     return new
+
+
+_COMBINED: Dict[tuple, type] = {}
+
+
+def _also_instance_of(ours: type, published: type) -> type:
+    """A subclass of ``ours`` that also has the published class among its bases (after ours, so every method and
+    attribute is ours), made once per pair.
+
+    Why: Delta-STN's ``StnModel.get_general_parameters()`` / ``get_response_parameters()`` pick layers with
+    ``isinstance(layer, (StnLinear, StnConv2d))``, and a layer that fails the test has all its parameters put in
+    the general list (the response optimiser then gets none). Of the ways to keep those lists right, this is the
+    least surprising: the converted layer *is* an instance of the published class for every ``isinstance`` in the
+    published code (not only those two methods, and without patching the model's methods, which would break for a
+    model that builds its lists elsewhere), while it stays an instance of our HyperLinear / HyperConv2d with our
+    forward. The published class's ``__init__`` is never run (the instance is built as ours, then re-classed); a
+    whole model pickled with ``torch.save(model)`` cannot be unpickled (the class is made at run time): save the
+    ``state_dict``, as the published scripts do."""
+    key = (ours, published)
+    if key not in _COMBINED:
+        _COMBINED[key] = type(f"{ours.__name__}As{published.__name__}", (ours, published),
+                              {"__module__": __name__, "__doc__": ours.__doc__})
+    return _COMBINED[key]
 
 
 def _is_published_lstm_cell(module: nn.Module) -> bool:

@@ -149,6 +149,13 @@ class OfficialLstmHyperLinear(nn.Module):
         return out
 
 
+def _delta_lists(layer):
+    """Delta-STN's per-layer lists: general [W_g, b_g], response [W_r, b_r, hyper_bottleneck.weight]."""
+    layer.general_parameters = [p for p in (layer.general_weight, layer.general_bias) if p is not None]
+    layer.response_parameters = [p for p in (layer.response_weight, layer.response_bias) if p is not None]
+    layer.response_parameters.append(layer.hyper_bottleneck.weight)
+
+
 class DeltaStnLinear(nn.Module):
     """Delta-STN StnLinear: y = x W_gᵀ + b_g + s_w ⊙ (x W_rᵀ) + s_b ⊙ b_r, [s_w, s_b] = hyper_bottleneck(λ)."""
 
@@ -159,6 +166,7 @@ class DeltaStnLinear(nn.Module):
                  ("general_bias", "response_bias"), out_features)
         self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_features, bias=False, dtype=D64)
         randomize(self)  # non-zero bottleneck (Delta-STN starts it at zero)
+        _delta_lists(self)
 
     def forward(self, inputs, h_net):
         s = self.hyper_bottleneck(h_net)
@@ -182,6 +190,7 @@ class DeltaStnConv2d(nn.Module):
                  ("general_weight", "response_weight"), ("general_bias", "response_bias"), out_channels)
         self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_channels, bias=False, dtype=D64)
         randomize(self)
+        _delta_lists(self)
 
     def forward(self, inputs, h_net):
         conv = dict(stride=self.stride, padding=self.padding, groups=self.groups, dilation=self.dilation)
@@ -341,3 +350,48 @@ class BaselineRNNModel(nn.Module):
                 x = locked_dropout(x, self.dropouth if self.training else 0)
         x = locked_dropout(x, self.dropouto if self.training else 0)
         return self.decoder(x.reshape(-1, x.shape[2])).view(x.shape[0], x.shape[1], -1), new_hidden
+
+
+# --------------------------------------------------------------------------- Delta-STN's model base
+
+
+class StnModel(nn.Module):
+    """Delta-STN's StnModel: the two parameter lists its trainers build their optimisers from, picked from
+    ``get_layers()`` with ``isinstance(layer, (DeltaStnLinear, DeltaStnConv2d))``; any other layer puts all its
+    parameters in the general list."""
+
+    def get_layers(self):
+        return self.layers
+
+    def get_response_parameters(self):
+        return [p for layer in self.get_layers() if isinstance(layer, (DeltaStnLinear, DeltaStnConv2d))
+                for p in layer.response_parameters]
+
+    def get_general_parameters(self):
+        params = []
+        for layer in self.get_layers():
+            if isinstance(layer, (DeltaStnLinear, DeltaStnConv2d)):
+                params += layer.general_parameters
+            else:
+                params += list(layer.parameters())
+        return params
+
+
+class DeltaStnSimpleCnn(StnModel):
+    """Delta-STN's SimpleCNN layout (two convs, two linears, in ``self.layers``), small, with biases."""
+
+    def __init__(self, num_hyper):
+        super().__init__()
+        self.conv1 = DeltaStnConv2d(1, 3, 3, num_hyper, padding=1, bias=True)
+        self.conv2 = DeltaStnConv2d(3, 4, 3, num_hyper, padding=1, bias=True)
+        self.fc1 = DeltaStnLinear(4 * 2 * 2, 6, num_hyper)
+        self.fc2 = DeltaStnLinear(6, 3, num_hyper)
+        self.layers = nn.ModuleList([self.conv1, self.conv2, self.fc1, self.fc2])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(0.3)
+
+    def forward(self, x, h_net):
+        x = F.max_pool2d(torch.tanh(self.conv1(x, h_net)), 2)
+        x = F.max_pool2d(torch.tanh(self.conv2(x, h_net)), 2)
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1), h_net)), h_net)

@@ -14,6 +14,7 @@ from _published import (
     BaselineRNNModel,
     DeltaStnConv2d,
     DeltaStnLinear,
+    DeltaStnSimpleCnn,
     DropconnectLinear,
     OfficialHyperConv2d,
     OfficialHyperEmbedding,
@@ -80,8 +81,10 @@ def test_published_cnn_layers_convert_in_place_with_outputs_and_gradients_unchan
     kept = {name: model.delta_conv._parameters[name] for name in ("general_weight", "response_weight")}
 
     assert stn_kernels.convert(model) is model
-    assert type(model.conv) is HyperConv2d and type(model.delta_conv) is HyperConv2d
-    assert type(model.block["fc"]) is HyperLinear and type(model.block["delta_fc"]) is HyperLinear
+    assert type(model.conv) is HyperConv2d and type(model.block["fc"]) is HyperLinear
+    # Delta-STN layers: ours, and still instances of the published classes (Delta-STN's isinstance lists).
+    assert type(model.delta_conv).__bases__ == (HyperConv2d, DeltaStnConv2d)
+    assert type(model.block["delta_fc"]).__bases__ == (HyperLinear, DeltaStnLinear)
     assert type(model.head) is nn.Linear            # plain layers only with num_hparams
     assert model.delta_conv.groups == 2 and model.delta_conv.dilation == (2, 2) and model.conv.stride == (2, 2)
     # The same Parameter objects (no copy) where nothing had to be folded in.
@@ -351,3 +354,42 @@ def test_hyper_embedding_padding_idx_argument():
     for bad in (5, -6, 1.0, True):
         with pytest.raises(ValueError, match=r"padding_idx: expected None or an int in \[-5, 5\)"):
             HyperEmbedding(5, 3, H, padding_idx=bad)
+
+
+
+# --------------------------------------------------------------------------- Delta-STN's parameter lists
+
+
+def test_delta_stn_parameter_lists_and_their_optimisers_keep_working_after_convert():
+    """StnModel's isinstance-based lists keep their 8 / 12 Parameters (the same objects, in order) after convert,
+    and the two optimisers, one of them built before convert, train the converted model in lockstep with the
+    original: 12 alternating general / response SGD steps in float64, parameters equal to 1e-10 relative."""
+    import copy
+
+    torch.manual_seed(3)
+    original = DeltaStnSimpleCnn(H)
+    model = copy.deepcopy(original)
+    general_before = model.get_general_parameters()
+    response_optimizer = torch.optim.SGD(model.get_response_parameters(), lr=0.1, momentum=0.9)  # before convert
+    assert len(general_before) == 8 and len(model.get_response_parameters()) == 12
+    assert stn_kernels.convert(model) is model
+    assert all(isinstance(layer, (HyperLinear, HyperConv2d)) for layer in model.get_layers())
+    general, response = model.get_general_parameters(), model.get_response_parameters()
+    assert len(general) == 8 and len(response) == 12
+    assert [id(p) for p in general] == [id(p) for p in general_before]
+    assert [id(p) for p in response] == [id(p) for p in response_optimizer.param_groups[0]["params"]]
+    assert {id(p) for p in general + response} == {id(p) for p in model.parameters()}
+    optimizers = [(torch.optim.SGD(m.get_general_parameters(), lr=0.05, momentum=0.9),
+                   torch.optim.SGD(m.get_response_parameters(), lr=0.1, momentum=0.9) if m is original
+                   else response_optimizer) for m in (original, model)]
+    x, y = torch.randn(5, 1, 8, 8, dtype=F64), torch.randint(0, 3, (5,))
+    for step in range(12):
+        lam = torch.randn(5, H, dtype=F64)
+        for m, opts in zip((original, model), optimizers):
+            opt = opts[step % 2]
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x, lam), y).backward()
+            opt.step()
+        pairs = zip(original.get_general_parameters() + original.get_response_parameters(), general + response)
+        for i, (want, got) in enumerate(pairs):
+            assert_close_rel(got, want, F64, f"step {step}: parameter {i}")
