@@ -26,6 +26,11 @@ folded into new ``weight = a·elem_weight`` and ``bias = a·elem_bias`` paramete
 ``load_state_dict`` does). Build optimisers *after* converting. Forward signatures stay those of
 the published layers (``forward(input, htensor)``), so the model's own forward runs unchanged.
 
+Converted Delta-STN layers are also instances of the published classes (see ``_also_instance_of``), so
+Delta-STN's ``isinstance``-based parameter lists stay right. The official embedding's ``padding_idx=-1`` (no
+gradient into the last row of either table) is kept as ``padding_idx``. Layers with the elementary names but no
+hyper path (the official non-STN baseline's ``DropconnectLinear``) are left alone.
+
 Plain ``nn.Linear``/``nn.Conv2d`` get a hyper path whose λ-map ``hparam_weight`` starts at zero
 (outputs unchanged at conversion, as Delta-STN initialises its bottleneck) and whose
 ``hyper_weight``/``hyper_bias`` get the usual U(±1/√fan_in) init (so the gradient w.r.t.
