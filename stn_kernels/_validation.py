@@ -256,7 +256,9 @@ def check_rates(rates, x: Tensor) -> Tensor:
     if isinstance(rates, (int, float)) and not isinstance(rates, bool):
         if not 0.0 <= rates < 1.0:
             raise ValueError(f"rates: expected values in [0, 1), got {rates}")
-        return torch.full((batch,), float(rates), dtype=torch.float32, device=x.device)
+        # float64 for float64 x, so that the scale 1/(1 − p) is formed in x's precision.
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.full((batch,), float(rates), dtype=dtype, device=x.device)
     if not isinstance(rates, Tensor):
         raise TypeError(f"rates: expected a float or a torch.Tensor of shape [{batch}], got {type(rates).__name__}")
     if not rates.is_floating_point():

@@ -26,6 +26,11 @@ folded into new ``weight = a·elem_weight`` and ``bias = a·elem_bias`` paramete
 ``load_state_dict`` does). Build optimisers *after* converting. Forward signatures stay those of
 the published layers (``forward(input, htensor)``), so the model's own forward runs unchanged.
 
+Converted Delta-STN layers are also instances of the published classes (see ``_also_instance_of``), so
+Delta-STN's ``isinstance``-based parameter lists stay right. The official embedding's ``padding_idx=-1`` (no
+gradient into the last row of either table) is kept as ``padding_idx``. Layers with the elementary names but no
+hyper path (the official non-STN baseline's ``DropconnectLinear``) are left alone.
+
 Plain ``nn.Linear``/``nn.Conv2d`` get a hyper path whose λ-map ``hparam_weight`` starts at zero
 (outputs unchanged at conversion, as Delta-STN initialises its bottleneck) and whose
 ``hyper_weight``/``hyper_bias`` get the usual U(±1/√fan_in) init (so the gradient w.r.t.
@@ -86,7 +91,7 @@ class TimeMajorHyperEmbedding(HyperEmbedding):
         p = float(dropoute)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropoute: expected an embedding dropout rate in [0, 1), got {p}")
-        weight, hyper_weight = self.weight, self.hyper_weight
+        weight, hyper_weight = self._tables()
         if p > 0.0:
             keep = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device).bernoulli_(1.0 - p)
             row_scale = keep / (1.0 - p)
@@ -109,15 +114,18 @@ _PUBLISHED = {
 _EMBEDDING = (("elem_embedding", "hnet_embedding"), "hnet_tensor_to_scalars")
 _BIAS_NAMES = {"stn": ("elem_bias", "hnet_bias"), "stn_lstm": ("elem_bias", "hnet_bias"),
                "delta_stn": ("general_bias", "response_bias")}
-# Any of these marks a module as "meant to be a published layer": a partial match is an error.
-_MARKERS = {"elem_weight", "hnet_weight", "elem_weight_raw", "hnet_weight_raw", "general_weight", "response_weight",
-            "elem_scalar"}
+# Any of these hyper-path weights marks a module as "meant to be a published STN layer": a partial match is an
+# error. The elementary names alone (``elem_weight_raw``, ``elem_bias``, ...) are not: the published non-STN
+# baselines use them too (the official ``lstm/model_basic.py``'s ``DropconnectLinear``), and are left alone.
+_MARKERS = {"hnet_weight", "hnet_weight_raw", "response_weight"}
 
 
 def published_layer_kind(module: nn.Module) -> Optional[str]:
     """"stn", "stn_lstm", "stn_embedding" or "delta_stn" for a published STN layer, else None.
 
-    Raises ValueError for a module that carries some of the published names but not all of them.
+    None also for a layer with only the elementary names and no hyper path (the official non-STN
+    baseline's ``DropconnectLinear``: ``elem_weight_raw`` and ``elem_bias`` only). Raises ValueError
+    for a module that has a hyper path of the published names but not all of its parts.
     """
     params = module._parameters
     children = module._modules
@@ -128,8 +136,8 @@ def published_layer_kind(module: nn.Module) -> Optional[str]:
         return "stn_embedding"
     for kind, (weights, scales) in _PUBLISHED.items():
         present = [name for name in weights if params.get(name) is not None]
-        if not present:
-            continue
+        if not present or (params.get(weights[1]) is None and scales not in children):
+            continue  # no hyper path at all: not an STN layer (a baseline's elementary-only layer)
         missing = [name for name in weights if params.get(name) is None]
         if scales not in children or not hasattr(children[scales], "weight"):
             missing.append(f"{scales}.weight")
@@ -168,7 +176,14 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
         elem, hnet = module.elem_embedding.weight, module.hnet_embedding.weight
         scales = module.hnet_tensor_to_scalars.weight
         _check_num_hparams(scales.shape[1], num_hparams, where)
-        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], scales.shape[1])
+        # The official layer passes its tables' padding_idx to F.embedding, -1 (the last row) when None.
+        pads = {getattr(module._modules[name], "padding_idx", None) for name in _EMBEDDING[0]}
+        pads = {(-1 if pad is None else pad) % elem.shape[0] for pad in pads}
+        if len(pads) != 1:
+            raise ValueError(f"{where}: expected elem_embedding and hnet_embedding with the same padding_idx, got "
+                             f"rows {sorted(pads)}")
+        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], scales.shape[1],
+                         padding_idx=pads.pop())
         _take(new, "weight", elem)
         _take(new, "hyper_weight", hnet)
         _take(new, "hparam_weight", scales)
@@ -221,7 +236,31 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
         # The published Delta-STN trainers build their two optimisers from these lists.
         new.general_parameters = [p for p in (new.weight, new.bias) if p is not None]
         new.response_parameters = [p for p in (new.hyper_weight, new.hyper_bias, new.hparam_weight) if p is not None]
+        new.__class__ = _also_instance_of(type(new), type(module))
     return new
+
+
+_COMBINED: Dict[tuple, type] = {}
+
+
+def _also_instance_of(ours: type, published: type) -> type:
+    """A subclass of ``ours`` that also has the published class among its bases (after ours, so every method and
+    attribute is ours), made once per pair.
+
+    Why: Delta-STN's ``StnModel.get_general_parameters()`` / ``get_response_parameters()`` pick layers with
+    ``isinstance(layer, (StnLinear, StnConv2d))``, and a layer that fails the test has all its parameters put in
+    the general list (the response optimiser then gets none). Of the ways to keep those lists right, this is the
+    least surprising: the converted layer *is* an instance of the published class for every ``isinstance`` in the
+    published code (not only those two methods, and without patching the model's methods, which would break for a
+    model that builds its lists elsewhere), while it stays an instance of our HyperLinear / HyperConv2d with our
+    forward. The published class's ``__init__`` is never run (the instance is built as ours, then re-classed); a
+    whole model pickled with ``torch.save(model)`` cannot be unpickled (the class is made at run time): save the
+    ``state_dict``, as the published scripts do."""
+    key = (ours, published)
+    if key not in _COMBINED:
+        _COMBINED[key] = type(f"{ours.__name__}As{published.__name__}", (ours, published),
+                              {"__module__": __name__, "__doc__": ours.__doc__})
+    return _COMBINED[key]
 
 
 def _is_published_lstm_cell(module: nn.Module) -> bool:
@@ -260,11 +299,13 @@ def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module
                              f"got {module.padding_mode!r}")
         if isinstance(module.padding, str):
             raise ValueError(f"{where}: expected integer padding, got padding={module.padding!r}")
-        new = HyperConv2d(module.in_channels, module.out_channels, module.kernel_size, num_hparams,
+        new = HyperConv2d(weight.shape[1] * module.groups, weight.shape[0], tuple(weight.shape[2:]), num_hparams,
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
                           groups=module.groups, bias=bias is not None, **factory)
     else:
-        new = HyperLinear(module.in_features, module.out_features, num_hparams, bias=bias is not None, **factory)
+        # Sizes from the weight, not the attributes: a tied weight may have replaced the one built (the official
+        # LSTMs build nn.Linear(nhid, ntoken) and then tie it to the [ntoken, ninp] embedding).
+        new = HyperLinear(weight.shape[1], weight.shape[0], num_hparams, bias=bias is not None, **factory)
     _take(new, "weight", weight)
     _take(new, "bias", bias)
     with torch.no_grad():

@@ -253,15 +253,27 @@ class HyperEmbedding(nn.Module):
     ``hparam_weight`` V [embedding_dim, num_hparams]. ``forward(input, hparams=None)``:
     hparams [B, H] aligns with dim 0 of input (pass ``batch_dim=1`` for time-major
     [T, B] input as in the published LSTM code), [H] or None.
+
+    ``padding_idx`` (nn.Embedding's meaning, negative counts from the end; stored non-negative):
+    that row of ``weight`` and of ``hyper_weight`` gets no gradient (its value is still looked up,
+    as ``F.embedding`` does); ``reset_parameters`` zeroes it in both tables. The official STN
+    HyperEmbedding passes ``padding_idx=-1`` to both of its lookups, and ``convert`` keeps it.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, num_hparams: int, *, device=None,
-                 dtype=None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_hparams: int, *,
+                 padding_idx: Optional[int] = None, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.num_hparams = num_hparams
+        if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
+                    or not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx: expected None or an int in [-{num_embeddings}, {num_embeddings}) "
+                                 f"(num_embeddings = {num_embeddings}), got {padding_idx!r}")
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
         self.hyper_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
         self.hparam_weight = nn.Parameter(torch.empty(embedding_dim, num_hparams, **factory))
@@ -273,6 +285,16 @@ class HyperEmbedding(nn.Module):
             self.weight.normal_()
             self.hyper_weight.normal_()
             self.hparam_weight.normal_(0.0, 0.01)
+            if self.padding_idx is not None:
+                self.weight[self.padding_idx].zero_()
+                self.hyper_weight[self.padding_idx].zero_()
+
+    def _tables(self):
+        """(weight, hyper_weight) as the forward uses them: with no gradient into row ``padding_idx``."""
+        if self.padding_idx is None:
+            return self.weight, self.hyper_weight
+        return (_NoGradRow.apply(self.weight, self.padding_idx),
+                _NoGradRow.apply(self.hyper_weight, self.padding_idx))
 
     def _fast(self, input, hparams, batch_dim: int) -> Optional[Tensor]:
         """The output on the fast path, or None for the full path (as :meth:`_HyperLayer._fast_call`): on the
@@ -303,23 +325,40 @@ class HyperEmbedding(nn.Module):
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None, batch_dim: int = 0) -> Tensor:
         if batch_dim not in (0, 1):
             raise ValueError(f"batch_dim: expected 0 or 1, got {batch_dim!r}")
-        out = self._fast(input, hparams, batch_dim)
+        out = self._fast(input, hparams, batch_dim) if self.padding_idx is None else None
         if out is not None:
             return out
+        weight, hyper_weight = self._tables()
         if batch_dim == 1:
             if input.dim() < 2:
                 raise ValueError(f"input: expected shape [T, B, ...] with batch_dim=1, got {tuple(input.shape)}")
-            out = functional.hyper_embedding(input.transpose(0, 1), hparams, self.weight, self.hyper_weight,
+            out = functional.hyper_embedding(input.transpose(0, 1), hparams, weight, hyper_weight,
                                              self.hparam_weight)
             return out.transpose(0, 1)
-        return functional.hyper_embedding(input, hparams, self.weight, self.hyper_weight, self.hparam_weight)
+        return functional.hyper_embedding(input, hparams, weight, hyper_weight, self.hparam_weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _rename_published(state_dict, prefix, _EMBEDDING_NAMES)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, num_hparams={self.num_hparams}"
+        padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, num_hparams={self.num_hparams}{padding}"
+
+
+class _NoGradRow(torch.autograd.Function):
+    """Identity on a table whose row ``row`` gets a zero gradient (``F.embedding``'s ``padding_idx``), without a
+    copy of the table in the forward; the backward is differentiable again (index_fill)."""
+
+    @staticmethod
+    def forward(ctx, table, row):
+        ctx.row = row
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        row = torch.tensor([ctx.row], device=grad.device)
+        return grad.index_fill(0, row, 0.0), None
 
 
 # ----------------------------------------------------------------------------- HyperLSTM

@@ -9,7 +9,8 @@ that test_checkpoints.py (their state dicts load into ours) and test_convert.py
   ``htensor_to_scalars`` (nn.Linear(H, 2N, bias=False)) and ``elem_scalar`` a;
   out = a·(x·W_eᵀ + b_e) + s_w ⊙ (x·W_hᵀ) + s_b ⊙ b_h with [s_w, s_b] = htensor_to_scalars(λ);
 * official STN (LSTM) HyperEmbedding: ``elem_embedding``, ``hnet_embedding``, ``hnet_tensor_to_scalars``
-  (H -> D), time-major [T, B] indices; out = E_e[i] + s ⊙ E_h[i];
+  (H -> D), time-major [T, B] indices; out = E_e[i] + s ⊙ E_h[i], both lookups with ``padding_idx=-1``
+  (the last row of each table gets no gradient);
 * official STN LSTM HyperLinear: ``elem_weight_raw``, ``hnet_weight_raw``, ``elem_bias``, ``hnet_bias``,
   ``hnet_tensor_to_scalars``; ``mask_weights(wdrop)`` sets the ``elem_weight`` / ``hnet_weight`` used by
   the forward (no ``elem_scalar``);
@@ -112,7 +113,13 @@ class OfficialHyperEmbedding(nn.Module):
     def forward(self, input, hnet_tensor, dropoute=0):
         if dropoute:
             raise NotImplementedError("this stand-in has no embedding dropout: the tests use dropoute=0")
-        return self.elem_embedding(input) + self.hnet_tensor_to_scalars(hnet_tensor) * self.hnet_embedding(input)
+        # As the official layer: both lookups through F.embedding with padding_idx = the table's, or -1 (the last
+        # row, which then gets no gradient) when it is None.
+        out = []
+        for table in (self.elem_embedding, self.hnet_embedding):
+            pad = -1 if table.padding_idx is None else table.padding_idx
+            out.append(F.embedding(input, table.weight, pad))
+        return out[0] + self.hnet_tensor_to_scalars(hnet_tensor) * out[1]
 
 
 class OfficialLstmHyperLinear(nn.Module):
@@ -142,6 +149,13 @@ class OfficialLstmHyperLinear(nn.Module):
         return out
 
 
+def _delta_lists(layer):
+    """Delta-STN's per-layer lists: general [W_g, b_g], response [W_r, b_r, hyper_bottleneck.weight]."""
+    layer.general_parameters = [p for p in (layer.general_weight, layer.general_bias) if p is not None]
+    layer.response_parameters = [p for p in (layer.response_weight, layer.response_bias) if p is not None]
+    layer.response_parameters.append(layer.hyper_bottleneck.weight)
+
+
 class DeltaStnLinear(nn.Module):
     """Delta-STN StnLinear: y = x W_gᵀ + b_g + s_w ⊙ (x W_rᵀ) + s_b ⊙ b_r, [s_w, s_b] = hyper_bottleneck(λ)."""
 
@@ -152,6 +166,7 @@ class DeltaStnLinear(nn.Module):
                  ("general_bias", "response_bias"), out_features)
         self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_features, bias=False, dtype=D64)
         randomize(self)  # non-zero bottleneck (Delta-STN starts it at zero)
+        _delta_lists(self)
 
     def forward(self, inputs, h_net):
         s = self.hyper_bottleneck(h_net)
@@ -175,6 +190,7 @@ class DeltaStnConv2d(nn.Module):
                  ("general_weight", "response_weight"), ("general_bias", "response_bias"), out_channels)
         self.hyper_bottleneck = nn.Linear(num_hyper, 2 * out_channels, bias=False, dtype=D64)
         randomize(self)
+        _delta_lists(self)
 
     def forward(self, inputs, h_net):
         conv = dict(stride=self.stride, padding=self.padding, groups=self.groups, dilation=self.dilation)
@@ -235,3 +251,147 @@ class PublishedLanguageModelCore(nn.Module):
             x, state = rnn(x, hidden[layer], lam)
             new_hidden.append(state)
         return x, new_hidden
+
+
+# --------------------------------------------------------------------------- the official non-STN LSTM baseline
+
+
+def locked_dropout(x, p):
+    """The official LSTM's LockedDropout in training mode: one Bernoulli(1 − p) mask per (example, unit) of a
+    time-major x [T, B, N], shared by all steps, scaled by 1/(1 − p); identity for p = 0 or in eval."""
+    if not p:
+        return x
+    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
+class DropconnectLinear(nn.Module):
+    """Official baseline (``lstm/model_basic.py``) DropConnect linear: ``elem_weight_raw``, ``elem_bias`` and no
+    hyper path; ``mask_weights(wdrop)`` draws a Bernoulli(1 − wdrop) mask over the weight in training mode (even
+    for wdrop = 0) and sets ``elem_weight``; forward(input) only."""
+
+    def __init__(self, input_dim, output_dim):
+        super().__init__()
+        self.elem_weight_raw = nn.Parameter(torch.empty(output_dim, input_dim, dtype=D64))
+        self.elem_bias = nn.Parameter(torch.empty(output_dim, dtype=D64))
+        with torch.no_grad():
+            bound = input_dim ** -0.5
+            self.elem_weight_raw.uniform_(-bound, bound)
+            self.elem_bias.uniform_(-bound, bound)
+
+    def mask_weights(self, wdrop):
+        if self.training:
+            mask = torch.empty_like(self.elem_weight_raw).bernoulli_(1 - wdrop) / (1 - wdrop)
+        else:
+            mask = torch.ones_like(self.elem_weight_raw)
+        self.elem_weight = self.elem_weight_raw * mask.detach()
+
+    def forward(self, input):
+        return F.linear(input, self.elem_weight, self.elem_bias)
+
+
+class DropconnectCell(nn.Module):
+    """Official baseline LSTM cell over two DropconnectLinear (gates forget, input, output, then candidate)."""
+
+    def __init__(self, ninp, nhid):
+        super().__init__()
+        self.nhid = nhid
+        self.i2h = DropconnectLinear(ninp, 4 * nhid)
+        self.h2h = DropconnectLinear(nhid, 4 * nhid)
+
+    def forward(self, input, hidden):
+        n = self.nhid
+        h, cell = hidden[0].squeeze(0), hidden[1].squeeze(0)
+        hs = []
+        for t in range(len(input)):
+            pre = self.i2h(input[t]) + self.h2h(h)
+            gates = torch.sigmoid(pre[:, :3 * n])
+            cell = gates[:, :n] * cell + gates[:, n:2 * n] * torch.tanh(pre[:, 3 * n:])
+            h = gates[:, 2 * n:] * torch.tanh(cell)
+            hs.append(h)
+        return torch.stack(hs), (h.unsqueeze(0), cell.unsqueeze(0))
+
+
+class BaselineRNNModel(nn.Module):
+    """Official baseline ``RNNModel`` (LSTM): nn.Embedding encoder with embedding dropout (whole rows), locked
+    dropout on the input, between layers and on the output, DropconnectCell layers (h2h.mask_weights(wdrop),
+    i2h.mask_weights(0) before each), a decoder tied to the encoder (the last layer then has ninp units)."""
+
+    def __init__(self, ntoken, ninp, nhid, nlayers, dropouto=0.4, dropouth=0.3, dropouti=0.2, dropoute=0.1,
+                 wdrop=0.5):
+        super().__init__()
+        self.encoder = nn.Embedding(ntoken, ninp, dtype=D64)
+        sizes = [nhid if layer != nlayers - 1 else ninp for layer in range(nlayers)]
+        self.rnns = nn.ModuleList([DropconnectCell(ninp if layer == 0 else nhid, sizes[layer])
+                                   for layer in range(nlayers)])
+        self.decoder = nn.Linear(nhid, ntoken, dtype=D64)
+        self.decoder.weight = self.encoder.weight
+        self.sizes = sizes
+        self.dropouto, self.dropouth, self.dropouti, self.dropoute, self.wdrop = (
+            dropouto, dropouth, dropouti, dropoute, wdrop)
+
+    def init_hidden(self, batch):
+        return [(torch.zeros(1, batch, n, dtype=D64), torch.zeros(1, batch, n, dtype=D64)) for n in self.sizes]
+
+    def forward(self, input, hidden):
+        weight = self.encoder.weight
+        if self.training and self.dropoute:
+            rows = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.dropoute) / (1 - self.dropoute)
+            weight = weight * rows
+        x = F.embedding(input, weight)
+        x = locked_dropout(x, self.dropouti if self.training else 0)
+        new_hidden = []
+        for layer, rnn in enumerate(self.rnns):
+            rnn.h2h.mask_weights(self.wdrop)
+            rnn.i2h.mask_weights(0)
+            x, state = rnn(x, hidden[layer])
+            new_hidden.append(state)
+            if layer != len(self.rnns) - 1:
+                x = locked_dropout(x, self.dropouth if self.training else 0)
+        x = locked_dropout(x, self.dropouto if self.training else 0)
+        return self.decoder(x.reshape(-1, x.shape[2])).view(x.shape[0], x.shape[1], -1), new_hidden
+
+
+# --------------------------------------------------------------------------- Delta-STN's model base
+
+
+class StnModel(nn.Module):
+    """Delta-STN's StnModel: the two parameter lists its trainers build their optimisers from, picked from
+    ``get_layers()`` with ``isinstance(layer, (DeltaStnLinear, DeltaStnConv2d))``; any other layer puts all its
+    parameters in the general list."""
+
+    def get_layers(self):
+        return self.layers
+
+    def get_response_parameters(self):
+        return [p for layer in self.get_layers() if isinstance(layer, (DeltaStnLinear, DeltaStnConv2d))
+                for p in layer.response_parameters]
+
+    def get_general_parameters(self):
+        params = []
+        for layer in self.get_layers():
+            if isinstance(layer, (DeltaStnLinear, DeltaStnConv2d)):
+                params += layer.general_parameters
+            else:
+                params += list(layer.parameters())
+        return params
+
+
+class DeltaStnSimpleCnn(StnModel):
+    """Delta-STN's SimpleCNN layout (two convs, two linears, in ``self.layers``), small, with biases."""
+
+    def __init__(self, num_hyper):
+        super().__init__()
+        self.conv1 = DeltaStnConv2d(1, 3, 3, num_hyper, padding=1, bias=True)
+        self.conv2 = DeltaStnConv2d(3, 4, 3, num_hyper, padding=1, bias=True)
+        self.fc1 = DeltaStnLinear(4 * 2 * 2, 6, num_hyper)
+        self.fc2 = DeltaStnLinear(6, 3, num_hyper)
+        self.layers = nn.ModuleList([self.conv1, self.conv2, self.fc1, self.fc2])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(0.3)
+
+    def forward(self, x, h_net):
+        x = F.max_pool2d(torch.tanh(self.conv1(x, h_net)), 2)
+        x = F.max_pool2d(torch.tanh(self.conv2(x, h_net)), 2)
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1), h_net)), h_net)

@@ -11,8 +11,11 @@ from stn_kernels.convert import DropConnectHyperLinear, TimeMajorHyperEmbedding,
 
 from _naive import assert_close_rel, leaves, lstm_linear_params, naive_cell_sequence
 from _published import (
+    BaselineRNNModel,
     DeltaStnConv2d,
     DeltaStnLinear,
+    DeltaStnSimpleCnn,
+    DropconnectLinear,
     OfficialHyperConv2d,
     OfficialHyperEmbedding,
     OfficialHyperLinear,
@@ -78,8 +81,10 @@ def test_published_cnn_layers_convert_in_place_with_outputs_and_gradients_unchan
     kept = {name: model.delta_conv._parameters[name] for name in ("general_weight", "response_weight")}
 
     assert stn_kernels.convert(model) is model
-    assert type(model.conv) is HyperConv2d and type(model.delta_conv) is HyperConv2d
-    assert type(model.block["fc"]) is HyperLinear and type(model.block["delta_fc"]) is HyperLinear
+    assert type(model.conv) is HyperConv2d and type(model.block["fc"]) is HyperLinear
+    # Delta-STN layers: ours, and still instances of the published classes (Delta-STN's isinstance lists).
+    assert type(model.delta_conv).__bases__ == (HyperConv2d, DeltaStnConv2d)
+    assert type(model.block["delta_fc"]).__bases__ == (HyperLinear, DeltaStnLinear)
     assert type(model.head) is nn.Linear            # plain layers only with num_hparams
     assert model.delta_conv.groups == 2 and model.delta_conv.dilation == (2, 2) and model.conv.stride == (2, 2)
     # The same Parameter objects (no copy) where nothing had to be folded in.
@@ -268,3 +273,123 @@ def test_convert_leaves_other_cells_whole():
     cell = model.rnns[0]
     assert type(cell) is PublishedHyperLSTMCell
     assert type(cell.i2h).__name__ == type(cell.h2h).__name__ == "DropConnectHyperLinear"
+
+
+# --------------------------------------------------------------------------- the official non-STN baseline
+
+
+@pytest.mark.parametrize("num_hparams", [None, 2])
+def test_official_baseline_rnn_model_converts_with_its_dropconnect_layers_left_alone(num_hparams):
+    """lstm/model_basic.py's RNNModel: its DropconnectLinear (elem_weight_raw, elem_bias, no hyper path) is not an
+    STN layer and is left alone; with num_hparams only the plain nn.Linear decoder becomes a HyperLinear (still
+    tied to the encoder). Same seed, same training-mode output and gradients, same RNG state after."""
+    torch.manual_seed(0)
+    model = BaselineRNNModel(13, 4, 5, 2)
+    tokens = torch.randint(0, 13, (6, 3))
+    params = list(model.parameters())
+
+    def run():
+        torch.manual_seed(7)
+        out, hidden = model(tokens, model.init_hidden(3))
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum()
+        return out, torch.autograd.grad(loss, params), torch.get_rng_state()
+
+    want_out, want_grads, want_rng = run()
+    layers = [cell.h2h for cell in model.rnns] + [cell.i2h for cell in model.rnns]
+    assert published_layer_kind(layers[0]) is None
+    assert stn_kernels.convert(model, num_hparams=num_hparams) is model
+    assert [cell.h2h for cell in model.rnns] + [cell.i2h for cell in model.rnns] == layers
+    assert all(type(layer) is DropconnectLinear for layer in layers)
+    assert type(model.decoder) is (nn.Linear if num_hparams is None else HyperLinear)
+    assert model.decoder.weight is model.encoder.weight
+    assert {id(p) for p in params} <= {id(p) for p in model.parameters()}   # taken over, not copied
+    out, grads, rng = run()
+    assert torch.equal(out, want_out) and torch.equal(rng, want_rng)
+    for got, want in zip(grads, want_grads):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- the embedding's padding_idx = -1
+
+
+def test_converted_official_embedding_keeps_padding_idx_minus_one():
+    """The official HyperEmbedding looks both tables up with padding_idx=-1: row V−1 of each gets no gradient. The
+    converted layer keeps that: every gradient equals the published stand-in's in float64, token V−1 included."""
+    V, D = 7, 4
+    layer = OfficialHyperEmbedding(V, D, H)
+    tokens = torch.tensor([[6, 0, 6], [3, 6, 1], [6, 2, 5]])     # token V−1 = 6 occurs
+    lam = torch.randn(3, H, dtype=F64)
+
+    def grads(module):
+        lam_leaf = lam.clone().requires_grad_()
+        out = module(tokens, lam_leaf)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum()
+        params = [module.elem_embedding.weight, module.hnet_embedding.weight, module.hnet_tensor_to_scalars.weight] \
+            if hasattr(module, "elem_embedding") else [module.weight, module.hyper_weight, module.hparam_weight]
+        return out, torch.autograd.grad(loss, [*params, lam_leaf])
+
+    want_out, want = grads(layer)
+    assert torch.equal(want[0][V - 1], torch.zeros(D, dtype=F64)) and torch.equal(want[1][V - 1],
+                                                                                  torch.zeros(D, dtype=F64))
+    converted = stn_kernels.convert(layer)
+    assert type(converted) is TimeMajorHyperEmbedding and converted.padding_idx == V - 1
+    out, got = grads(converted)
+    assert_close_rel(out, want_out, F64, "output")
+    for name, g, w in zip(["weight", "hyper_weight", "hparam_weight", "λ"], got, want):
+        assert_close_rel(g, w, F64, f"d{name}")
+    assert "padding_idx=6" in repr(converted)
+
+
+def test_hyper_embedding_padding_idx_argument():
+    layer = HyperEmbedding(5, 3, H, padding_idx=-2, dtype=F64)
+    assert layer.padding_idx == 3
+    assert torch.equal(layer.weight[3], torch.zeros(3, dtype=F64))           # zeroed as nn.Embedding's row
+    assert torch.equal(layer.hyper_weight[3], torch.zeros(3, dtype=F64))
+    tokens = torch.tensor([[3, 1], [3, 4]])
+    lam = torch.randn(2, H, dtype=F64)
+    layer(tokens, lam).sum().backward()
+    assert torch.equal(layer.weight.grad[3], torch.zeros(3, dtype=F64))
+    assert torch.equal(layer.hyper_weight.grad[3], torch.zeros(3, dtype=F64))
+    assert layer.weight.grad[1].abs().sum() > 0 and layer.hyper_weight.grad[4].abs().sum() > 0
+    for bad in (5, -6, 1.0, True):
+        with pytest.raises(ValueError, match=r"padding_idx: expected None or an int in \[-5, 5\)"):
+            HyperEmbedding(5, 3, H, padding_idx=bad)
+
+
+
+# --------------------------------------------------------------------------- Delta-STN's parameter lists
+
+
+def test_delta_stn_parameter_lists_and_their_optimisers_keep_working_after_convert():
+    """StnModel's isinstance-based lists keep their 8 / 12 Parameters (the same objects, in order) after convert,
+    and the two optimisers, one of them built before convert, train the converted model in lockstep with the
+    original: 12 alternating general / response SGD steps in float64, parameters equal to 1e-10 relative."""
+    import copy
+
+    torch.manual_seed(3)
+    original = DeltaStnSimpleCnn(H)
+    model = copy.deepcopy(original)
+    general_before = model.get_general_parameters()
+    response_optimizer = torch.optim.SGD(model.get_response_parameters(), lr=0.1, momentum=0.9)  # before convert
+    assert len(general_before) == 8 and len(model.get_response_parameters()) == 12
+    assert stn_kernels.convert(model) is model
+    assert all(isinstance(layer, (HyperLinear, HyperConv2d)) for layer in model.get_layers())
+    general, response = model.get_general_parameters(), model.get_response_parameters()
+    assert len(general) == 8 and len(response) == 12
+    assert [id(p) for p in general] == [id(p) for p in general_before]
+    assert [id(p) for p in response] == [id(p) for p in response_optimizer.param_groups[0]["params"]]
+    assert {id(p) for p in general + response} == {id(p) for p in model.parameters()}
+    optimizers = [(torch.optim.SGD(m.get_general_parameters(), lr=0.05, momentum=0.9),
+                   torch.optim.SGD(m.get_response_parameters(), lr=0.1, momentum=0.9) if m is original
+                   else response_optimizer) for m in (original, model)]
+    x, y = torch.randn(5, 1, 8, 8, dtype=F64), torch.randint(0, 3, (5,))
+    for step in range(12):
+        lam = torch.randn(5, H, dtype=F64)
+        for m, opts in zip((original, model), optimizers):
+            opt = opts[step % 2]
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x, lam), y).backward()
+            opt.step()
+        pairs = zip(original.get_general_parameters() + original.get_response_parameters(), general + response)
+        for i, (want, got) in enumerate(pairs):
+            assert_close_rel(got, want, F64, f"step {step}: parameter {i}")

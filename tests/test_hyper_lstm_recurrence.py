@@ -280,8 +280,8 @@ def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_firs
         feed, _, _ = naive_cell_sequence(feed, lam, lstm_linear_params(cell.i2h), lstm_linear_params(cell.h2h), zeros,
                                          zeros)
         if layer + 1 < layers:
-            # The dropout op takes its rates in float32 (they are compared with float32 uniforms).
-            feed = feed * ((inputs[layer + 1][0] != 0).to(D64) / (1 - rates.float().to(D64))[:, None])
+            # The scale 1/(1 − p) is formed in float64 from the float64 rates.
+            feed = feed * ((inputs[layer + 1][0] != 0).to(D64) / (1 - rates)[:, None])
     naive = feed.transpose(0, 1) if batch_first else feed
     wanted = torch.autograd.grad((naive * g).sum(), [x] + params)
     for name, a, w in zip(["x"] + [n for n, _ in model.named_parameters()], got, wanted):

@@ -163,6 +163,21 @@ def test_backward_regenerates_the_mask_and_rates_get_no_gradient():
     assert rates.grad is None
 
 
+@pytest.mark.parametrize("rate", [0.9, torch.tensor(0.9, dtype=torch.float64),
+                                  torch.tensor([0.9, 0.9, 0.9], dtype=torch.float64)])
+def test_float64_scale_is_formed_in_float64(rate):
+    """1/(1 − p) in x's precision: at p = 0.9 kept values of a float64 x of ones are 10.0 exactly (float32 rates
+    would give 9.9999976), forward and backward, given as a float, a 0-d or a [B] float64 tensor."""
+    x = torch.ones(3, 4000, dtype=torch.float64, requires_grad=True)
+    y = per_example_dropout(x, rate, seed=4)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    for t in (y, grad):
+        kept = t[t != 0]
+        assert kept.numel() > 100
+        assert torch.equal(kept, torch.full_like(kept, 1.0 / (1.0 - 0.9))), kept.unique()
+        assert 1.0 / (1.0 - 0.9) == 10.000000000000002  # the float64 value of the scale
+
+
 def test_gradcheck_and_gradgradcheck_in_float64():
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
     rates = torch.tensor([0.2, 0.5, 0.0], dtype=torch.float64)

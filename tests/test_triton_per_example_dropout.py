@@ -55,3 +55,14 @@ def test_triton_bfloat16_keeps_the_same_mask():
         torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=0)
     else:
         assert torch.equal(got, expected)
+
+
+@pytest.mark.triton
+def test_triton_float64_scale_is_formed_in_float64():
+    x = torch.ones(2, 3000, dtype=torch.float64, device=DEVICE)
+    rates = torch.tensor([0.9, 0.7], dtype=torch.float64, device=DEVICE)
+    expected, got = on_both_backends(lambda: per_example_dropout(x, rates, seed=9))
+    assert torch.equal(got, expected)
+    for b, p in enumerate((0.9, 0.7)):
+        kept = got[b][got[b] != 0]
+        assert kept.numel() > 100 and torch.equal(kept, torch.full_like(kept, 1.0 / (1.0 - p)))

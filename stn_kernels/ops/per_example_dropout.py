@@ -2,7 +2,7 @@
 
     y[b, i] = x[b, i] / (1 − p_b)   if  u(seed, offset + unit(b, i)) ≥ p_b,   else 0
 
-* ``stn_kernels::per_example_dropout(x, rates [B] float32, seed_offset [2] int64, unit_size) -> y``
+* ``stn_kernels::per_example_dropout(x, rates [B] float32 or wider, seed_offset [2] int64, unit_size) -> y``
   (contiguous), with ``unit(b, i)`` the element's flat index divided by ``unit_size`` (1 for
   elementwise dropout, the spatial size for whole channels). The random numbers u are a
   counter-based hash of (seed, counter), documented in :mod:`stn_kernels.reference_dropout`,
@@ -29,11 +29,13 @@ OP = "per_example_dropout"
 def _dropout(x: Tensor, rates: Tensor, seed_offset: Tensor, unit_size: int, forward=None) -> Tensor:
     """Prepares the operands and runs ``forward`` (default: the chosen backend's kernel)."""
     x = x.contiguous()
-    rates = rates.to(torch.float32).contiguous()
     # 1/(1 − p) is formed once, here, for both backends: the kernel then only multiplies, so the
     # Triton and reference outputs agree bit for bit (a division inside the kernel could round
-    # differently on the GPU).
+    # differently on the GPU). It is formed from the rates as given, before they are rounded to
+    # float32 for the mask comparison, so float64 input with float64 rates keeps a float64 scale
+    # (exactly 10.0 at p = 0.9).
     scales = 1.0 / (1.0 - rates.to(reference_dropout.compute_dtype(x.dtype)))
+    rates = rates.to(torch.float32).contiguous()
     if forward is None:
         forward = kernels(OP, x.device, empty=x.numel() == 0).per_example_dropout_forward
     return forward(x, rates, scales, seed_offset.to(device=x.device, dtype=torch.int64), unit_size)
