@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -419,8 +420,11 @@ def main(argv=None) -> List[RunResult]:
         return _main(args, world)
     finally:
         if world > 1:
-            # Leave together: a rank that tears its group down while another still works on its last lines
-            # can abort at exit in gloo's threads.
+            # Free the DDP wrappers (their reducers hold the group and gloo's pending work) while the
+            # interpreter is alive, then leave together: a group torn down at interpreter exit, or while
+            # another rank still works, can abort in gloo's threads ("terminate called without an active
+            # exception").
+            gc.collect()
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 

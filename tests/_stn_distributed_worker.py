@@ -5,6 +5,7 @@ one group and writes what each rank saw to ``OUT_DIR/rank<RANK>.pt`` for the par
 The model, data and the one-process reference (:func:`equivalence_run`) are importable by the parent.
 """
 
+import gc
 import os
 import sys
 import traceback
@@ -189,7 +190,8 @@ def main(rank, world, init_file, out_dir):
         except Exception:
             results[name] = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.barrier()  # leave together (see examples/stn_digits.py)
+    gc.collect()  # free the DDP/FSDP wrappers first, then leave together (see examples/stn_digits.py)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0
 
