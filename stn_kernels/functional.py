@@ -379,8 +379,9 @@ def augment_draws(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.
     max_holes = check_max_holes(max_holes, holes, MAX_HOLES)
     check_holes_fit(strengths["holes"], max_holes)
     seed_offset = seed_offset_tensor(seed, offset, images.device, generator)
+    positions = sum(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast, saturation, hue))
     return draw(images.shape[0], images.shape[2], images.shape[3], seed_offset, max_holes=max_holes,
-                random_order=random_order, **strengths)
+                random_order=random_order, positions=positions, **strengths)
 
 
 def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, holes=0, length=0,
