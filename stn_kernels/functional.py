@@ -15,6 +15,7 @@ function                        op
 :func:`per_example_dropout`     ``stn_kernels::per_example_dropout``
 :func:`augment_images`          ``stn_kernels::augment`` (also :func:`color_jitter`, :func:`cutout`,
                                 :func:`input_scale`; the draws: :func:`augment_draws`)
+:func:`affine`                  ``stn_kernels::affine`` (the draws: :func:`affine_draws`)
 ==============================  =======================================================
 """
 
@@ -46,6 +47,7 @@ from ._validation import (
     seed_offset_tensor,
 )
 from .ops import (
+    apply_affine,
     apply_augment,
     apply_hyper_conv2d,
     apply_hyper_embedding,
@@ -434,3 +436,43 @@ def input_scale(images: Tensor, strength, *, seed: Union[int, Tensor, None] = No
                 generator: Optional[torch.Generator] = None) -> Tensor:
     """The published ``inscale``: each image times a factor uniform in [1/(1 + s_b), 1 + s_b]."""
     return augment_images(images, scale=strength, seed=seed, offset=offset, generator=generator)
+
+
+# ----------------------------------------------------------------------------- per-example affine transform
+
+def affine_draws(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear=0.0, *,
+                 seed: Union[int, Tensor, None] = None, offset: int = 0, generator: Optional[torch.Generator] = None):
+    """The per-example parameters :func:`affine` applies with these arguments (an
+    :class:`stn_kernels.reference_affine.AffineDraws`: angle, integer shifts, scale factor, shear and the
+    inverse matrices); the same seed and offset give the same draws on every backend and device."""
+    from .reference_affine import draw
+
+    check_images(images, color=False)
+    strengths = {name: check_strength(value, name, images, 0.0, high) for name, value, high in (
+        ("rotation", rotation, 180.0), ("translation", translation, 1.0), ("scale", scale, 0.99),
+        ("shear", shear, 89.0))}
+    seed_offset = seed_offset_tensor(seed, offset, images.device, generator)
+    return draw(images.shape[0], images.shape[2], images.shape[3], seed_offset, **strengths)
+
+
+def affine(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear=0.0, *, interpolation: str = "nearest",
+           seed: Union[int, Tensor, None] = None, offset: int = 0,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random affine transform per example of images [B, C, H, W] (float; contiguous or channels_last,
+    returned in the same format): torchvision's ``RandomAffine(degrees=r, translate=(t, t),
+    scale=(1 − s, 1 + s), shear=sh)`` with each example's own strengths, as the Delta-STN code builds it.
+
+    Each strength is a number or a [B] tensor (one row of λ), without gradient: ``rotation`` r in
+    [0, 180] (angle uniform in [−r, r] degrees), ``translation`` t in [0, 1] (shifts of
+    round(U(−t·W, t·W)) and round(U(−t·H, t·H)) pixels), ``scale`` s in [0, 0.99] (factor uniform in
+    [1 − s, 1 + s]), ``shear`` sh in [0, 89] (x shear uniform in [−sh, sh] degrees). ``interpolation``
+    "nearest" (RandomAffine's default) or "bilinear"; zero outside the image. The draws are a pure
+    function of (seed, offset + counter) (:mod:`stn_kernels.reference_affine`; ``seed=None``: from torch's
+    generator); the images get a gradient.
+    """
+    from .reference_affine import MODES
+
+    if interpolation not in MODES:
+        raise ValueError(f"interpolation: expected one of {list(MODES)}, got {interpolation!r}")
+    draws = affine_draws(images, rotation, translation, scale, shear, seed=seed, offset=offset, generator=generator)
+    return apply_affine(images, draws.matrices, MODES.index(interpolation))

@@ -68,11 +68,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _uniforms(seed_offset: Tensor, batch: int, slots: range, device) -> Tensor:
-    """[B, len(slots)] draws u(seed, offset + b·SLOTS + slot)."""
+def _uniforms(seed_offset: Tensor, batch: int, slots: range, device, per_example: int = SLOTS) -> Tensor:
+    """[B, len(slots)] draws u(seed, offset + b·per_example + slot)."""
     slots_t = torch.arange(slots.start, slots.stop, dtype=torch.int64, device=device)
-    index = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(1) * SLOTS + slots_t
-    return uniform_from(seed_offset.to(device), index, batch * SLOTS)
+    index = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(1) * per_example + slots_t
+    return uniform_from(seed_offset.to(device), index, batch * per_example)
 
 
 def permutation(index: Tensor) -> Tensor:

@@ -80,3 +80,22 @@ def test_the_check_catches_a_host_synchronisation():
         torch.empty(3, device="meta").sum().item()
     with FakeTensorMode(), _NoHostToDevice(), pytest.raises(AssertionError, match="host to device"):
         torch.tensor([[0, 1], [2, 3]], device="cuda")
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_affine_reference_never_reads_device_values(mode):
+    from stn_kernels import reference_affine
+
+    batch, height, width = 4, 7, 9
+    with FakeTensorMode(), _NoHostToDevice():
+        images = torch.empty(batch, 2, height, width, device="cuda")
+        s = torch.full((batch,), 0.25, device="cuda")
+        seed_offset = torch.empty(2, dtype=torch.int64, device="cuda")
+        d = reference_affine.draw(batch, height, width, seed_offset, rotation=s, translation=s, scale=s, shear=s)
+        out = reference_affine.affine_forward(images, d.matrices, mode)
+        assert out.shape == images.shape and out.device.type == "cuda"
+    s = torch.full((batch,), 0.25)
+    d = reference_affine.draw(batch, height, width, torch.tensor([1, 0]), rotation=s, translation=s, scale=s, shear=s)
+    meta = torch.empty(batch, 2, height, width, device="meta")
+    grad = reference_affine.affine_backward(torch.empty_like(meta), meta, d.matrices.to("meta"), mode)
+    assert grad.shape == meta.shape
