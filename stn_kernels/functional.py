@@ -370,8 +370,12 @@ def augment_draws(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.
     Arguments as :func:`augment_images`."""
     from .reference_augment import MAX_HOLES, draw
 
-    color = any(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast, saturation, hue))
+    color = any(isinstance(v, Tensor) or v != 0 for v in (saturation, hue))
     check_images(images, color=color)
+    if (not color and images.shape[1] not in (1, 3)
+            and any(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast))):
+        raise ValueError(f"images: expected 1 or 3 channels for brightness and contrast (3 channels, RGB, for "
+                         f"saturation and hue), got shape {tuple(images.shape)}")
     strengths = {name: check_strength(value, name, images, 0.0, high) for name, value, high in (
         ("brightness", brightness, math.inf), ("contrast", contrast, math.inf),
         ("saturation", saturation, math.inf), ("hue", hue, 0.5), ("holes", holes, math.inf),
@@ -399,7 +403,8 @@ def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0
     * ``brightness``, ``contrast``, ``saturation`` (≥ 0): factor uniform in [max(0, 1 − s), 1 + s];
       ``hue`` (in [0, 0.5]): shift uniform in [−s, s]; torchvision's adjust_* formulas, a strength 0
       skips its stage; with ``random_order`` (default, as torchvision's ColorJitter) each example
-      applies its stages in its own random order, else brightness, contrast, saturation, hue. Needs C = 3;
+      applies its stages in its own random order, else brightness, contrast, saturation, hue. Needs C = 3
+      (C = 1 for brightness and contrast alone: the grayscale is the image, as in torchvision);
     * ``holes``, ``length`` (≥ 0, floored): ⌊holes⌋ squares of side 2·⌊length/2⌋ centred at uniform
       pixels, clipped at the borders, set to 0 in every channel (the published Cutout).
       ``max_holes`` bounds ⌊holes⌋ (default: ⌊holes⌋ for a number, the batch maximum for a tensor,

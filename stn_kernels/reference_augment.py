@@ -3,7 +3,8 @@ the random draws every backend shares.
 
 Per example b of images [B, C, H, W] (float, values in [0, 1] for the colour stages), in this order:
 
-1. colour jitter (C = 3), the stages of torchvision's ``ColorJitter`` with the factors drawn below,
+1. colour jitter (C = 3; C = 1 for brightness and contrast, whose grayscale is the image itself, as
+   torchvision's), the stages of torchvision's ``ColorJitter`` with the factors drawn below,
    applied in the order ``order[b]`` (a permutation of a subset of 0 = brightness, 1 = contrast,
    2 = saturation, 3 = hue; −1 pads it): with g = 0.2989·r + 0.587·g + 0.114·b (grayscale),
    brightness x·f; contrast x·f + mean(g)·(1 − f); saturation x·f + g·(1 − f); each clamped to
@@ -140,7 +141,10 @@ def draw(batch: int, height: int, width: int, seed_offset: Tensor, *, brightness
 
 
 def grayscale(x: Tensor) -> Tensor:
-    """[n, 1, H, W] luma of [n, 3, H, W] RGB (torchvision's weights and summation order)."""
+    """[n, 1, H, W] luma of [n, 3, H, W] RGB (torchvision's weights and summation order); a
+    single-channel image is its own (torchvision's rgb_to_grayscale)."""
+    if x.shape[1] == 1:
+        return x
     r, g, b = x.unbind(1)
     return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
 
@@ -229,7 +233,8 @@ def color_jitter(x: Tensor, order: Tensor, factors: Tensor, *, by_subset: Option
         other = torch.where(stage == SATURATION, gray, gray.mean(dim=(1, 2, 3), keepdim=True))
         blended = (scaled + other * (1.0 - f)).clamp(0.0, 1.0)  # contrast, saturation
         out = torch.where(stage == BRIGHTNESS, scaled.clamp(0.0, 1.0), blended)
-        out = torch.where(stage == HUE, adjust_hue(x, factor), out)
+        if x.shape[1] == 3:  # one channel: brightness and contrast only (validated)
+            out = torch.where(stage == HUE, adjust_hue(x, factor), out)
         x = torch.where(stage < 0, x, out)
     return x
 
@@ -248,7 +253,7 @@ def augment_forward(images: Tensor, order: Tensor, factors: Tensor, boxes: Tenso
     in the images by autograd: the backward op differentiates this)."""
     x = images.to(compute_dtype(images.dtype))
     # Only shapes decide what runs (no host synchronisation): order has a column per stage that may be on.
-    if order.shape[1] and x.shape[1] == 3:
+    if order.shape[1] and x.shape[1] in (1, 3):
         x = color_jitter(x, order, factors)
     if boxes.shape[1]:
         x = torch.where(hole_mask(boxes, x.shape[2], x.shape[3]), torch.zeros((), dtype=x.dtype, device=x.device), x)

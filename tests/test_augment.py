@@ -335,3 +335,22 @@ def test_order_has_a_column_per_stage_that_may_be_on():
     two = augment_draws(x, brightness=0.1, hue=0.1, seed=1).order
     for row_full, row_two in zip(full.tolist(), two.tolist()):
         assert row_two == [stage for stage in row_full if stage in (0, 3)]  # the same permutation draw
+
+
+@pytest.mark.parametrize("random_order", [True, False])
+def test_brightness_and_contrast_of_single_channel_images_match_torchvision(random_order):
+    x = _images(batch=8, channels=1, dtype=torch.float64)
+    kwargs = dict(brightness=torch.linspace(0.0, 0.9, 8), contrast=torch.linspace(0.8, 0.0, 8), holes=1, length=3,
+                  random_order=random_order, max_holes=1, seed=23)
+    draws = augment_draws(x, **kwargs)
+    got = augment_images(x, **kwargs)
+    # torchvision's adjust_contrast takes the mean of a single-channel image itself.
+    torch.testing.assert_close(got, _torchvision(x, draws), rtol=0, atol=2 * ULP[torch.float64])
+    from stn_kernels.reference_augment import color_jitter as jitter
+
+    assert torch.equal(jitter(x, draws.order, draws.factors, by_subset=False),
+                       jitter(x, draws.order, draws.factors, by_subset=True))
+    with pytest.raises(ValueError, match="3 channels"):
+        augment_images(x, saturation=0.5, seed=1)
+    with pytest.raises(ValueError, match=r"1 or 3 channels.*\(2, 2, 3, 3\)"):
+        augment_images(torch.rand(2, 2, 3, 3), contrast=0.5, seed=1)

@@ -153,6 +153,11 @@ def augment_forward(images: Tensor, order: Tensor, factors: Tensor, boxes: Tenso
     if images.numel() == 0:
         return out
     HW = H * W
+    if C == 1 and order.shape[1]:
+        # Brightness and contrast of single-channel images: the reference's (the kernel reads RGB triples).
+        from ... import reference_augment
+
+        return reference_augment.augment_forward(images, order, factors, boxes, scales)
     jitter = bool(order.shape[1]) and C == 3
     cdt = tl.float64 if images.dtype == torch.float64 else tl.float32
     block = min(triton.next_power_of_2(HW), MAX_BLOCK)
