@@ -51,3 +51,14 @@ def test_triton_channels_last_more_than_one_block_and_backward():
     draws = on_both_backends(lambda: affine_draws(x, seed=9, **FULL))
     for expected, got in zip(*draws):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.triton
+def test_triton_nearest_rounds_ties_to_even_as_grid_sample():
+    # A shift by half a pixel, and inverse scale 2 with a one-pixel shift on even sizes: sampling positions
+    # exactly halfway between pixels (j + 0.5, 2j − 1.5), half of them rounding down to the even neighbour.
+    x = _images(2, torch.float32, channels=1, height=8, width=6)
+    matrices = torch.tensor([[1.0, 0.0, 0.5, 0.0, 1.0, 0.5], [2.0, 0.0, 1.0, 0.0, 2.0, 1.0]], dtype=torch.float64,
+                            device=x.device)
+    expected, got = on_both_backends(lambda: torch.ops.stn_kernels.affine(x, matrices, 0))
+    assert torch.equal(got, expected)
