@@ -1,14 +1,18 @@
 """Self-Tuning Networks on the handwritten digits that ship with scikit-learn.
 
-Tunes, during a single training run, the dropout rate of every layer and the strength of one data
-augmentation (per-example Gaussian input noise, std in pixel units of the [0, 1]-scaled images) of
+Tunes, during a single training run, the dropout rate of every layer and five data augmentation
+hyperparameters, applied per example on the batch (the published CNN's kinds: continuous and discrete):
+Gaussian input noise (std in pixel units of the [0, 1]-scaled images), brightness and contrast jitter
+(torchvision's ColorJitter strengths, on the single channel) and cutout (number of holes 0..4 and their
+length 0..8, discrete), through ``stn.augment`` (one ``stn_kernels::augment`` op: jitter, then cutout),
+then the noise, of
 
 * an MLP of HyperLinear layers, 64 → 128 → 128 → 10, dropout after each hidden layer;
 * a small CNN of HyperConv2d layers, 1 → 16 → 32 channels (3×3, each followed by 2×2 max-pool and
   per-example *channel* dropout), then a HyperLinear 128 → 10;
 
 and compares them with the same models trained with fixed hyperparameters from a grid (one dropout
-rate for all layers, the noise at STN's starting value) and from random search (every
+rate for all layers, the augmentation at STN's starting values) and from random search (every
 hyperparameter drawn independently). Every run gets the same number of weight updates; STN's
 validation steps (one per two training steps) update only λ and σ. Every run is scored at its
 checkpoint with the lowest validation loss (evaluated every ``--eval-every`` training steps), and
@@ -53,10 +57,16 @@ except ImportError:  # running from a checkout without installing
     import stn_kernels
 from stn_kernels import stn
 
-HPARAM_NAMES = ("dropout1", "dropout2", "noise")
+HPARAM_NAMES = ("dropout1", "dropout2", "noise", "bright", "contrast", "cutholes", "cutlength")
 DROPOUT_RANGE = (0.0, 0.9)   # the published code caps dropout at 0.9 for stability
 NOISE_RANGE = (0.0, 1.0)
-START = {"dropout1": 0.05, "dropout2": 0.05, "noise": 0.05}  # the published starting dropout, 0.05
+JITTER_RANGE = (0.0, 1.0)    # brightness, contrast: the published ranges
+HOLES_RANGE = (0, 4)         # discrete, the published range
+LENGTH_RANGE = (0, 8)        # discrete: at most the whole 8×8 image
+MAX_HOLES = HOLES_RANGE[1]
+# The published starting dropout, 0.05; the augmentation starts weak (one hole of side 2·⌊2/2⌋ = 2).
+START = {"dropout1": 0.05, "dropout2": 0.05, "noise": 0.05, "bright": 0.05, "contrast": 0.05, "cutholes": 1,
+         "cutlength": 2}
 
 
 # --------------------------------------------------------------------------- data
@@ -102,11 +112,14 @@ class BatchStream:
 # --------------------------------------------------------------------------- models
 
 
-def add_input_noise(x: torch.Tensor, sample: stn.HyperparameterSample) -> torch.Tensor:
-    """Per-example Gaussian noise, std = sample["noise"][b]; only while regularising."""
+def augment_input(x: torch.Tensor, sample: stn.HyperparameterSample) -> torch.Tensor:
+    """x [B, 1, 8, 8]: per example, brightness and contrast jitter (random order) and cutout by the sample's
+    ``bright``, ``contrast``, ``cutholes``, ``cutlength`` (one op), then Gaussian noise of std
+    ``noise``; only while regularising (validation and evaluation see the images as they are)."""
     if not sample.regularize:
         return x
-    std = sample["noise"].view(-1, *([1] * (x.dim() - 1)))
+    x = stn.augment(x, sample, max_holes=MAX_HOLES)  # seed drawn from torch's generator
+    std = sample["noise"].view(-1, 1, 1, 1)
     return x + std * torch.randn_like(x)
 
 
@@ -119,7 +132,7 @@ class DigitsMLP(nn.Module):
 
     def forward(self, x, sample: stn.HyperparameterSample):
         lam = sample.layer_input
-        h = add_input_noise(x, sample)
+        h = augment_input(x.view(-1, 1, 8, 8), sample).flatten(1)
         h = torch.relu(self.fc1(h, lam))
         h = stn.per_example_dropout(h, sample["dropout1"], training=sample.regularize)
         h = torch.relu(self.fc2(h, lam))
@@ -136,7 +149,7 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x, sample: stn.HyperparameterSample):
         lam = sample.layer_input
-        h = add_input_noise(x.view(-1, 1, 8, 8), sample)
+        h = augment_input(x.view(-1, 1, 8, 8), sample)
         h = F.max_pool2d(torch.relu(self.conv1(h, lam)), 2)
         h = stn.per_example_channel_dropout(h, sample["dropout1"], training=sample.regularize)
         h = F.max_pool2d(torch.relu(self.conv2(h, lam)), 2)
@@ -152,6 +165,10 @@ def make_hparams(values: Dict[str, float], scale: float) -> stn.HyperparameterSe
         stn.Hyperparameter("dropout1", values["dropout1"], *DROPOUT_RANGE, scale=scale),
         stn.Hyperparameter("dropout2", values["dropout2"], *DROPOUT_RANGE, scale=scale),
         stn.Hyperparameter("noise", values["noise"], *NOISE_RANGE, scale=scale),
+        stn.Hyperparameter("bright", values["bright"], *JITTER_RANGE, scale=scale),
+        stn.Hyperparameter("contrast", values["contrast"], *JITTER_RANGE, scale=scale),
+        stn.Hyperparameter("cutholes", int(values["cutholes"]), *HOLES_RANGE, discrete=True, scale=scale),
+        stn.Hyperparameter("cutlength", int(values["cutlength"]), *LENGTH_RANGE, discrete=True, scale=scale),
     ])
 
 
@@ -269,26 +286,33 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
 
 
 def grid_points(args) -> List[Dict[str, float]]:
-    return [{"dropout1": p, "dropout2": p, "noise": START["noise"]} for p in args.grid]
+    return [{**START, "dropout1": p, "dropout2": p} for p in args.grid]
 
 
 def random_points(args) -> List[Dict[str, float]]:
     generator = torch.Generator().manual_seed(args.seed + 100)
     points = []
     for _ in range(args.random_runs):
-        u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
         points.append({"dropout1": 0.02 + 0.83 * u[0], "dropout2": 0.02 + 0.83 * u[1],
                        # log-uniform noise std in [0.01, 0.5]
-                       "noise": math.exp(math.log(0.01) + (math.log(0.5) - math.log(0.01)) * u[2])})
+                       "noise": math.exp(math.log(0.01) + (math.log(0.5) - math.log(0.01)) * u[2]),
+                       "bright": 0.5 * u[3], "contrast": 0.5 * u[4],
+                       "cutholes": math.floor(u[5] * (HOLES_RANGE[1] + 1)),
+                       "cutlength": math.floor(u[6] * (LENGTH_RANGE[1] + 1))})
     return points
 
 
+HPARAM_HEADER = "dropout1 / 2 / noise / bright / contrast / holes / length"
+
+
 def format_hparams(values: Dict[str, float]) -> str:
-    return f"{values['dropout1']:.2f} / {values['dropout2']:.2f} / {values['noise']:.3f}"
+    return (f"{values['dropout1']:.2f} / {values['dropout2']:.2f} / {values['noise']:.3f} / {values['bright']:.2f} / "
+            f"{values['contrast']:.2f} / {int(values['cutholes'])} / {int(values['cutlength'])}")
 
 
 def format_table(results: List[RunResult], args) -> str:
-    header = (f"{'model':5}  {'method':22}  {'dropout1 / dropout2 / noise':28}  {'val loss':>8}  {'val acc':>7}  "
+    header = (f"{'model':5}  {'method':22}  {HPARAM_HEADER:56}  {'val loss':>8}  {'val acc':>7}  "
               f"{'test loss':>9}  {'test acc':>8}  {'runs':>4}")
     lines = [header, "-" * len(header)]
     for kind in args.models:
@@ -297,7 +321,7 @@ def format_table(results: List[RunResult], args) -> str:
             if not runs:
                 continue
             best = min(runs, key=lambda r: r.val_loss)
-            lines.append(f"{kind.upper():5}  {label:22}  {format_hparams(best.hparams):28}  {best.val_loss:8.4f}  "
+            lines.append(f"{kind.upper():5}  {label:22}  {format_hparams(best.hparams):56}  {best.val_loss:8.4f}  "
                          f"{best.val_acc:7.2%}  {best.test_loss:9.4f}  {best.test_acc:8.2%}  {len(runs):4d}")
     return "\n".join(lines)
 
@@ -309,10 +333,10 @@ def plot_schedules(results: List[RunResult], args, path: str) -> None:
     import matplotlib.pyplot as plt
 
     stn_runs = [r for r in results if r.method == "stn"]
-    fig, axes = plt.subplots(2, len(stn_runs), figsize=(5.5 * len(stn_runs), 6.5), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(3, len(stn_runs), figsize=(5.5 * len(stn_runs), 9.5), squeeze=False, sharex=True)
     for column, run in enumerate(stn_runs):
         steps = [s["step"] for s in run.schedule]
-        top, bottom = axes[0][column], axes[1][column]
+        top, middle, bottom = axes[0][column], axes[1][column], axes[2][column]
         for name, colour in (("dropout1", "tab:blue"), ("dropout2", "tab:orange")):
             top.plot(steps, [s[name] for s in run.schedule], color=colour, label=f"STN {name}")
         grid = [r for r in results if r.model == run.model and r.method == "grid"]
@@ -324,9 +348,17 @@ def plot_schedules(results: List[RunResult], args, path: str) -> None:
         top.set_ylabel("dropout rate")
         top.set_title(f"{run.model.upper()}: hyperparameter schedules found by STN")
         top.legend(fontsize=8)
-        bottom.plot(steps, [s["noise"] for s in run.schedule], color="tab:green", label="STN input noise std")
+        for name, colour, label in (("noise", "tab:green", "input noise std"), ("bright", "tab:red", "brightness"),
+                                    ("contrast", "tab:purple", "contrast")):
+            middle.plot(steps, [s[name] for s in run.schedule], color=colour, label=f"STN {label}")
+        middle.axvline(args.warmup_steps, color="black", linewidth=0.8, linestyle=":")
+        middle.set_ylabel("strength (pixels in [0, 1])")
+        middle.legend(fontsize=8)
+        for name, colour, label in (("cutholes", "tab:brown", "cutout holes"), ("cutlength", "tab:cyan",
+                                                                               "cutout length")):
+            bottom.step(steps, [s[name] for s in run.schedule], where="post", color=colour, label=f"STN {label}")
         bottom.axvline(args.warmup_steps, color="black", linewidth=0.8, linestyle=":")
-        bottom.set_ylabel("noise std (pixels in [0, 1])")
+        bottom.set_ylabel("cutout (discrete, floored)")
         bottom.set_xlabel("training step")
         bottom.legend(fontsize=8)
     fig.tight_layout()

@@ -12,6 +12,8 @@ from . import (
 from .backends import BACKENDS, BackendUnavailableError, requested_backend, use_backend
 from .convert import convert
 from .functional import (
+                         affine,
+                         affine_draws,
                          augment_draws,
                          augment_images,
                          color_jitter,
@@ -31,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "HyperConv2d", "HyperEmbedding", "HyperLSTM", "HyperLSTMCell",
-    "HyperLinear", "augment_draws", "augment_images", "color_jitter", "convert", "cutout", "hyper_conv2d",
+    "HyperLinear", "affine", "affine_draws", "augment_draws", "augment_images", "color_jitter", "convert", "cutout",
+    "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
     "per_example_channel_dropout", "per_example_dropout", "requested_backend", "stn", "use_backend",
 ]

@@ -15,6 +15,7 @@ function                        op
 :func:`per_example_dropout`     ``stn_kernels::per_example_dropout``
 :func:`augment_images`          ``stn_kernels::augment`` (also :func:`color_jitter`, :func:`cutout`,
                                 :func:`input_scale`; the draws: :func:`augment_draws`)
+:func:`affine`                  ``stn_kernels::affine`` (the draws: :func:`affine_draws`)
 ==============================  =======================================================
 """
 
@@ -48,6 +49,7 @@ from ._validation import (
     seed_offset_tensor,
 )
 from .ops import (
+    apply_affine,
     apply_augment,
     apply_hyper_conv2d,
     apply_hyper_embedding,
@@ -363,8 +365,12 @@ def augment_draws(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.
     Arguments as :func:`augment_images`."""
     from .reference_augment import MAX_HOLES, draw
 
-    color = any(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast, saturation, hue))
+    color = any(isinstance(v, Tensor) or v != 0 for v in (saturation, hue))
     check_images(images, color=color)
+    if (not color and images.shape[1] not in (1, 3)
+            and any(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast))):
+        raise ValueError(f"images: expected 1 or 3 channels for brightness and contrast (3 channels, RGB, for "
+                         f"saturation and hue), got shape {tuple(images.shape)}")
     strengths = {name: check_strength(value, name, images, 0.0, high) for name, value, high in (
         ("brightness", brightness, math.inf), ("contrast", contrast, math.inf),
         ("saturation", saturation, math.inf), ("hue", hue, 0.5), ("holes", holes, math.inf),
@@ -374,8 +380,9 @@ def augment_draws(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.
     max_holes = check_max_holes(max_holes, holes, MAX_HOLES)
     check_holes_fit(strengths["holes"], max_holes)
     seed_offset = seed_offset_tensor(seed, offset, images.device, generator)
+    positions = sum(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast, saturation, hue))
     return draw(images.shape[0], images.shape[2], images.shape[3], seed_offset, max_holes=max_holes,
-                random_order=random_order, **strengths)
+                random_order=random_order, positions=positions, **strengths)
 
 
 def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, holes=0, length=0,
@@ -391,7 +398,8 @@ def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0
     * ``brightness``, ``contrast``, ``saturation`` (≥ 0): factor uniform in [max(0, 1 − s), 1 + s];
       ``hue`` (in [0, 0.5]): shift uniform in [−s, s]; torchvision's adjust_* formulas, a strength 0
       skips its stage; with ``random_order`` (default, as torchvision's ColorJitter) each example
-      applies its stages in its own random order, else brightness, contrast, saturation, hue. Needs C = 3;
+      applies its stages in its own random order, else brightness, contrast, saturation, hue. Needs C = 3
+      (C = 1 for brightness and contrast alone: the grayscale is the image, as in torchvision);
     * ``holes``, ``length`` (≥ 0, floored): ⌊holes⌋ squares of side 2·⌊length/2⌋ centred at uniform
       pixels, clipped at the borders, set to 0 in every channel (the published Cutout).
       ``max_holes`` bounds ⌊holes⌋ (default: ⌊holes⌋ for a number, the batch maximum for a tensor,
@@ -428,3 +436,43 @@ def input_scale(images: Tensor, strength, *, seed: Union[int, Tensor, None] = No
                 generator: Optional[torch.Generator] = None) -> Tensor:
     """The published ``inscale``: each image times a factor uniform in [1/(1 + s_b), 1 + s_b]."""
     return augment_images(images, scale=strength, seed=seed, offset=offset, generator=generator)
+
+
+# ----------------------------------------------------------------------------- per-example affine transform
+
+def affine_draws(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear=0.0, *,
+                 seed: Union[int, Tensor, None] = None, offset: int = 0, generator: Optional[torch.Generator] = None):
+    """The per-example parameters :func:`affine` applies with these arguments (an
+    :class:`stn_kernels.reference_affine.AffineDraws`: angle, integer shifts, scale factor, shear and the
+    inverse matrices); the same seed and offset give the same draws on every backend and device."""
+    from .reference_affine import draw
+
+    check_images(images, color=False)
+    strengths = {name: check_strength(value, name, images, 0.0, high) for name, value, high in (
+        ("rotation", rotation, 180.0), ("translation", translation, 1.0), ("scale", scale, 0.99),
+        ("shear", shear, 89.0))}
+    seed_offset = seed_offset_tensor(seed, offset, images.device, generator)
+    return draw(images.shape[0], images.shape[2], images.shape[3], seed_offset, **strengths)
+
+
+def affine(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear=0.0, *, interpolation: str = "nearest",
+           seed: Union[int, Tensor, None] = None, offset: int = 0,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random affine transform per example of images [B, C, H, W] (float; contiguous or channels_last,
+    returned in the same format): torchvision's ``RandomAffine(degrees=r, translate=(t, t),
+    scale=(1 − s, 1 + s), shear=sh)`` with each example's own strengths, as the Delta-STN code builds it.
+
+    Each strength is a number or a [B] tensor (one row of λ), without gradient: ``rotation`` r in
+    [0, 180] (angle uniform in [−r, r] degrees), ``translation`` t in [0, 1] (shifts of
+    round(U(−t·W, t·W)) and round(U(−t·H, t·H)) pixels), ``scale`` s in [0, 0.99] (factor uniform in
+    [1 − s, 1 + s]), ``shear`` sh in [0, 89] (x shear uniform in [−sh, sh] degrees). ``interpolation``
+    "nearest" (RandomAffine's default) or "bilinear"; zero outside the image. The draws are a pure
+    function of (seed, offset + counter) (:mod:`stn_kernels.reference_affine`; ``seed=None``: from torch's
+    generator); the images get a gradient.
+    """
+    from .reference_affine import MODES
+
+    if interpolation not in MODES:
+        raise ValueError(f"interpolation: expected one of {list(MODES)}, got {interpolation!r}")
+    draws = affine_draws(images, rotation, translation, scale, shear, seed=seed, offset=offset, generator=generator)
+    return apply_affine(images, draws.matrices, MODES.index(interpolation))

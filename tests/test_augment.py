@@ -300,3 +300,57 @@ def test_import_loads_neither_torchvision_nor_triton():
 def test_public_names():
     assert {"augment_images", "color_jitter", "cutout", "input_scale", "augment_draws"} <= set(stn_kernels.__all__)
     assert STAGES == ("brightness", "contrast", "saturation", "hue")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_jitter_is_each_example_alone_bit_for_bit(dtype):
+    # The reference computes every stage for the whole batch and selects per example (no host
+    # synchronisation): the same bits as running each example's stages on it alone.
+    from stn_kernels.reference_augment import apply_stage
+
+    x = _images(batch=9, dtype=dtype)
+    strengths = torch.tensor([0.0, 0.3, 0.7, 1.2, 0.5, 0.0, 0.9, 0.2, 0.4])
+    kwargs = dict(brightness=strengths, contrast=strengths.flip(0), saturation=0.8, hue=strengths * 0.4, seed=13)
+    draws = augment_draws(x, **kwargs)
+    expected = []
+    for b in range(9):
+        img = x[b:b + 1]
+        for stage in draws.order[b].tolist():
+            if stage >= 0:
+                img = apply_stage(img, stage, draws.factors[b:b + 1, stage].to(dtype))
+        expected.append(img)
+    expected = torch.cat(expected)
+    assert torch.equal(color_jitter(x, **kwargs), expected)  # on the CPU: stages on subsets of the batch
+    from stn_kernels.reference_augment import color_jitter as jitter  # the accelerators' way: torch.where
+
+    for by_subset in (True, False):
+        assert torch.equal(jitter(x, draws.order, draws.factors, by_subset=by_subset), expected)
+
+
+def test_order_has_a_column_per_stage_that_may_be_on():
+    x = _images(batch=4)
+    assert augment_draws(x, holes=1, length=2, seed=1).order.shape == (4, 0)
+    assert augment_draws(x, hue=0.1, contrast=torch.zeros(4), seed=1).order.shape == (4, 2)
+    full = augment_draws(x, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, seed=1).order
+    two = augment_draws(x, brightness=0.1, hue=0.1, seed=1).order
+    for row_full, row_two in zip(full.tolist(), two.tolist()):
+        assert row_two == [stage for stage in row_full if stage in (0, 3)]  # the same permutation draw
+
+
+@pytest.mark.parametrize("random_order", [True, False])
+def test_brightness_and_contrast_of_single_channel_images_match_torchvision(random_order):
+    x = _images(batch=8, channels=1, dtype=torch.float64)
+    kwargs = dict(brightness=torch.linspace(0.0, 0.9, 8), contrast=torch.linspace(0.8, 0.0, 8), holes=1, length=3,
+                  random_order=random_order, max_holes=1, seed=23)
+    draws = augment_draws(x, **kwargs)
+    got = augment_images(x, **kwargs)
+    # torchvision's adjust_contrast takes the mean of a single-channel image itself.
+    torch.testing.assert_close(got, _torchvision(x, draws), rtol=0, atol=2 * ULP[torch.float64])
+    from stn_kernels.reference_augment import color_jitter as jitter
+
+    assert torch.equal(jitter(x, draws.order, draws.factors, by_subset=False),
+                       jitter(x, draws.order, draws.factors, by_subset=True))
+    with pytest.raises(ValueError, match="3 channels"):
+        augment_images(x, saturation=0.5, seed=1)
+    with pytest.raises(ValueError, match=r"1 or 3 channels.*\(2, 2, 3, 3\)"):
+        augment_images(torch.rand(2, 2, 3, 3), contrast=0.5, seed=1)

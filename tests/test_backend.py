@@ -15,7 +15,7 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 OPS = ("hyper_linear", "hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout",
-       "augment")
+       "augment", "affine")
 
 
 def test_the_table_has_every_op_and_every_op_has_a_reference():
@@ -32,8 +32,8 @@ def test_every_backend_module_has_the_op_contract(op):
         if backend == "triton":
             pytest.importorskip("triton")
         module = backends.load(op, backend)
-        # dropout's backward is the op itself; augment's is the reference's autograd on every backend
-        has_backward = op != "per_example_dropout" and (op != "augment" or backend == "reference")
+        # dropout's backward is the op itself; augment's and affine's are the reference's autograd on every backend
+        has_backward = op != "per_example_dropout" and (op not in ("augment", "affine") or backend == "reference")
         assert callable(getattr(module, f"{op}_forward")), (op, backend)
         assert callable(getattr(module, f"{op}_backward", None)) or not has_backward, (op, backend)
 
@@ -47,7 +47,7 @@ def test_auto_on_cuda_takes_only_gpu_checked_kernels():
     pytest.importorskip("triton")
     assert resolve_backend("hyper_linear", CUDA) == "triton"
     # Interpreter-tested only: opt-in until a GPU run checks them.
-    for op in ("hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout", "augment"):
+    for op in ("hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout", "augment", "affine"):
         assert resolve_backend(op, CUDA) == "reference", op
 
 
@@ -94,6 +94,9 @@ def _calls(op, device="cpu"):
         images = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
         return stn_kernels.augment_images(images, brightness=0.3, contrast=0.3, holes=1, length=2, scale=0.2,
                                           seed=1)
+    if op == "affine":
+        images = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+        return stn_kernels.affine(images, 20.0, 0.2, 0.1, 5.0, interpolation="bilinear", seed=1)
     return stn_kernels.per_example_dropout(r(2, 6), torch.tensor([0.25, 0.5]), seed=1)
 
 

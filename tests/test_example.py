@@ -33,7 +33,8 @@ def test_quick_run_writes_its_table_and_plot(tmp_path):
     print(f"--quick took {time.perf_counter() - start:.1f} s")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
-    assert "dropout1 / dropout2 / noise" in out and "val loss" in out and "test acc" in out
+    assert "dropout1 / 2 / noise / bright / contrast / holes / length" in out and "val loss" in out
+    assert "test acc" in out
     for row in ("MLP    STN", "MLP    grid search", "MLP    random search", "CNN    STN", "CNN    grid search",
                 "CNN    random search"):
         assert row in out, row
@@ -49,7 +50,15 @@ def test_quick_run_writes_its_table_and_plot(tmp_path):
     stn_schedule = next(r for r in runs if r["method"] == "stn")["schedule"]
     assert stn_schedule[-1]["step"] == results["args"]["steps"]
     for r in runs:
-        assert 0.0 < r["val_loss"] < 2.3 and 0.5 < r["val_acc"] <= 1.0   # far better than chance (log 10 ≈ 2.3)
+        assert 0.0 < r["val_loss"] < 2.3 and 0.1 < r["val_acc"] <= 1.0   # better than chance (log 10 ≈ 2.3, 10 %)
+        if r["method"] != "random":
+            # STN and the grid start from weak augmentation: far better than chance. A random point may draw
+            # four holes of side up to 8 on 8×8 images (the seeded quick run's CNN point learns little: 26 %).
+            assert 0.5 < r["val_acc"], r
+        assert set(r["hparams"]) == {"dropout1", "dropout2", "noise", "bright", "contrast", "cutholes", "cutlength"}
+    # The schedule records the augmentation hyperparameters STN tunes, discrete ones as integers.
+    assert {0 <= s["cutholes"] <= 4 and s["cutholes"] == int(s["cutholes"]) for s in stn_schedule} == {True}
+    assert {0 <= s["cutlength"] <= 8 and 0 <= s["bright"] <= 1 for s in stn_schedule} == {True}
 
 
 def test_training_is_deterministic():

@@ -138,7 +138,7 @@ def test_one_op_one_row():
     table = next(n for n in ast.walk(from_table) if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") ==
                  "TABLE")
     ops = [k.value for k in table.value.keys]
-    assert len(ops) == 6
+    assert len(ops) == 7
     tests = PACKAGE.parent / "tests"
     for op in ops:
         assert (PACKAGE / "ops" / f"{op}.py").exists(), op

@@ -80,8 +80,9 @@ def test_seed_none_is_reproducible_from_torch_generator():
     assert torch.equal(first, stn.augment(x, sample))
 
 
-def test_compiles_with_fullgraph():
-    sample = _sample()
+@pytest.mark.parametrize("with_affine", [False, True])
+def test_compiles_with_fullgraph(with_affine):
+    sample = _affine_sample() if with_affine else _sample()
     x = _images().requires_grad_()
     assert_compiled_matches_eager(lambda t: stn.augment(t, sample, seed=torch.tensor(9)), x)
 
@@ -92,3 +93,33 @@ def test_sample_values_get_no_gradient(regularize):
     sample = hp.sample(2, regularize=regularize)
     out = stn.augment(_images(2), sample, seed=1)
     assert not out.requires_grad
+
+
+def _affine_sample(batch=4, regularize=True):
+    specs = stn.presets.alexnet_cifar10(jitter=0.3, cutout_length=3, cutout_holes=2) + [
+        stn.Hyperparameter("degrees", 20.0, 0.0, 45.0), stn.Hyperparameter("translate", 0.1, 0.0, 0.5),
+        stn.Hyperparameter("scale", 0.2, 0.0, 0.5), stn.Hyperparameter("shear", 5.0, 0.0, 30.0)]
+    return stn.HyperparameterSet(specs).sample(batch, regularize=regularize,
+                                               generator=torch.Generator().manual_seed(2))
+
+
+def test_affine_hyperparameters_transform_first_with_the_counters_after_the_input_dropout():
+    from stn_kernels import affine
+
+    x, sample = _images(), _affine_sample()
+    transform = stn.affine_arguments(sample)
+    assert set(transform) == {"rotation", "translation", "scale", "shear"}
+    assert torch.equal(transform["rotation"], sample["degrees"])
+    moved = affine(x, **transform, seed=5, offset=2 + SLOTS * 4 + x.numel())
+    assert not torch.equal(moved, x)
+    args = stn.augment_arguments(sample)
+    rates = args.pop("dropout")
+    expected = per_example_dropout(augment_images(moved, max_holes=4, seed=5, offset=2, **args), rates, seed=5,
+                                   offset=2 + SLOTS * 4)
+    assert torch.equal(stn.augment(x, sample, seed=5, offset=2), expected)
+    # Without the affine hyperparameters (or mapped to none) the transform is off.
+    unmoved = per_example_dropout(augment_images(x, max_holes=4, seed=5, offset=2, **args), rates, seed=5,
+                                  offset=2 + SLOTS * 4)
+    assert torch.equal(stn.augment(x, sample, seed=5, offset=2, affine_names={}), unmoved)
+    assert stn.augment(x, _affine_sample(regularize=False)) is x
+    assert_rejected(lambda: stn.affine_arguments(sample, {"blur": "degrees"}), ValueError, ["affine_names", "blur"])

@@ -91,3 +91,11 @@ def test_triton_bfloat16_within_one_ulp_of_bfloat16():
     expected, got = on_both_backends(lambda: augment_images(x, seed=3, **FULL))
     # Intermediate stages rounded to bfloat16 (and truncated, in the interpreter): a few bfloat16 ulps.
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=4 * 2.0**-8)
+
+
+@pytest.mark.triton
+def test_triton_single_channel_brightness_and_contrast_are_the_references():
+    grey = _images(3, torch.float32, channels=1)
+    kwargs = dict(brightness=0.5, contrast=0.5, holes=1, length=3, seed=4)
+    expected, got = on_both_backends(lambda: augment_images(grey, **kwargs))
+    assert torch.equal(got, expected)

@@ -9,7 +9,7 @@ loaders below (explicit imports, so a reader sees where the GPU path enters): th
 kernels and the compiled extension are never imported by ``import stn_kernels``.
 
 "auto" picks only kernels whose tests have passed on a GPU (``benchmarks/results/``): the
-conv, embedding, LSTM, dropout and augmentation kernels have run in the Triton interpreter only so far, so
+conv, embedding, LSTM, dropout, augmentation and affine kernels have run in the Triton interpreter only so far, so
 they stay opt-in (``use_backend("triton")``) until a GPU run checks them. Between ``triton``
 and ``cuda``, "auto" follows the measured table :mod:`stn_kernels.backends.rules`.
 """
@@ -24,7 +24,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .. import reference, reference_augment, reference_dropout, reference_lstm
+from .. import reference, reference_affine, reference_augment, reference_dropout, reference_lstm
 from . import extension, rules
 from .selection import BackendUnavailableError, requested_backend
 
@@ -61,6 +61,11 @@ def _triton_augment() -> ModuleType:
     return augment
 
 
+def _triton_affine() -> ModuleType:
+    from .triton import affine
+    return affine
+
+
 def _cuda_hyper_linear() -> ModuleType:
     from . import cuda
     return cuda
@@ -85,6 +90,7 @@ TABLE: Dict[str, OpBackends] = {
     "per_example_dropout": OpBackends({"reference": lambda: reference_dropout,
                                        "triton": _triton_per_example_dropout}),
     "augment": OpBackends({"reference": lambda: reference_augment, "triton": _triton_augment}),
+    "affine": OpBackends({"reference": lambda: reference_affine, "triton": _triton_affine}),
 }
 
 _loaded: Dict[Loader, ModuleType] = {}

@@ -14,6 +14,7 @@ op file                       ops registered
 ``hyper_lstm_recurrence.py``  ``stn_kernels::hyper_lstm_recurrence``, ``hyper_lstm_recurrence_backward``
 ``per_example_dropout.py``    ``stn_kernels::per_example_dropout`` (its own backward)
 ``augment.py``                ``stn_kernels::augment``, ``augment_backward``
+``affine.py``                 ``stn_kernels::affine``, ``affine_backward``
 ============================  =========================================================================
 
 The ops take the 2-D / 3-D / 4-D tensors the kernels see; the public functions in
@@ -22,6 +23,7 @@ The ops take the 2-D / 3-D / 4-D tensors the kernels see; the public functions i
 """
 
 from ._support import eager
+from .affine import apply_affine
 from .augment import apply_augment
 from .hyper_conv2d import apply_hyper_conv2d, apply_hyper_conv2d_stacked
 from .hyper_embedding import apply_hyper_embedding
@@ -29,6 +31,6 @@ from .hyper_linear import apply_hyper_linear, apply_hyper_linear_stacked
 from .hyper_lstm_recurrence import apply_hyper_lstm_recurrence
 from .per_example_dropout import apply_per_example_dropout
 
-__all__ = ["apply_augment", "apply_hyper_conv2d", "apply_hyper_conv2d_stacked", "apply_hyper_embedding",
-           "apply_hyper_linear", "apply_hyper_linear_stacked", "apply_hyper_lstm_recurrence",
+__all__ = ["apply_affine", "apply_augment", "apply_hyper_conv2d", "apply_hyper_conv2d_stacked",
+           "apply_hyper_embedding", "apply_hyper_linear", "apply_hyper_linear_stacked", "apply_hyper_lstm_recurrence",
            "apply_per_example_dropout", "eager"]

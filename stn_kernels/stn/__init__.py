@@ -28,7 +28,7 @@ ops (``stn_kernels.ops``, public function :func:`stn_kernels.functional.per_exam
 
 from ..functional import per_example_channel_dropout, per_example_dropout
 from . import presets
-from .augmentation import AUGMENT_NAMES, augment, augment_arguments
+from .augmentation import AFFINE_NAMES, AUGMENT_NAMES, affine_arguments, augment, augment_arguments
 from .distributed import (
                           average_gradients,
                           average_hyperparameter_grads,
@@ -48,9 +48,9 @@ from .hyperparameters import (
 from .training import StepResult, STNTrainer, cycle_batches, linearized_output, split_stn_parameters
 
 __all__ = [
-    "AUGMENT_NAMES", "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer", "StepResult",
-    "augment", "augment_arguments", "average_gradients", "average_hyperparameter_grads", "cycle_batches",
-    "distributed_rank", "inverse_softplus", "linearized_output", "per_example_channel_dropout", "per_example_dropout",
-    "presets", "rank_seed", "seed_rank_streams", "split_stn_parameters", "stretched_logit", "stretched_sigmoid",
-    "sync_hyperparameters",
+    "AFFINE_NAMES", "AUGMENT_NAMES", "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer",
+    "StepResult", "affine_arguments", "augment", "augment_arguments", "average_gradients",
+    "average_hyperparameter_grads", "cycle_batches", "distributed_rank", "inverse_softplus", "linearized_output",
+    "per_example_channel_dropout", "per_example_dropout", "presets", "rank_seed", "seed_rank_streams",
+    "split_stn_parameters", "stretched_logit", "stretched_sigmoid", "sync_hyperparameters",
 ]

@@ -1,10 +1,13 @@
 """Data augmentation driven by the hyperparameters STN tunes: :func:`augment` applies, per example, the
-colour jitter, cutout, input scale and input dropout that one row of λ asks for (one
-``stn_kernels::augment`` op, plus per-example dropout), and nothing in validation steps.
+random affine transform, colour jitter, cutout, input scale and input dropout that one row of λ asks for
+(``stn_kernels::affine``, one ``stn_kernels::augment`` op, plus per-example dropout), and nothing in
+validation steps.
 
 The hyperparameter names are the published code's (``bright``, ``contrast``, ``sat``, ``hue``,
 ``cutholes``, ``cutlength``, ``inscale``, ``indropout``: :data:`AUGMENT_NAMES`, what
-:func:`stn_kernels.stn.presets.alexnet_cifar10` declares); pass ``names=`` to map other ones.
+:func:`stn_kernels.stn.presets.alexnet_cifar10` declares; the Delta-STN code's ``degrees``,
+``translate``, ``scale``, ``shear`` for the affine transform: :data:`AFFINE_NAMES`); pass ``names=`` /
+``affine_names=`` to map other ones.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..functional import augment_images, per_example_dropout
+from ..functional import affine, augment_images, per_example_dropout
 from ..reference_augment import SLOTS
 from .hyperparameters import HyperparameterSample
 
@@ -23,6 +26,9 @@ AUGMENT_NAMES: Mapping[str, str] = {
     "brightness": "bright", "contrast": "contrast", "saturation": "sat", "hue": "hue",
     "holes": "cutholes", "length": "cutlength", "scale": "inscale", "dropout": "indropout",
 }
+# stn_kernels.affine argument -> hyperparameter name (the Delta-STN code's).
+AFFINE_NAMES: Mapping[str, str] = {"rotation": "degrees", "translation": "translate", "scale": "scale",
+                                   "shear": "shear"}
 _COLOR = ("brightness", "contrast", "saturation", "hue")
 _SPATIAL = ("holes", "length", "scale")
 
@@ -30,27 +36,42 @@ _SPATIAL = ("holes", "length", "scale")
 def augment_arguments(sample: HyperparameterSample, names: Optional[Mapping[str, str]] = None) -> Dict[str, Tensor]:
     """The per-example strengths ([B] tensors) for :func:`stn_kernels.augment_images` (and ``"dropout"``, the
     input dropout rates) from a sample: one entry for every argument whose hyperparameter the sample has."""
-    names = AUGMENT_NAMES if names is None else names
-    unknown = sorted(set(names) - set(AUGMENT_NAMES))
+    return _arguments(sample, names, AUGMENT_NAMES, "names")
+
+
+def affine_arguments(sample: HyperparameterSample, names: Optional[Mapping[str, str]] = None) -> Dict[str, Tensor]:
+    """The per-example strengths ([B] tensors) for :func:`stn_kernels.affine` (``rotation``, ``translation``,
+    ``scale``, ``shear``) from a sample: one entry for every argument whose hyperparameter the sample has."""
+    return _arguments(sample, names, AFFINE_NAMES, "affine_names")
+
+
+def _arguments(sample: HyperparameterSample, names: Optional[Mapping[str, str]], defaults: Mapping[str, str],
+               what: str) -> Dict[str, Tensor]:
+    names = defaults if names is None else names
+    unknown = sorted(set(names) - set(defaults))
     if unknown:
-        raise ValueError(f"names: expected keys among {sorted(AUGMENT_NAMES)}, got {unknown}")
+        raise ValueError(f"{what}: expected keys among {sorted(defaults)}, got {unknown}")
     return {arg: sample[name] for arg, name in names.items() if name in sample.names}
 
 
 def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Mapping[str, str]] = None,
             max_holes: int = 4, random_order: bool = True, mean: Union[Sequence[float], Tensor, None] = None,
             std: Union[Sequence[float], Tensor, None] = None, seed: Union[int, Tensor, None] = None, offset: int = 0,
-            generator: Optional[torch.Generator] = None) -> Tensor:
+            generator: Optional[torch.Generator] = None, affine_names: Optional[Mapping[str, str]] = None,
+            interpolation: str = "nearest") -> Tensor:
     """Per-example augmentation of images [B, C, H, W] (values in [0, 1]) by the sample's hyperparameters.
 
-    In training steps (``sample.regularize``): colour jitter (brightness, contrast, saturation, hue, each
+    In training steps (``sample.regularize``): the random affine transform (if the sample has any of
+    :data:`AFFINE_NAMES`: :func:`stn_kernels.affine` with ``interpolation``, first, as the Delta-STN code
+    transforms the image before the jitter), colour jitter (brightness, contrast, saturation, hue, each
     example in its own random order unless ``random_order=False``), then, if ``mean`` and ``std`` are
     given, the normalisation (x − mean) / std per channel, then cutout (``max_holes`` bounds the floored
     holes), input scale and input dropout, the published order (jitter on the image, cutout after the
     normalisation, scale and dropout in the training step). Hyperparameters the sample lacks are off. In
     validation steps and evaluation only the normalisation is applied (``images`` is returned as it is
     without one). One seed drives it all (``seed=None``: drawn from torch's generator); the input dropout
-    takes the counters after the augmentation's.
+    takes the counters after the augmentation's (offset + 64·B on), the affine transform those after the
+    input dropout's (offset + 64·B + images.numel() on).
     """
     normalise = mean is not None or std is not None
     if normalise and (mean is None or std is None):
@@ -66,9 +87,13 @@ def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Map
         return normalised(images) if normalise else images
     args = augment_arguments(sample, names)
     rates = args.pop("dropout", None)
+    transform = affine_arguments(sample, affine_names)
     if seed is None:  # one draw shared by every stage below
         device = generator.device if generator is not None else images.device
         seed = torch.randint(2**62, (1,), generator=generator, device=device).to(images.device)
+    if transform:
+        images = affine(images, **transform, interpolation=interpolation, seed=seed,
+                        offset=offset + SLOTS * images.shape[0] + images.numel())
     common = dict(seed=seed, offset=offset, random_order=random_order)
     if normalise:
         x = augment_images(images, **common, **{k: v for k, v in args.items() if k in _COLOR})

@@ -80,17 +80,17 @@ def _load_rgb(image, pix, m, HW, CDT: tl.constexpr):
 @triton.jit
 def _augment_kernel(img_ptr, out_ptr, order_ptr, factor_ptr, box_ptr, scale_ptr,
                     C, HW, W, num_boxes,
-                    JITTER: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+                    POSITIONS: tl.constexpr, JITTER: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * C * HW
     offs = tl.arange(0, BLOCK)
     first = tl.full((), -1, tl.int64)
     if JITTER:
-        first = tl.load(order_ptr + b * 4)
-        for k in tl.static_range(4):
+        first = tl.load(order_ptr + b * POSITIONS)
+        for k in tl.static_range(POSITIONS):
             # Stage k reads the images (k = 0) or the output of stage k - 1.
             src = img_ptr if k == 0 else out_ptr
-            stage = tl.load(order_ptr + b * 4 + k)
+            stage = tl.load(order_ptr + b * POSITIONS + k)
             if stage >= 0:
                 factor = tl.load(factor_ptr + b * 4 + stage).to(CDT)
                 mean = tl.zeros((), CDT)
@@ -146,16 +146,21 @@ def _augment_kernel(img_ptr, out_ptr, order_ptr, factor_ptr, box_ptr, scale_ptr,
 
 
 def augment_forward(images: Tensor, order: Tensor, factors: Tensor, boxes: Tensor, scales: Tensor) -> Tensor:
-    """Kernel entry: images contiguous [B, C, H, W]; order [B, 4] int64; factors [B, 4] float32;
+    """Kernel entry: images contiguous [B, C, H, W]; order [B, P] int64 (P ≤ 4 positions); factors [B, 4] float32;
     boxes [B, K, 4] int64; scales [B] float32, all contiguous on the images' device."""
     B, C, H, W = images.shape
     out = _alloc(images.shape, images.dtype, images.device)
     if images.numel() == 0:
         return out
     HW = H * W
-    jitter = bool(order.numel()) and C == 3
+    if C == 1 and order.shape[1]:
+        # Brightness and contrast of single-channel images: the reference's (the kernel reads RGB triples).
+        from ... import reference_augment
+
+        return reference_augment.augment_forward(images, order, factors, boxes, scales)
+    jitter = bool(order.shape[1]) and C == 3
     cdt = tl.float64 if images.dtype == torch.float64 else tl.float32
     block = min(triton.next_power_of_2(HW), MAX_BLOCK)
     _augment_kernel[(B,)](images, out, order, factors, boxes, scales, C, HW, W, boxes.shape[1],
-                          JITTER=jitter, CDT=cdt, BLOCK=block)
+                          POSITIONS=max(order.shape[1], 1), JITTER=jitter, CDT=cdt, BLOCK=block)
     return out
