@@ -17,6 +17,8 @@
 #      then the whole STN cycle eager vs STNTrainer(compile=True) (reduce-overhead: CUDA graphs) on
 #      AlexNet's STN classifier (python -m stn_kernels.bench --stn-step --gpu), appended to
 #      host_overhead.md                                                          <= STEP_S (90 s)
+#      then the per-example augmentation on CIFAR-10-shaped batches (python -m stn_kernels.bench
+#      --layer augment --gpu --quick: images per second), appended to host_overhead.md <= AUG_S (40 s)
 #      then python -m stn_kernels.bench --gpu --layer NAME, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
@@ -28,7 +30,7 @@
 #   5. the tables (results/*.md), printed last.
 # Files written to RESULTS=${OUT:-benchmarks/results/run-<date>} (at most 8): log.txt (with the pytest
 # output at its end), linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, host_overhead.md
-# (with the STN cycle table at its end).
+# (with the STN cycle and augmentation tables at its end).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -37,6 +39,7 @@ TOTAL_S=${TOTAL_S:-465}
 TESTS_S=${TESTS_S:-180}
 HOST_S=${HOST_S:-40}
 STEP_S=${STEP_S:-90}
+AUG_S=${AUG_S:-40}
 TEST_PROCS=${TEST_PROCS:-5}
 RESULTS=${OUT:-benchmarks/results/run-$(date +%F)}
 mkdir -p "$RESULTS"
@@ -82,7 +85,7 @@ phase "3/5 tests: -m 'gpu or triton', $TEST_PROCS processes"
 PYTEST_OPTS=(-q -m "gpu or triton")
 # pyproject's addopts pass --benchmark-disable, which pytest rejects without pytest-benchmark.
 if ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then PYTEST_OPTS=(-o "addopts=-ra" "${PYTEST_OPTS[@]}"); fi
-T=$(( $(left) - 150 - HOST_S / 2 - STEP_S / 2 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
+T=$(( $(left) - 150 - (HOST_S + STEP_S + AUG_S) / 2 )); (( T > TESTS_S )) && T=$TESTS_S; (( T < 60 )) && T=60
 # Files dealt by their number of selected tests, most first, each to the least loaded process.
 mapfile -t TEST_GROUPS < <(timeout 60 "$PY" - "$TEST_PROCS" "${PYTEST_OPTS[@]}" <<'PY'
 import collections, subprocess, sys
@@ -150,6 +153,13 @@ echo "stn step exit $? (124: timed out)" | tee -a "$LOG"
 # $OUT brings back 8 files at most: the cycle table joins the per-call one.
 [ -s "$STEP_TMP/stn_step.md" ] && { echo; cat "$STEP_TMP/stn_step.md"; } >> "$RESULTS/host_overhead.md"
 rm -rf "$STEP_TMP"
+
+phase "4/5 per-example augmentation (timeout $AUG_S s)"
+AUG_TMP=$(mktemp -d)
+timeout -k 5 "$AUG_S" "$PY" -m stn_kernels.bench --layer augment --gpu --quick --out "$AUG_TMP" >> "$LOG" 2>&1
+echo "augment exit $? (124: timed out)" | tee -a "$LOG"
+[ -s "$AUG_TMP/augment.md" ] && { echo; cat "$AUG_TMP/augment.md"; } >> "$RESULTS/host_overhead.md"
+rm -rf "$AUG_TMP"
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
 bench() {
