@@ -366,19 +366,29 @@ def plot_schedules(results: List[RunResult], args, path: str) -> None:
     plt.close(fig)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say its default and there is one to say."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and search runs (< 1 min)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                         help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data split, the initial weights, the perturbations and the search points")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--steps", type=int, default=None, help="weight updates per run (default 1000, quick 150)")
     parser.add_argument("--grid", default=None,
                         help="comma-separated grid of dropout rates (default 0.05,0.25,0.45,0.65; quick 0.1,0.5)")
     parser.add_argument("--random-runs", type=int, default=None, help="random-search runs (default 3, quick 1)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="examples per step, over all ranks under torchrun")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the weights")
     parser.add_argument("--hparam-lr", type=float, default=0.03, help="Adam learning rate of λ and σ")
     parser.add_argument("--entropy-weight", type=float, default=1e-3, help="τ")

@@ -96,3 +96,13 @@ def test_torchrun_data_parallel_run(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {(r["model"], r["method"]) for r in results["runs"]} == {("mlp", "stn"), ("mlp", "grid")}
     assert next(r for r in results["runs"] if r["method"] == "stn")["schedule"][-1]["step"] == 40
+
+
+def test_help_says_each_default_once_and_explains_every_option():
+    run = subprocess.run([sys.executable, EXAMPLE, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = " ".join(run.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default 1000, quick 150) " in text and "quick 150) (default" not in text
+    assert "--seed SEED seed of the data split" in text and "(default: 0)" in text  # a 0 default is still said
+    assert "--batch-size BATCH_SIZE examples per step" in text
