@@ -26,7 +26,7 @@ $(STAMP): setup.py pyproject.toml $(CSRC)
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m stn_kernels.bench
+	$(PY) -m stn_kernels.bench --out benchmarks/results/latest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -340,3 +340,17 @@ def test_host_overhead_mode_writes_its_table(tmp_path, capsys):
         line = next(line for line in md.splitlines() if line.startswith(f"| {r['layer']} |") and
                     f"| {r['mode']} |" in line)
         assert line.endswith("| met |") or line.endswith("| not met |"), line
+
+
+def test_cpu_table_prints_only_its_columns_a_legend_and_one_closing_line(tmp_path, capsys):
+    main(["--quick", "--shape", "6,3,16,24", "--modes", "fwd", "--providers", "published,stn:reference",
+          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| case |"))
+    assert header == "| case | dtype | mode | provider | median ms | vs published | note |"  # no CUDA-only columns
+    assert header in (tmp_path / "results.md").read_text()
+    lines = out.rstrip("\n").splitlines()
+    assert lines[-1].startswith("wall time ") and f"results in {tmp_path}" in lines[-1]
+    assert sum(line.startswith("wall time") or line.startswith("- wall time") for line in lines) == 1
+    assert any(line.startswith("median ms: median time of one call") for line in lines)  # the legend
+    assert "vs floor" not in out  # nor in the legend

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import augment, conv2d, embedding, harness, host_overhead, linear, lstm, stn_step
-from .report import MODES, Report, Row, legend, machine_info, write_plot
+from .report import MODES, Report, Row, columns_for, legend, machine_info, write_plot
 
 LAYERS: Dict[str, harness.Layer] = {
     "linear": linear.LAYER,
@@ -191,7 +191,8 @@ def main(argv=None) -> List[Row]:
         + ("; quick" if args.quick else "")
         + (f"; time budget {args.time_budget:g} s" if args.time_budget else "")]
     floor = layer.providers.get("floor")
-    report = Report(args.out, header, summary=layer.summary, legend_text=legend(floor.description if floor else None))
+    report = Report(args.out, header, summary=layer.summary,
+                    legend_text=legend(floor.description if floor else None, gpu=gpu), columns=columns_for(device))
     compiled = ", ".join(p for p in providers if harness.is_compiled(p))
     if compiled and gpu and harness.uses_cudagraphs(opts.compile_mode):
         report.notes.append(f"{compiled} use CUDA graphs (mode {opts.compile_mode}): each fwd and "
@@ -242,15 +243,18 @@ def main(argv=None) -> List[Row]:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
         elapsed = time.monotonic() - start
-        report.notes.append(f"wall time {elapsed:.0f} s" + ("" if completed else " (partial run)"))
+        wall = f"wall time {elapsed:.0f} s" + ("" if completed else " (partial run)")
+        report.notes.append(wall)
         if args.out:
             why = write_plot(report.rows, os.path.join(args.out, "speedup.png"), layer.op)
             if why:
                 report.notes.append(why)
         report.close()
-        print("", flush=True)
+        print("\n" + report.legend, flush=True)
         for n in report.notes:
-            print(f"- {n}")
-        print(f"[bench] finished in {elapsed:.0f} s" + (f"; results in {args.out}" if args.out else ""),
-              file=sys.stderr, flush=True)
+            if n != wall:  # said once, in the closing line
+                print(f"- {n}")
+        written = (f"results in {args.out}: results.csv, results.md, speedup.png" if args.out
+                   else "no files written (--out DIR writes results.csv, results.md and speedup.png)")
+        print(f"{wall}; {written}", flush=True)
     return report.rows

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +35,12 @@ class Shape(NamedTuple):
 
 COLUMNS = ("case", "dtype", "mode", "provider", "median ms", "vs published", "vs floor", "wall ms", "peak MiB",
            "mem vs published", "note")
+# What the CPU suite measures: the floor, wall time and peak memory are CUDA-only, so their columns stay empty.
+CPU_COLUMNS = ("case", "dtype", "mode", "provider", "median ms", "vs published", "note")
+
+
+def columns_for(device: torch.device) -> Tuple[str, ...]:
+    return COLUMNS if device.type == "cuda" else CPU_COLUMNS
 CSV_FIELDS = ("case", "B", "H", "K", "N", "dtype", "mode", "provider", "median_ms", "samples", "vs_published",
               "vs_floor", "wall_ms", "peak_mib", "mem_vs_published", "note")
 
@@ -60,15 +66,15 @@ class Row:
     mem_vs_published: Optional[float] = None
     note: str = ""
 
-    def cells(self) -> List[str]:
+    def cells(self, columns: Sequence[str] = COLUMNS) -> List[str]:
         def num(v, fmt):
             return "" if v is None else format(v, fmt)
 
-        return [self.case.name, self.dtype, self.mode, self.provider,
-                num(self.median_ms, ".4g") if self.median_ms is not None else "n/a",
-                num(self.vs_published, ".2f"), num(self.vs_floor, ".2f"), num(self.wall_ms, ".4g"),
-                num(self.peak_mib, ".1f"),
-                num(self.mem_vs_published, ".2f"), self.note.replace("|", "/")]
+        cells = [self.case.name, self.dtype, self.mode, self.provider,
+                 num(self.median_ms, ".4g") if self.median_ms is not None else "n/a",
+                 num(self.vs_published, ".2f"), num(self.vs_floor, ".2f"), num(self.wall_ms, ".4g"),
+                 num(self.peak_mib, ".1f"), num(self.mem_vs_published, ".2f"), self.note.replace("|", "/")]
+        return [cell for name, cell in zip(COLUMNS, cells) if name in columns]
 
     def csv_row(self) -> dict:
         def num(v):
@@ -81,8 +87,8 @@ class Row:
                 "mem_vs_published": num(self.mem_vs_published), "note": self.note}
 
 
-def table_header() -> str:
-    return "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|"
+def table_header(columns: Sequence[str] = COLUMNS) -> str:
+    return "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|"
 
 
 def machine_info(device: torch.device) -> List[str]:
@@ -121,19 +127,21 @@ def machine_info(device: torch.device) -> List[str]:
     return lines
 
 
-def legend(floor: Optional[str] = None) -> str:
-    """The legend under the table; ``floor`` says what the layer's ``floor`` provider runs."""
+def legend(floor: Optional[str] = None, gpu: bool = True) -> str:
+    """The legend under the table; ``floor`` says what the layer's ``floor`` provider runs; ``gpu``: explain the
+    CUDA-only columns too."""
     floor_text = f"1: as fast as the floor, {floor}" if floor else "1: as fast as the floor provider"
-    return (
-        "median ms: median time of one call (CUDA: triton do_bench, L2 flushed; CPU: perf_counter samples). "
-        "vs published = published ms / provider ms (> 1: faster than the published formulation); "
-        f"vs floor = floor ms / provider ms ({floor_text}). "
-        "wall ms (CUDA): wall-clock time per call of back-to-back calls, host launch overhead included "
-        "(do_bench's median hides launch overhead shorter than its L2 flush). "
-        "peak MiB (CUDA, fwd+bwd): peak allocated during one fwd+bwd above what inputs and parameters hold; "
-        "mem vs published = provider peak / published peak. Modes: fwd (forward with autograd recording), "
-        "bwd (torch.autograd.grad with retain_graph=True on a stored forward), fwd+bwd."
-    )
+    text = ("median ms: median time of one call (CUDA: triton do_bench, L2 flushed; CPU: perf_counter samples, "
+            "interleaved rounds). vs published = published ms / provider ms (> 1: faster than the published "
+            "formulation). ")
+    if gpu:
+        text += (f"vs floor = floor ms / provider ms ({floor_text}). "
+                 "wall ms (CUDA): wall-clock time per call of back-to-back calls, host launch overhead included "
+                 "(do_bench's median hides launch overhead shorter than its L2 flush). "
+                 "peak MiB (CUDA, fwd+bwd): peak allocated during one fwd+bwd above what inputs and parameters "
+                 "hold; mem vs published = provider peak / published peak. ")
+    return text + ("note: why a cell is missing or a check failed. Modes: fwd (forward with autograd recording), "
+                   "bwd (torch.autograd.grad with retain_graph=True on a stored forward), fwd+bwd.")
 
 
 class Report:
@@ -145,8 +153,9 @@ class Report:
 
     def __init__(self, out_dir: Optional[str], header: List[str], stream=None,
                  summary: Optional[Callable[[Sequence[Row]], List[str]]] = None,
-                 legend_text: Optional[str] = None):
+                 legend_text: Optional[str] = None, columns: Sequence[str] = COLUMNS):
         self.summary = summary
+        self.columns = tuple(columns)
         self.legend = legend_text or legend()
         self.rows: List[Row] = []
         self.notes: List[str] = []
@@ -162,7 +171,7 @@ class Report:
             self._csv_file.flush()
         print("\n".join("# " + h if i == 0 else h for i, h in enumerate(header)), file=self.stream)
         print("", file=self.stream)
-        print(table_header(), file=self.stream, flush=True)
+        print(table_header(self.columns), file=self.stream, flush=True)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -172,7 +181,7 @@ class Report:
     def add(self, rows: List[Row]) -> None:
         self.rows.extend(rows)
         for row in rows:
-            print("| " + " | ".join(row.cells()) + " |", file=self.stream)
+            print("| " + " | ".join(row.cells(self.columns)) + " |", file=self.stream)
             if self._csv is not None:
                 self._csv.writerow(row.csv_row())
         self.stream.flush()
@@ -182,7 +191,7 @@ class Report:
 
     def markdown(self) -> str:
         lines = ["# " + self.header[0]] + self.header[1:] + [""]
-        lines += [table_header()] + ["| " + " | ".join(r.cells()) + " |" for r in self.rows]
+        lines += [table_header(self.columns)] + ["| " + " | ".join(r.cells(self.columns)) + " |" for r in self.rows]
         lines += ["", self.legend]
         extra = self.summary(self.rows) if self.summary else []
         if extra:
