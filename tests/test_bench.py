@@ -32,7 +32,8 @@ def test_main_writes_every_provider_row(tmp_path, capsys):
     csv_rows = _rows(out / "results.csv")
     with open(out / "results.csv", newline="") as f:  # the columns stn_kernels.backend_rules reads
         assert next(csv.reader(f)) == ["case", "B", "H", "K", "N", "dtype", "mode", "provider", "median_ms", "samples",
-                                       "vs_published", "vs_floor", "wall_ms", "peak_mib", "mem_vs_published", "note"]
+                                       "iqr_pct", "vs_published", "vs_floor", "wall_ms", "peak_mib",
+                                       "mem_vs_published", "note"]
     md = (out / "results.md").read_text()
     assert len(rows) == len(csv_rows) == len(CPU_DEFAULT) * 3
     seen = {(r["mode"], r["provider"]) for r in csv_rows}
@@ -347,7 +348,8 @@ def test_cpu_table_prints_only_its_columns_a_legend_and_one_closing_line(tmp_pat
           "--out", str(tmp_path)])
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("| case |"))
-    assert header == "| case | dtype | mode | provider | median ms | vs published | note |"  # no CUDA-only columns
+    # No CUDA-only columns; the noise of each median (samples, interquartile range) is.
+    assert header == "| case | dtype | mode | provider | median ms | samples | IQR % | vs published | note |"
     assert header in (tmp_path / "results.md").read_text()
     lines = out.rstrip("\n").splitlines()
     assert lines[-1].startswith("wall time ") and f"results in {tmp_path}" in lines[-1]

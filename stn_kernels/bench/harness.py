@@ -478,9 +478,10 @@ def _get_do_bench():
 
 
 def _time_group(fns: Dict[str, Callable], impls: Dict[str, Impl], device: torch.device, cfg: TimingConfig
-                ) -> Tuple[Dict[str, float], Dict[str, int], Dict[str, str], Dict[str, float]]:
+                ) -> Tuple[Dict[str, float], Dict[str, int], Dict[str, str], Dict[str, float], Dict[str, float]]:
     """Median ms per provider, timed interleaved: each round runs every provider once, in a
-    rotated order. Returns (median ms, number of samples, errors, CUDA wall ms).
+    rotated order. Returns (median ms, number of samples, errors, CUDA wall ms, spread: the
+    interquartile range of the samples in % of their median, None with fewer than 4).
 
     On CUDA the median is do_bench's (device time between events, L2 flushed before each call;
     launch overhead shorter than the flush stays hidden), so a wall-clock time per call of
@@ -525,6 +526,7 @@ def _time_group(fns: Dict[str, Callable], impls: Dict[str, Impl], device: torch.
                 errors[n] = f"{type(exc).__name__}: {one_line(exc)}"
     medians = {n: statistics.median(s) for n, s in samples.items() if s and n not in errors}
     counts = {n: len(s) for n, s in samples.items()}
+    spreads = {n: _iqr_percent(s) for n, s in samples.items() if len(s) >= 4 and n in medians}
     walls: Dict[str, float] = {}
     if device.type == "cuda":
         for n, ms in medians.items():
@@ -540,7 +542,12 @@ def _time_group(fns: Dict[str, Callable], impls: Dict[str, Impl], device: torch.
                     walls[n] = (time.perf_counter() - t0) * 1e3 / calls
             except Exception as exc:
                 errors[n] = f"{type(exc).__name__}: {one_line(exc)}"
-    return medians, counts, errors, walls
+    return medians, counts, errors, walls, spreads
+
+
+def _iqr_percent(samples: List[float]) -> float:
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return 100.0 * (q3 - q1) / statistics.median(samples)
 
 
 def _peak_memory_mib(fn: Callable, impl: Impl, device: torch.device) -> float:
@@ -632,7 +639,7 @@ def run_mode(case: Case, impls: Dict[str, Impl], mode: str, cfg: TimingConfig) -
                 fns[p] = _mode_closure(impl, mode)
         except Exception as exc:
             errors[p] = f"{type(exc).__name__}: {one_line(exc)}"
-    medians, counts, timing_errors, walls = _time_group(fns, impls, device, cfg)
+    medians, counts, timing_errors, walls, spreads = _time_group(fns, impls, device, cfg)
     errors.update(timing_errors)
     peaks: Dict[str, float] = {}
     rechecks: Dict[str, str] = {}
@@ -669,7 +676,8 @@ def run_mode(case: Case, impls: Dict[str, Impl], mode: str, cfg: TimingConfig) -
         if p in errors:
             notes.append("error: " + errors[p])
         rows.append(Row(
-            case.shape, dtype_name(case.dtype), mode, p, ms, counts.get(p, 0), wall_ms=walls.get(p),
+            case.shape, dtype_name(case.dtype), mode, p, ms, counts.get(p, 0), iqr_pct=spreads.get(p),
+            wall_ms=walls.get(p),
             vs_published=(base / ms) if (base and ms) else None,
             vs_floor=(floor / ms) if (floor and ms) else None,
             peak_mib=peaks.get(p),

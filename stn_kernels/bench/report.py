@@ -33,16 +33,18 @@ class Shape(NamedTuple):
     N: int  # output features (conv: C_out; embedding: D)
 
 
-COLUMNS = ("case", "dtype", "mode", "provider", "median ms", "vs published", "vs floor", "wall ms", "peak MiB",
-           "mem vs published", "note")
+COLUMNS = ("case", "dtype", "mode", "provider", "median ms", "samples", "IQR %", "vs published", "vs floor",
+           "wall ms", "peak MiB", "mem vs published", "note")
 # What the CPU suite measures: the floor, wall time and peak memory are CUDA-only, so their columns stay empty.
-CPU_COLUMNS = ("case", "dtype", "mode", "provider", "median ms", "vs published", "note")
+CPU_COLUMNS = ("case", "dtype", "mode", "provider", "median ms", "samples", "IQR %", "vs published", "note")
 
 
 def columns_for(device: torch.device) -> Tuple[str, ...]:
     return COLUMNS if device.type == "cuda" else CPU_COLUMNS
-CSV_FIELDS = ("case", "B", "H", "K", "N", "dtype", "mode", "provider", "median_ms", "samples", "vs_published",
-              "vs_floor", "wall_ms", "peak_mib", "mem_vs_published", "note")
+
+
+CSV_FIELDS = ("case", "B", "H", "K", "N", "dtype", "mode", "provider", "median_ms", "samples", "iqr_pct",
+              "vs_published", "vs_floor", "wall_ms", "peak_mib", "mem_vs_published", "note")
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:
@@ -59,6 +61,7 @@ class Row:
     provider: str
     median_ms: Optional[float]
     samples: int = 0
+    iqr_pct: Optional[float] = None
     wall_ms: Optional[float] = None
     vs_published: Optional[float] = None
     vs_floor: Optional[float] = None
@@ -72,6 +75,7 @@ class Row:
 
         cells = [self.case.name, self.dtype, self.mode, self.provider,
                  num(self.median_ms, ".4g") if self.median_ms is not None else "n/a",
+                 str(self.samples) if self.samples else "", num(self.iqr_pct, ".0f"),
                  num(self.vs_published, ".2f"), num(self.vs_floor, ".2f"), num(self.wall_ms, ".4g"),
                  num(self.peak_mib, ".1f"), num(self.mem_vs_published, ".2f"), self.note.replace("|", "/")]
         return [cell for name, cell in zip(COLUMNS, cells) if name in columns]
@@ -82,7 +86,8 @@ class Row:
 
         return {"case": self.case.name, "B": self.case.B, "H": self.case.H, "K": self.case.K, "N": self.case.N,
                 "dtype": self.dtype, "mode": self.mode, "provider": self.provider,
-                "median_ms": num(self.median_ms), "samples": self.samples, "vs_published": num(self.vs_published),
+                "median_ms": num(self.median_ms), "samples": self.samples, "iqr_pct": num(self.iqr_pct),
+                "vs_published": num(self.vs_published),
                 "vs_floor": num(self.vs_floor), "wall_ms": num(self.wall_ms), "peak_mib": num(self.peak_mib),
                 "mem_vs_published": num(self.mem_vs_published), "note": self.note}
 
@@ -132,7 +137,9 @@ def legend(floor: Optional[str] = None, gpu: bool = True) -> str:
     CUDA-only columns too."""
     floor_text = f"1: as fast as the floor, {floor}" if floor else "1: as fast as the floor provider"
     text = ("median ms: median time of one call (CUDA: triton do_bench, L2 flushed; CPU: perf_counter samples, "
-            "interleaved rounds). vs published = published ms / provider ms (> 1: faster than the published "
+            "interleaved rounds). samples: the timed calls (CPU) or do_bench rounds (CUDA) behind the median; IQR %: "
+            "their interquartile range in % of the median, the noise (with --quick, few samples: read ratios "
+            "within that noise as equal). vs published = published ms / provider ms (> 1: faster than the published "
             "formulation). ")
     if gpu:
         text += (f"vs floor = floor ms / provider ms ({floor_text}). "
