@@ -126,9 +126,9 @@ def augment_input(x: torch.Tensor, sample: stn.HyperparameterSample) -> torch.Te
 class DigitsMLP(nn.Module):
     def __init__(self, num_hparams: int, hidden: int = 128) -> None:
         super().__init__()
-        self.fc1 = stn_kernels.HyperLinear(64, hidden, num_hparams)
-        self.fc2 = stn_kernels.HyperLinear(hidden, hidden, num_hparams)
-        self.fc3 = stn_kernels.HyperLinear(hidden, 10, num_hparams)
+        self.fc1 = stn_kernels.HyperLinear(64, hidden, num_hparams=num_hparams)
+        self.fc2 = stn_kernels.HyperLinear(hidden, hidden, num_hparams=num_hparams)
+        self.fc3 = stn_kernels.HyperLinear(hidden, 10, num_hparams=num_hparams)
 
     def forward(self, x, sample: stn.HyperparameterSample):
         lam = sample.layer_input
@@ -143,9 +143,9 @@ class DigitsMLP(nn.Module):
 class DigitsCNN(nn.Module):
     def __init__(self, num_hparams: int) -> None:
         super().__init__()
-        self.conv1 = stn_kernels.HyperConv2d(1, 16, 3, num_hparams, padding=1)
-        self.conv2 = stn_kernels.HyperConv2d(16, 32, 3, num_hparams, padding=1)
-        self.fc = stn_kernels.HyperLinear(32 * 2 * 2, 10, num_hparams)
+        self.conv1 = stn_kernels.HyperConv2d(1, 16, 3, num_hparams=num_hparams, padding=1)
+        self.conv2 = stn_kernels.HyperConv2d(16, 32, 3, num_hparams=num_hparams, padding=1)
+        self.fc = stn_kernels.HyperLinear(32 * 2 * 2, 10, num_hparams=num_hparams)
 
     def forward(self, x, sample: stn.HyperparameterSample):
         lam = sample.layer_input

@@ -383,3 +383,82 @@ def check_holes_fit(holes: Tensor, max_holes: int) -> None:
         most = int(holes.max().floor()) if holes.numel() else 0
         if most > max_holes:
             raise ValueError(f"holes: expected at most max_holes = {max_holes} holes per example, got {most}")
+
+
+# ----------------------------------------------------------------------------- module constructors
+
+class _Required:
+    """The default of a required keyword-only argument, so that the positional arguments are checked (and a
+    misread one explained) before its absence is reported."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def keyword_hint(cls_name: str, leading: Sequence, value="H") -> str:
+    """`` (num_hparams is keyword-only: HyperLinear(8, 5, num_hparams=3))``: the call with the keyword."""
+    args = ", ".join([*map(repr, leading), f"num_hparams={value}"])
+    return f" (num_hparams is keyword-only: {cls_name}({args}))"
+
+
+def check_ctor_int(value, name: str, low: int = 1, hint: str = "") -> int:
+    """An int >= ``low`` (bool rejected): TypeError for another type, ValueError below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {low}, got {_kind(value)}{hint}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}{hint}")
+    return value
+
+
+def check_ctor_bool(value, name: str, hint: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {_kind(value)}{hint}")
+    return value
+
+
+def check_num_hparams(num_hparams, cls_name: str, leading: Sequence) -> int:
+    """num_hparams: given (keyword-only), an int >= 1; each error shows the call with the keyword."""
+    if num_hparams is REQUIRED:
+        raise TypeError(f"num_hparams: missing, the number of hyperparameters is a required keyword-only "
+                        f"argument{keyword_hint(cls_name, leading)}")
+    return check_ctor_int(num_hparams, "num_hparams", 1, keyword_hint(cls_name, leading))
+
+
+def misread_hint(num_hparams, cls_name: str, leading: Sequence, value) -> str:
+    """The keyword hint for a positional argument that may be a num_hparams given by position (the published
+    order): only when num_hparams is missing and ``value`` is an int."""
+    if num_hparams is REQUIRED and isinstance(value, int) and not isinstance(value, bool):
+        return keyword_hint(cls_name, leading, value)
+    return ""
+
+
+def check_ctor_pair(value, name: str, low: int, hint: str = "") -> Tuple[int, int]:
+    """An int >= ``low`` or a pair of them (nn.Conv2d's kernel_size, stride, padding, dilation), as a tuple."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name}: expected an int >= {low} or a pair of them, got {value!r}{hint}")
+        items = tuple(value)
+    else:
+        items = (value, value)
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int >= {low} or a pair of them, got {_kind(value)}{hint}")
+        if v < low:
+            raise ValueError(f"{name}: expected an int >= {low} or a pair of them, got {value!r}{hint}")
+    return items
+
+
+def check_probability(value, name: str) -> float:
+    """A rate in [0, 1) (a float or an int, bool rejected), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a probability in [0, 1), got {_kind(value)}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+    return float(value)

@@ -182,8 +182,8 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
         if len(pads) != 1:
             raise ValueError(f"{where}: expected elem_embedding and hnet_embedding with the same padding_idx, got "
                              f"rows {sorted(pads)}")
-        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], scales.shape[1],
-                         padding_idx=pads.pop())
+        new = _meta_like(TimeMajorHyperEmbedding, elem.shape[0], elem.shape[1], pads.pop(),
+                         num_hparams=scales.shape[1])
         _take(new, "weight", elem)
         _take(new, "hyper_weight", hnet)
         _take(new, "hparam_weight", scales)
@@ -216,14 +216,15 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
     factory = {"dtype": weight.dtype}
     if weight.dim() == 2:
         cls = DropConnectHyperLinear if kind == "stn_lstm" else HyperLinear
-        new = _meta_like(cls, weight.shape[1], num_outputs, hparams_count, bias=bias is not None, **factory)
+        new = _meta_like(cls, weight.shape[1], num_outputs, bias is not None, num_hparams=hparams_count, **factory)
     elif weight.dim() == 4:
         if kind == "stn_lstm":
             raise ValueError(f"{where}: expected a 2-D elem_weight_raw for the LSTM layer, got {tuple(weight.shape)}")
         groups = int(getattr(module, "groups", 1))
-        new = _meta_like(HyperConv2d, weight.shape[1] * groups, num_outputs, tuple(weight.shape[2:]), hparams_count,
+        new = _meta_like(HyperConv2d, weight.shape[1] * groups, num_outputs, tuple(weight.shape[2:]),
                          stride=_pair_attr(module, "stride", 1), padding=_pair_attr(module, "padding", 0),
-                         dilation=_pair_attr(module, "dilation", 1), groups=groups, bias=bias is not None, **factory)
+                         dilation=_pair_attr(module, "dilation", 1), groups=groups, bias=bias is not None,
+                         num_hparams=hparams_count, **factory)
     else:
         raise ValueError(f"{where}.{weights[0]}: expected a 2-D (linear) or 4-D (conv) weight, got "
                          f"{tuple(weight.shape)}")
@@ -284,8 +285,8 @@ def _convert_published_cell(module: nn.Module, num_hparams: Optional[int], where
                          f"without biases, got H = {i2h.num_hparams}, {h2h.num_hparams} and biases "
                          f"{i2h.bias is not None}, {h2h.bias is not None}")
     # DropConnect stays with the model: the published one calls h2h.mask_weights(wdrop) before each forward.
-    new = _meta_like(HyperLSTMCell, i2h.weight.shape[1], h2h.weight.shape[1], i2h.num_hparams,
-                     bias=i2h.bias is not None, dtype=i2h.weight.dtype)
+    new = _meta_like(HyperLSTMCell, i2h.weight.shape[1], h2h.weight.shape[1], i2h.bias is not None,
+                     num_hparams=i2h.num_hparams, dtype=i2h.weight.dtype)
     new.i2h, new.h2h = i2h, h2h
     return new
 
@@ -299,13 +300,13 @@ def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module
                              f"got {module.padding_mode!r}")
         if isinstance(module.padding, str):
             raise ValueError(f"{where}: expected integer padding, got padding={module.padding!r}")
-        new = HyperConv2d(weight.shape[1] * module.groups, weight.shape[0], tuple(weight.shape[2:]), num_hparams,
+        new = HyperConv2d(weight.shape[1] * module.groups, weight.shape[0], tuple(weight.shape[2:]),
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
-                          groups=module.groups, bias=bias is not None, **factory)
+                          groups=module.groups, bias=bias is not None, num_hparams=num_hparams, **factory)
     else:
         # Sizes from the weight, not the attributes: a tied weight may have replaced the one built (the official
         # LSTMs build nn.Linear(nhid, ntoken) and then tie it to the [ntoken, ninp] embedding).
-        new = HyperLinear(weight.shape[1], weight.shape[0], num_hparams, bias=bias is not None, **factory)
+        new = HyperLinear(weight.shape[1], weight.shape[0], bias is not None, num_hparams=num_hparams, **factory)
     _take(new, "weight", weight)
     _take(new, "bias", bias)
     with torch.no_grad():

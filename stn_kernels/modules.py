@@ -17,18 +17,24 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from . import functional, reference, reference_lstm
 from ._validation import (
+    REQUIRED,
     any_autocast,
     check_conv_geometry,
+    check_ctor_bool,
+    check_ctor_int,
+    check_ctor_pair,
     check_groups,
+    check_num_hparams,
+    check_probability,
     check_shape,
     check_tensor,
     embedding_param_info,
     layer_param_info,
     lstm_param_info,
+    misread_hint,
     param_signature,
 )
 from .backends import kernels
@@ -167,9 +173,14 @@ class HyperLinear(_HyperLayer):
     (the elementary path only, i.e. a plain linear layer).
     """
 
-    def __init__(self, in_features: int, out_features: int, num_hparams: int, bias: bool = True, *,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_hparams: int = REQUIRED,
                  device=None, dtype=None) -> None:
         super().__init__()
+        name, leading = type(self).__name__, (in_features, out_features)
+        check_ctor_int(in_features, "in_features")
+        check_ctor_int(out_features, "out_features")
+        check_ctor_bool(bias, "bias", misread_hint(num_hparams, name, leading, bias))
+        num_hparams = check_num_hparams(num_hparams, name, leading)
         self.in_features = in_features
         self.out_features = out_features
         self._init_hyper_params((out_features, in_features), out_features, num_hparams, bias,
@@ -186,24 +197,31 @@ class HyperLinear(_HyperLayer):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_hparams={self.num_hparams}, bias={self.bias is not None}")
+                f"bias={self.bias is not None}, num_hparams={self.num_hparams}")
 
 
 class HyperConv2d(_HyperLayer):
     """out[b,c] = conv(x, W)[b,c] + s[b,c]·conv(x, W_hyper)[b,c] + b[c] + t[b,c]·b_hyper[c], s = V·λ_b, t = C·λ_b."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, num_hparams: int, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, *, device=None, dtype=None) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, num_hparams: int = REQUIRED, device=None,
+                 dtype=None) -> None:
         super().__init__()
+        name, leading = type(self).__name__, (in_channels, out_channels, kernel_size)
+        check_ctor_int(in_channels, "in_channels")
+        check_ctor_int(out_channels, "out_channels")
+        self.kernel_size = check_ctor_pair(kernel_size, "kernel_size", 1)
+        self.stride = check_ctor_pair(stride, "stride", 1, misread_hint(num_hparams, name, leading, stride))
+        self.padding = check_ctor_pair(padding, "padding", 0)
+        self.dilation = check_ctor_pair(dilation, "dilation", 1)
+        check_ctor_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
                              f"out_channels={out_channels}, got {groups}")
+        check_ctor_bool(bias, "bias")
+        num_hparams = check_num_hparams(num_hparams, name, leading)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
         self.groups = groups
         self._init_hyper_params((out_channels, in_channels // groups, *self.kernel_size), out_channels, num_hparams,
                                 bias, {"device": device, "dtype": dtype})
@@ -235,15 +253,16 @@ class HyperConv2d(_HyperLayer):
                                        self.groups)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"num_hparams={self.num_hparams}, stride={self.stride}")
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
-        return s + f", bias={self.bias is not None}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", num_hparams={self.num_hparams}"
 
 
 class HyperEmbedding(nn.Module):
@@ -260,10 +279,13 @@ class HyperEmbedding(nn.Module):
     HyperEmbedding passes ``padding_idx=-1`` to both of its lookups, and ``convert`` keeps it.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, num_hparams: int, *,
-                 padding_idx: Optional[int] = None, device=None, dtype=None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
+                 num_hparams: int = REQUIRED, device=None, dtype=None) -> None:
         super().__init__()
+        name, leading = type(self).__name__, (num_embeddings, embedding_dim)
         factory = {"device": device, "dtype": dtype}
+        check_ctor_int(num_embeddings, "num_embeddings")
+        check_ctor_int(embedding_dim, "embedding_dim")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.num_hparams = num_hparams
@@ -271,8 +293,10 @@ class HyperEmbedding(nn.Module):
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
                     or not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx: expected None or an int in [-{num_embeddings}, {num_embeddings}) "
-                                 f"(num_embeddings = {num_embeddings}), got {padding_idx!r}")
+                                 f"(num_embeddings = {num_embeddings}), got {padding_idx!r}"
+                                 + misread_hint(num_hparams, name, leading, padding_idx))
             padding_idx %= num_embeddings
+        num_hparams = check_num_hparams(num_hparams, name, leading)
         self.padding_idx = padding_idx
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
         self.hyper_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
@@ -343,7 +367,7 @@ class HyperEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return f"{self.num_embeddings}, {self.embedding_dim}, num_hparams={self.num_hparams}{padding}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{padding}, num_hparams={self.num_hparams}"
 
 
 class _NoGradRow(torch.autograd.Function):
@@ -369,6 +393,19 @@ def _set_mask(linear: nn.Module, weight: Tensor, hyper_weight: Tensor) -> Tuple[
     return (weight, hyper_weight) if mask is None else (weight * mask, hyper_weight * mask)
 
 
+def _check_lstm_args(module: nn.Module, leading: tuple, bias, batch_first, num_hparams) -> int:
+    """The checks of the HyperLSTMCell / HyperLSTM constructor arguments; returns num_hparams. ``leading``:
+    the positional arguments before ``bias`` (input_size, hidden_size and HyperLSTM's num_layers)."""
+    name = type(module).__name__
+    check_ctor_int(leading[0], "input_size")
+    check_ctor_int(leading[1], "hidden_size")
+    if len(leading) > 2:
+        check_ctor_int(leading[2], "num_layers")
+    check_ctor_bool(bias, "bias", misread_hint(num_hparams, name, leading, bias))
+    check_ctor_bool(batch_first, "batch_first")
+    return check_num_hparams(num_hparams, name, leading)
+
+
 class HyperLSTMCell(nn.Module):
     """One HyperLSTM layer over a sequence: the official STN ``HyperLSTMCell``, fused.
 
@@ -387,19 +424,18 @@ class HyperLSTMCell(nn.Module):
     hidden is None, as the published cell).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_hparams: int, bias: bool = True,
-                 dropconnect: float = 0.0, batch_first: bool = False, *, device=None, dtype=None) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, batch_first: bool = False, *,
+                 num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(dropconnect, bool) or not isinstance(dropconnect, (int, float)) or not 0 <= dropconnect < 1:
-            raise ValueError(f"dropconnect: expected a probability in [0, 1), got {dropconnect!r}")
+        num_hparams = _check_lstm_args(self, (input_size, hidden_size), bias, batch_first, num_hparams)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_hparams = num_hparams
-        self.dropconnect = float(dropconnect)
+        self.dropconnect = check_probability(dropconnect, "dropconnect")
         self.batch_first = batch_first
         factory = {"device": device, "dtype": dtype}
-        self.i2h = HyperLinear(input_size, 4 * hidden_size, num_hparams, bias, **factory)
-        self.h2h = HyperLinear(hidden_size, 4 * hidden_size, num_hparams, bias, **factory)
+        self.i2h = HyperLinear(input_size, 4 * hidden_size, bias, num_hparams=num_hparams, **factory)
+        self.h2h = HyperLinear(hidden_size, 4 * hidden_size, bias, num_hparams=num_hparams, **factory)
 
     def reset_parameters(self) -> None:
         self.i2h.reset_parameters()
@@ -541,19 +577,20 @@ class HyperLSTM(nn.Module):
     (:func:`stn_kernels.stn.per_example_dropout` underneath; pass None in the validation steps).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, num_hparams: int, bias: bool = True,
-                 batch_first: bool = False, dropconnect: float = 0.0, *, device=None, dtype=None) -> None:
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, *, num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None,
+                 dtype=None) -> None:
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        num_hparams = _check_lstm_args(self, (input_size, hidden_size, num_layers), bias, batch_first, num_hparams)
+        check_probability(dropconnect, "dropconnect")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.num_hparams = num_hparams
         self.batch_first = batch_first
         self.cells = nn.ModuleList(
-            HyperLSTMCell(input_size if layer == 0 else hidden_size, hidden_size, num_hparams, bias, dropconnect,
-                          device=device, dtype=dtype)
+            HyperLSTMCell(input_size if layer == 0 else hidden_size, hidden_size, bias, num_hparams=num_hparams,
+                          dropconnect=dropconnect, device=device, dtype=dtype)
             for layer in range(num_layers))
 
     @property

@@ -24,7 +24,7 @@ def small_hyper_linear(device="cpu", dtype=F32):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, generator=gen, dtype=dtype)
     hp = torch.randn(3, 2, generator=gen, dtype=dtype)
-    m = stn_kernels.HyperLinear(4, 5, 2, dtype=dtype)
+    m = stn_kernels.HyperLinear(4, 5, num_hparams=2, dtype=dtype)
     return x.to(device), hp.to(device), m.to(device)
 
 

@@ -24,8 +24,8 @@ class TinyNet(torch.nn.Module):
 
     def __init__(self, regularize=True):
         super().__init__()
-        self.fc1 = stn_kernels.HyperLinear(6, 8, 2)
-        self.fc2 = stn_kernels.HyperLinear(8, 3, 2)
+        self.fc1 = stn_kernels.HyperLinear(6, 8, num_hparams=2)
+        self.fc2 = stn_kernels.HyperLinear(8, 3, num_hparams=2)
         self.regularize = regularize
         self.perturbed = []   # λ_b of every training step: ε made visible
         self.probes = []      # a mask at a fixed rate: shows the dropout seed stream alone

@@ -34,19 +34,19 @@ def _seed():
 # name -> (published factory, our factory, input factory, call ours)
 LAYERS = {
     "official-HyperLinear": (lambda: OfficialHyperLinear(K, N, H),
-                             lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
+                             lambda: stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=D64),
                              lambda: torch.randn(B, K, dtype=D64), {}),
     "official-HyperConv2d": (lambda: OfficialHyperConv2d(3, N, 3, 1, H),
-                             lambda: stn_kernels.HyperConv2d(3, N, 3, H, padding=1, dtype=D64),
+                             lambda: stn_kernels.HyperConv2d(3, N, 3, num_hparams=H, padding=1, dtype=D64),
                              lambda: torch.randn(B, 3, 5, 7, dtype=D64), {}),
     "official-HyperEmbedding": (lambda: OfficialHyperEmbedding(11, N, H),
-                                lambda: stn_kernels.HyperEmbedding(11, N, H, dtype=D64),
+                                lambda: stn_kernels.HyperEmbedding(11, N, num_hparams=H, dtype=D64),
                                 lambda: torch.randint(0, 11, (5, B)), {"batch_dim": 1}),
     "official-LSTM-HyperLinear": (lambda: OfficialLstmHyperLinear(K, N, H),
-                                  lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
+                                  lambda: stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=D64),
                                   lambda: torch.randn(B, K, dtype=D64), {}),
     "DeltaSTN-StnLinear": (lambda: DeltaStnLinear(K, N, H),
-                           lambda: stn_kernels.HyperLinear(K, N, H, dtype=D64),
+                           lambda: stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=D64),
                            lambda: torch.randn(B, K, dtype=D64), {}),
 }
 
@@ -111,7 +111,7 @@ def test_load_published_state_dict_nested(name):
 
 def test_elem_scalar_is_folded_not_dropped():
     """a = 1.7 changes the output; the loaded layer reproduces a·(x·W_eᵀ + b_e), not x·W_eᵀ + b_e."""
-    layer, ours = OfficialHyperLinear(K, N, H, elem_scalar=1.7), stn_kernels.HyperLinear(K, N, H, dtype=D64)
+    layer, ours = OfficialHyperLinear(K, N, H, elem_scalar=1.7), stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=D64)
     ours.load_state_dict(layer.state_dict())
     x, lam = torch.randn(B, K, dtype=D64), torch.randn(B, H, dtype=D64)
     assert_close_rel(ours(x, lam), layer(x, lam), D64)
@@ -138,10 +138,10 @@ def test_own_state_dict_round_trip(name):
 
 
 def test_round_trip_through_file(tmp_path):
-    net = nn.Sequential(stn_kernels.HyperLinear(K, N, H), nn.ReLU())
+    net = nn.Sequential(stn_kernels.HyperLinear(K, N, num_hparams=H), nn.ReLU())
     path = tmp_path / "ckpt.pt"
     torch.save(net.state_dict(), path)
-    other = nn.Sequential(stn_kernels.HyperLinear(K, N, H), nn.ReLU())
+    other = nn.Sequential(stn_kernels.HyperLinear(K, N, num_hparams=H), nn.ReLU())
     other.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x, lam = torch.randn(B, K), torch.randn(B, H)
     assert torch.equal(net[0](x, lam), other[0](x, lam))
@@ -153,7 +153,7 @@ def test_strict_load_still_reports_missing_and_unexpected():
     del state["hnet_bias"]
     state["bogus"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="(?s)Missing key.*hyper_bias.*Unexpected key.*bogus"):
-        stn_kernels.HyperLinear(K, N, H, dtype=D64).load_state_dict(state, strict=True)
+        stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=D64).load_state_dict(state, strict=True)
 
 
 # --------------------------------------------------------------------------- HyperLSTM
@@ -163,7 +163,7 @@ def test_published_cell_checkpoint_loads_strict():
     published = PublishedHyperLSTMCell(K, N, H)
     keys = set(published.state_dict())
     assert {"i2h.elem_weight_raw", "h2h.hnet_weight_raw", "h2h.hnet_tensor_to_scalars.weight"} <= keys
-    ours = stn_kernels.HyperLSTMCell(K, N, H, dtype=D64)
+    ours = stn_kernels.HyperLSTMCell(K, N, num_hparams=H, dtype=D64)
     ours.load_state_dict(published.state_dict(), strict=True)
     x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
     hidden = (torch.randn(1, B, N, dtype=D64), torch.randn(1, B, N, dtype=D64))
@@ -186,7 +186,7 @@ def test_published_model_rnns_load_into_stack():
     class Ours(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnns = stn_kernels.HyperLSTM(N, N, 2, H, dtype=D64)
+            self.rnns = stn_kernels.HyperLSTM(N, N, 2, num_hparams=H, dtype=D64)
 
     published, ours = Published(), Ours()
     ours.load_state_dict(published.state_dict(), strict=True)

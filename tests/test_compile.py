@@ -25,9 +25,9 @@ class ConvNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = stn_kernels.HyperConv2d(3, 4, 3, H, stride=2, padding=1)
-        self.fc1 = stn_kernels.HyperLinear(4 * 3 * 4, 10, H)
-        self.fc2 = stn_kernels.HyperLinear(10, 5, H)
+        self.conv = stn_kernels.HyperConv2d(3, 4, 3, num_hparams=H, stride=2, padding=1)
+        self.fc1 = stn_kernels.HyperLinear(4 * 3 * 4, 10, num_hparams=H)
+        self.fc2 = stn_kernels.HyperLinear(10, 5, num_hparams=H)
 
     def forward(self, x, hparams):
         y = torch.relu(self.conv(x, hparams)).flatten(1)
@@ -40,8 +40,8 @@ class EmbeddingNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.emb = stn_kernels.HyperEmbedding(20, 8, H)
-        self.fc = stn_kernels.HyperLinear(8, 5, H)
+        self.emb = stn_kernels.HyperEmbedding(20, 8, num_hparams=H)
+        self.fc = stn_kernels.HyperLinear(8, 5, num_hparams=H)
 
     def forward(self, idx, hparams):
         return self.fc(torch.tanh(self.emb(idx, hparams)).mean(1), hparams)

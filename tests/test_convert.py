@@ -166,7 +166,7 @@ def test_exclude_shared_and_top_level_modules():
 
 
 def test_already_converted_models_are_left_alone():
-    model = nn.Sequential(HyperLinear(3, 4, H), HyperEmbedding(5, 3, H))
+    model = nn.Sequential(HyperLinear(3, 4, num_hparams=H), HyperEmbedding(5, 3, num_hparams=H))
     layers = list(model)
     stn_kernels.convert(model, num_hparams=H)
     assert list(model) == layers
@@ -341,7 +341,7 @@ def test_converted_official_embedding_keeps_padding_idx_minus_one():
 
 
 def test_hyper_embedding_padding_idx_argument():
-    layer = HyperEmbedding(5, 3, H, padding_idx=-2, dtype=F64)
+    layer = HyperEmbedding(5, 3, num_hparams=H, padding_idx=-2, dtype=F64)
     assert layer.padding_idx == 3
     assert torch.equal(layer.weight[3], torch.zeros(3, dtype=F64))           # zeroed as nn.Embedding's row
     assert torch.equal(layer.hyper_weight[3], torch.zeros(3, dtype=F64))
@@ -353,7 +353,7 @@ def test_hyper_embedding_padding_idx_argument():
     assert layer.weight.grad[1].abs().sum() > 0 and layer.hyper_weight.grad[4].abs().sum() > 0
     for bad in (5, -6, 1.0, True):
         with pytest.raises(ValueError, match=r"padding_idx: expected None or an int in \[-5, 5\)"):
-            HyperEmbedding(5, 3, H, padding_idx=bad)
+            HyperEmbedding(5, 3, num_hparams=H, padding_idx=bad)
 
 
 

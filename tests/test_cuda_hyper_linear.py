@@ -260,7 +260,7 @@ def test_gpu_opcheck_private_ops(cuda_backend):
 @pytest.mark.gpu
 def test_gpu_public_api_on_the_cuda_backend(cuda_backend):
     torch.manual_seed(0)
-    m = stn_kernels.HyperLinear(37, 53, 7).cuda()
+    m = stn_kernels.HyperLinear(37, 53, num_hparams=7).cuda()
     x = torch.randn(9, 37, device="cuda", requires_grad=True)
     hp = torch.randn(9, 7, device="cuda", requires_grad=True)
     results = {}

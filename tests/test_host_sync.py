@@ -151,13 +151,13 @@ def _cuda(*size, grad=True):
 
 
 def _run_linear():
-    layer = stn_kernels.HyperLinear(16, 12, 3, device="cuda")
+    layer = stn_kernels.HyperLinear(16, 12, num_hparams=3, device="cuda")
     x, lam = _cuda(8, 16), _cuda(8, 3)
     return layer(x, lam), [x, lam, *layer.parameters()]
 
 
 def _run_linear_functional():  # the public function (the module's fast path aside), 3-D input
-    layer = stn_kernels.HyperLinear(16, 12, 3, device="cuda")
+    layer = stn_kernels.HyperLinear(16, 12, num_hparams=3, device="cuda")
     x, lam = _cuda(8, 2, 16), _cuda(8, 3)
     V, C = layer.hparam_weight.chunk(2)
     out = stn_kernels.hyper_linear(x, lam, layer.weight, layer.hyper_weight, layer.bias, layer.hyper_bias, V, C)
@@ -165,20 +165,20 @@ def _run_linear_functional():  # the public function (the module's fast path asi
 
 
 def _run_conv2d():
-    layer = stn_kernels.HyperConv2d(3, 8, 3, 3, padding=1, device="cuda")
+    layer = stn_kernels.HyperConv2d(3, 8, 3, num_hparams=3, padding=1, device="cuda")
     x, lam = _cuda(4, 3, 8, 8), _cuda(4, 3)
     return layer(x, lam), [x, lam, *layer.parameters()]
 
 
 def _run_embedding():
-    layer = stn_kernels.HyperEmbedding(50, 16, 3, device="cuda")
+    layer = stn_kernels.HyperEmbedding(50, 16, num_hparams=3, device="cuda")
     tokens = torch.randint(0, 50, (4, 8), device="cuda")
     lam = _cuda(8, 3)
     return layer(tokens, lam, batch_dim=1), [lam, *layer.parameters()]
 
 
 def _run_lstm_step():
-    cell = stn_kernels.HyperLSTMCell(16, 16, 3, device="cuda")
+    cell = stn_kernels.HyperLSTMCell(16, 16, num_hparams=3, device="cuda")
     x, lam = _cuda(1, 8, 16), _cuda(8, 3)
     h, c = _cuda(1, 8, 16, grad=False), _cuda(1, 8, 16, grad=False)
     out, _ = cell(x, (h, c), lam)
@@ -186,7 +186,7 @@ def _run_lstm_step():
 
 
 def _run_lstm_stack():  # two layers, DropConnect and per-example locked dropout between them
-    lstm = stn_kernels.HyperLSTM(16, 16, 2, 3, dropconnect=0.3, device="cuda")
+    lstm = stn_kernels.HyperLSTM(16, 16, 2, num_hparams=3, dropconnect=0.3, device="cuda")
     x, lam = _cuda(5, 8, 16), _cuda(8, 3)
     out, _ = lstm(x, None, lam, layer_dropout=torch.rand(8, device="cuda") * 0.5)
     return out, [x, lam, *lstm.parameters()]
@@ -266,9 +266,9 @@ def test_the_node_by_node_backward_is_autograds(noted_inputs):
     """_backward (what the fake-CUDA tests differentiate with) gives torch.autograd.grad's gradients, on real
     CPU tensors, through a Function with non-tensor inputs, broadcasts and the LSTM's two-output op."""
     torch.manual_seed(0)
-    embed = stn_kernels.HyperEmbedding(20, 8, 3)
-    lstm = stn_kernels.HyperLSTM(8, 6, 2, 3)
-    head = stn_kernels.HyperLinear(6, 4, 3)
+    embed = stn_kernels.HyperEmbedding(20, 8, num_hparams=3)
+    lstm = stn_kernels.HyperLSTM(8, 6, 2, num_hparams=3)
+    head = stn_kernels.HyperLinear(6, 4, num_hparams=3)
     tokens, lam = torch.randint(0, 20, (5, 4)), torch.randn(4, 3, requires_grad=True)
     out = head(lstm(embed(tokens, lam, batch_dim=1), None, lam)[0].transpose(0, 1), lam)
     inputs = [lam, *embed.parameters(), *lstm.parameters(), *head.parameters()]

@@ -78,7 +78,8 @@ def naive(conf):
 
 
 def make_module(conf, H, dtype, bias=True):
-    m = stn_kernels.HyperConv2d(conf.C_in, conf.C_out, conf.kernel, H, bias=bias, dtype=dtype, **conf.geometry)
+    m = stn_kernels.HyperConv2d(conf.C_in, conf.C_out, conf.kernel, bias=bias, num_hparams=H, dtype=dtype,
+                                **conf.geometry)
     return randomize_module_(m)
 
 

@@ -103,7 +103,7 @@ def test_functional_matches_naive(dtype, idx_shape, hparams_kind, index_dtype):
 @pytest.mark.parametrize("idx_shape", IDX_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_module_matches_naive(dtype, idx_shape, hparams_kind, index_dtype):
-    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, H, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, num_hparams=H, dtype=dtype))
     idx = torch.randint(0, NUM, idx_shape, dtype=index_dtype)
     inputs = module_inputs(m, idx, make_hparams(hparams_kind, idx_shape[0], H, dtype))
     check_against_naive(module_fn(m), module_naive, inputs, dtype)
@@ -114,7 +114,7 @@ def test_module_matches_naive(dtype, idx_shape, hparams_kind, index_dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_time_major_batch_dim_1(dtype, index_dtype, hparams_kind):
     T, B = 6, 4
-    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, H, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, num_hparams=H, dtype=dtype))
     idx = torch.randint(0, NUM, (T, B), dtype=index_dtype)
     inputs = module_inputs(m, idx, make_hparams(hparams_kind, B, H, dtype))
     check_against_naive(module_fn(m, batch_dim=1), naive_time_major, inputs, dtype)
@@ -122,7 +122,7 @@ def test_time_major_batch_dim_1(dtype, index_dtype, hparams_kind):
 
 def test_time_major_uses_lambda_of_column():
     """Under batch_dim=1 the output at [t, b] uses λ_b (not λ_t)."""
-    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, H, dtype=torch.float64))
+    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, num_hparams=H, dtype=torch.float64))
     idx = torch.randint(0, NUM, (3, 2))
     lam = torch.randn(2, H, dtype=torch.float64)
     out = m(idx, lam, batch_dim=1)
@@ -140,7 +140,7 @@ def test_repeated_indices_accumulate(dtype):
     inp = emb_inputs((5, 3), dtype, "per_example")
     inp["idx"] = idx
     check_against_naive(functional, naive_hyper_embedding, inp, dtype)
-    m = stn_kernels.HyperEmbedding(NUM, DIM, H, dtype=dtype)
+    m = stn_kernels.HyperEmbedding(NUM, DIM, num_hparams=H, dtype=dtype)
     lam = torch.randn(5, H, dtype=dtype)
     m(idx, lam).sum().backward()
     assert not m.weight.grad[torch.arange(NUM) != 2].any()
@@ -156,7 +156,7 @@ def test_gradients_of_a_subset(subset):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_module_backward_fills_parameter_grads(dtype):
-    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, H, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, num_hparams=H, dtype=dtype))
     idx = torch.randint(0, NUM, (5, 3))
     lam = torch.randn(5, H, dtype=dtype, requires_grad=True)
     g = torch.randn(5, 3, DIM, dtype=torch.float64)
@@ -170,7 +170,7 @@ def test_module_backward_fills_parameter_grads(dtype):
 
 
 def test_module_without_hparams_is_plain_embedding():
-    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, H, dtype=torch.float64))
+    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, DIM, num_hparams=H, dtype=torch.float64))
     idx = torch.randint(0, NUM, (5, 3))
     assert torch.equal(m(idx), F.embedding(idx, m.weight))
 
@@ -217,7 +217,7 @@ def test_gradcheck(hparams_kind):
 
 
 def test_gradcheck_module_time_major():
-    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, 3, 2, dtype=torch.float64))
+    m = randomize_module_(stn_kernels.HyperEmbedding(NUM, 3, num_hparams=2, dtype=torch.float64))
     idx = torch.randint(0, NUM, (3, 2))
     args = (idx, torch.randn(2, 2, dtype=torch.float64, requires_grad=True),
             *(p.detach().clone().requires_grad_() for p in (m.weight, m.hyper_weight, m.hparam_weight)))

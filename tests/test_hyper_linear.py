@@ -125,7 +125,7 @@ def test_functional_matches_naive(dtype, B, shape, hparams_kind, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_module_matches_naive(dtype, B, shape, hparams_kind, bias):
     K, N, H = shape
-    m = randomize_module_(stn_kernels.HyperLinear(K, N, H, bias=bias, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperLinear(K, N, num_hparams=H, bias=bias, dtype=dtype))
     x = torch.randn(B, K, dtype=dtype)
     check_against_naive(module_fn(m), module_naive, module_inputs(m, x, make_hparams(hparams_kind, B, H, dtype)),
                         dtype)
@@ -135,7 +135,7 @@ def test_module_matches_naive(dtype, B, shape, hparams_kind, bias):
 def test_module_backward_fills_parameter_grads(dtype):
     """The ordinary training path: loss.backward() fills .grad of every parameter, hparam_weight = [dV; dC]."""
     K, N, H, B = 37, 53, 7, 5
-    m = randomize_module_(stn_kernels.HyperLinear(K, N, H, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=dtype))
     x = torch.randn(B, K, dtype=dtype, requires_grad=True)
     lam = torch.randn(B, H, dtype=dtype, requires_grad=True)
     g = torch.randn(B, N, dtype=torch.float64)
@@ -151,7 +151,7 @@ def test_module_backward_fills_parameter_grads(dtype):
 
 
 def test_module_without_hparams_is_plain_linear():
-    m = randomize_module_(stn_kernels.HyperLinear(37, 53, 7, dtype=torch.float64))
+    m = randomize_module_(stn_kernels.HyperLinear(37, 53, num_hparams=7, dtype=torch.float64))
     x = torch.randn(5, 37, dtype=torch.float64)
     assert_close_rel(m(x), F.linear(x, m.weight, m.bias), torch.float64)
     m(x).sum().backward()
@@ -166,7 +166,7 @@ def test_leading_dims(dtype, x_shape, hparams_kind):
     """[B, *, K]: λ_b is shared across the middle dims."""
     inp = linear_inputs(x_shape, 37, 53, 7, dtype, hparams_kind)
     check_against_naive(functional, naive_hyper_linear, inp, dtype)
-    m = randomize_module_(stn_kernels.HyperLinear(37, 53, 7, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperLinear(37, 53, num_hparams=7, dtype=dtype))
     check_against_naive(module_fn(m), module_naive, module_inputs(m, inp["x"], inp["hparams"]), dtype)
 
 
@@ -241,7 +241,7 @@ def test_empty_batch(dtype, x_shape, hparams_kind):
     out = functional(**inp)
     assert out.shape == (*x_shape[:-1], 53) and out.dtype == dtype
     check_against_naive(functional, naive_hyper_linear, inp, dtype)
-    m = stn_kernels.HyperLinear(37, 53, 7, dtype=dtype)
+    m = stn_kernels.HyperLinear(37, 53, num_hparams=7, dtype=dtype)
     x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
     out = m(x, inp["hparams"])
     assert out.shape == (*x_shape[:-1], 53)
@@ -262,7 +262,7 @@ STN_SHAPES = [
 @pytest.mark.parametrize("shape", STN_SHAPES)
 def test_stn_shapes_float32(shape):
     B, H, K, N = shape
-    m = randomize_module_(stn_kernels.HyperLinear(K, N, H, dtype=torch.float32))
+    m = randomize_module_(stn_kernels.HyperLinear(K, N, num_hparams=H, dtype=torch.float32))
     x = torch.randn(B, K)
     check_against_naive(module_fn(m), module_naive, module_inputs(m, x, torch.randn(B, H)), torch.float32)
 
@@ -294,7 +294,7 @@ def test_gradcheck_functional(hparams_kind, bias, x_shape, one_thread):
 
 @pytest.mark.parametrize("hparams_kind", HPARAMS)
 def test_gradcheck_module(hparams_kind, one_thread):
-    m = randomize_module_(stn_kernels.HyperLinear(4, 3, 2, dtype=torch.float64))
+    m = randomize_module_(stn_kernels.HyperLinear(4, 3, num_hparams=2, dtype=torch.float64))
     run = module_fn(m)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     hp = make_hparams(hparams_kind, 3, 2)
@@ -378,14 +378,14 @@ def test_half_inputs_half_hparams(dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_module_float32_hparam_weight(dtype):
-    m = randomize_module_(stn_kernels.HyperLinear(37, 53, 7, dtype=dtype))
+    m = randomize_module_(stn_kernels.HyperLinear(37, 53, num_hparams=7, dtype=dtype))
     m.hparam_weight.data = m.hparam_weight.data.float()
     x = torch.randn(5, 37).to(dtype)
     check_against_naive(module_fn(m), module_naive, module_inputs(m, x, torch.randn(5, 7)), dtype)
 
 
 def test_autocast_bf16():
-    m = randomize_module_(stn_kernels.HyperLinear(37, 53, 7))
+    m = randomize_module_(stn_kernels.HyperLinear(37, 53, num_hparams=7))
     x = torch.randn(5, 37, requires_grad=True)
     lam = torch.randn(5, 7, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -500,9 +500,9 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch, layer):
 
     torch.manual_seed(0)
     module, x = {
-        "linear": (stn_kernels.HyperLinear(7, 5, 3), torch.randn(4, 7)),
-        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, 3, padding=1), torch.randn(4, 2, 5, 5)),
-        "embedding": (stn_kernels.HyperEmbedding(11, 5, 3), torch.randint(0, 11, (4, 2))),
+        "linear": (stn_kernels.HyperLinear(7, 5, num_hparams=3), torch.randn(4, 7)),
+        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, num_hparams=3, padding=1), torch.randn(4, 2, 5, 5)),
+        "embedding": (stn_kernels.HyperEmbedding(11, 5, num_hparams=3), torch.randint(0, 11, (4, 2))),
     }[layer]
     fn = {"linear": _support.StackedScalesFunction, "conv2d": _support.StackedScalesFunction,
           "embedding": hyper_embedding.HyperEmbeddingFunction}[layer]
@@ -535,8 +535,8 @@ def test_module_resolves_its_backend_once_per_call(monkeypatch, layer):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     module, x = {
-        "linear": (stn_kernels.HyperLinear(7, 5, 3), torch.randn(4, 7)),
-        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, 3, padding=1), torch.randn(4, 2, 5, 5)),
+        "linear": (stn_kernels.HyperLinear(7, 5, num_hparams=3), torch.randn(4, 7)),
+        "conv2d": (stn_kernels.HyperConv2d(2, 3, 3, num_hparams=3, padding=1), torch.randn(4, 2, 5, 5)),
     }[layer]
     calls = []
     resolve = registry.resolve_backend

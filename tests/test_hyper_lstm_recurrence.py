@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("seeded_no_tf32")
 def test_stack_matches_published_loop(hparams_kind, batch_first):
     """2 layers, float64, reference backend: output, (h, c) and the gradients of everything."""
     T, B, K, N, H = 4, 3, 11, 5, 7
-    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 2, H, batch_first=batch_first, dtype=D64))
+    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 2, num_hparams=H, batch_first=batch_first, dtype=D64))
     x, hparams, hx, (g_out, g_h, g_c) = lstm_stack_inputs(T, B, K, N, H, 2, hparams_kind, batch_first, D64)
     got = run_lstm_stack(model, x, hparams, hx, g_out, g_h, g_c, "reference")
     want = naive_lstm_stack(model, x, hparams, hx, g_out, g_h, g_c, batch_first)
@@ -52,7 +52,7 @@ def test_stack_matches_published_loop(hparams_kind, batch_first):
 def test_cell_published_hidden_shape_and_default_state():
     """HyperLSTMCell: hidden [1, B, N] in and out (published shape), zeros when hidden is None."""
     T, B, K, N, H = 3, 2, 4, 3, 2
-    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(K, N, H, dtype=D64))
+    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(K, N, num_hparams=H, dtype=D64))
     x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
     out, (h, c) = cell(x, None, lam)
     assert out.shape == (T, B, N) and h.shape == (1, B, N) and c.shape == (1, B, N)
@@ -69,7 +69,7 @@ def test_cell_published_hidden_shape_and_default_state():
 
 def test_no_bias():
     T, B, K, N, H = 3, 2, 5, 3, 2
-    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 1, H, bias=False, dtype=D64))
+    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 1, num_hparams=H, bias=False, dtype=D64))
     x, hparams, hx, g = lstm_stack_inputs(T, B, K, N, H, 1, "per_example", False, D64)
     compare_lstm(run_lstm_stack(model, x, hparams, hx, *g, "reference"), naive_lstm_stack(model, x, hparams, hx, *g),
                  D64)
@@ -78,7 +78,7 @@ def test_no_bias():
 def test_gate_order_is_forget_input_output_cell():
     """With W = 0 and h0 = 0 the pre-activations are the biases: only the documented order gives this c, h."""
     N = 2
-    cell = stn_kernels.HyperLSTMCell(1, N, 1, dtype=D64)
+    cell = stn_kernels.HyperLSTMCell(1, N, num_hparams=1, dtype=D64)
     with torch.no_grad():
         for p in cell.parameters():
             p.zero_()
@@ -106,7 +106,7 @@ def test_gradcheck_recurrence(variant):
 def test_gradcheck_layer_shared_hparams():
     """The whole layer (i2h HyperLinear + recurrence) with λ [H] shared by the batch, batch_first."""
     T, B, K, N, H = 3, 2, 3, 2, 2
-    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(K, N, H, batch_first=True, dtype=D64))
+    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(K, N, num_hparams=H, batch_first=True, dtype=D64))
     x = torch.randn(B, T, K, dtype=D64, requires_grad=True)
     lam = torch.randn(H, dtype=D64, requires_grad=True)
     params = list(cell.parameters())
@@ -158,7 +158,7 @@ def test_opcheck_reference():
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     T, B, K, N, H = 3, 2, 5, 4, 3
-    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 1, H))
+    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 1, num_hparams=H))
     x, lam = torch.randn(T, B, K), torch.randn(B, H, requires_grad=True)
     out, (h, c) = model(x, None, lam)
     ref = torch.autograd.grad(out.square().sum() + c.sum(), [lam] + list(model.parameters()))
@@ -172,7 +172,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_empty_sequence():
-    cell = stn_kernels.HyperLSTMCell(3, 2, 1, dtype=D64)
+    cell = stn_kernels.HyperLSTMCell(3, 2, num_hparams=1, dtype=D64)
     h0 = torch.randn(1, 2, 2, dtype=D64, requires_grad=True)
     c0 = torch.randn(1, 2, 2, dtype=D64, requires_grad=True)
     out, (h, c) = cell(torch.randn(0, 2, 3, dtype=D64), (h0, c0), torch.randn(2, 1, dtype=D64))
@@ -190,7 +190,7 @@ def test_dropconnect_one_mask_shared_by_both_h2h_weights():
     """Training: the h2h weights are W ⊙ m / (1 − p) and W_h ⊙ m / (1 − p) with one mask m; i2h unmasked;
     the raw weights' gradients are masked; eval mode and p = 0 use the raw weights."""
     T, B, K, N, H, p = 3, 2, 4, 3, 2, 0.4
-    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(K, N, H, dropconnect=p, dtype=D64))
+    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(K, N, num_hparams=H, dropconnect=p, dtype=D64))
     x, lam = torch.randn(T, B, K, dtype=D64), torch.randn(B, H, dtype=D64)
     torch.manual_seed(123)
     out, (h, c) = cell(x, None, lam)
@@ -218,7 +218,7 @@ def test_dropconnect_one_mask_shared_by_both_h2h_weights():
 
 
 def test_dropconnect_tensor_rate_and_stack_draws_per_layer():
-    model = stn_kernels.HyperLSTM(3, 4, 2, 1, dropconnect=0.5)
+    model = stn_kernels.HyperLSTM(3, 4, 2, num_hparams=1, dropconnect=0.5)
     x, lam = torch.randn(2, 2, 3), torch.randn(2, 1)
     torch.manual_seed(5)
     a, _ = model(x, None, lam, dropconnect=torch.tensor([0.5]))
@@ -240,7 +240,7 @@ def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_firs
     the published loop run on those masked inputs, and so are the gradients."""
     T, B, K, N, H, layers = 5, 4, 3, 6, 2, 3
     rates = torch.tensor([0.0, 0.5, 0.7, 0.3], dtype=D64)
-    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, layers, H, batch_first=batch_first, dtype=D64))
+    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, layers, num_hparams=H, batch_first=batch_first, dtype=D64))
     x = torch.randn((B, T, K) if batch_first else (T, B, K), dtype=D64, requires_grad=True)
     lam = torch.randn(B, H, dtype=D64)
     inputs = []  # time-major input of each layer
@@ -302,7 +302,7 @@ def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_firs
 # ----------------------------------------------------------------------------- validation and backends
 
 def test_validation_messages():
-    cell = stn_kernels.HyperLSTMCell(4, 3, 2)
+    cell = stn_kernels.HyperLSTMCell(4, 3, num_hparams=2)
     x, lam = torch.randn(2, 5, 4), torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"input: expected shape \[T, B, 4\] \(time-major\), got \(2, 5, 3\)"):
         cell(torch.randn(2, 5, 3), None, lam)
@@ -317,11 +317,11 @@ def test_validation_messages():
     with pytest.raises(TypeError, match=r"c0: expected dtype torch.float32 \(the dtype of x_proj\), got torch.float64"):
         cell(x, (torch.zeros(5, 3), torch.zeros(5, 3, dtype=D64)), lam)
     with pytest.raises(ValueError, match=r"dropconnect: expected a probability in \[0, 1\), got 1.0"):
-        stn_kernels.HyperLSTMCell(4, 3, 2, dropconnect=1.0)
+        stn_kernels.HyperLSTMCell(4, 3, num_hparams=2, dropconnect=1.0)
     with pytest.raises(ValueError, match=r"dropconnect: expected a probability in \[0, 1\), got -0.1"):
         cell(x, None, lam, dropconnect=-0.1)
     with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(2, 5, 3\), got \(1, 5, 3\)"):
-        stn_kernels.HyperLSTM(4, 3, 2, 2)(x, (torch.zeros(1, 5, 3), torch.zeros(1, 5, 3)), lam)
+        stn_kernels.HyperLSTM(4, 3, 2, num_hparams=2)(x, (torch.zeros(1, 5, 3), torch.zeros(1, 5, 3)), lam)
     args = lstm_recurrence_args(dtype=F32)
     with pytest.raises(ValueError,
                        match=r"x_proj: expected shape \[T, B, 12\] \(4·hidden_size = 4·3\), got \(3, 2, 11\)"):

@@ -34,3 +34,9 @@ def test_stn_cnn_and_lstm_example_runs():
     assert logits.shape == (7, 4, 50) and h.shape == c.shape == (2, 4, 12)
     (out.sum() + logits.sum()).backward()
     assert hparams.grad is not None and torch.isfinite(hparams.grad).all()
+
+
+def test_constructor_example_runs():
+    scope = {}
+    exec(_block_after("**Constructors** are"), scope)
+    assert scope["layer"].bias is None and scope["layer"].num_hparams == 3

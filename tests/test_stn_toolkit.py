@@ -178,8 +178,8 @@ class TinyHyperMLP(torch.nn.Module):
 
     def __init__(self, num_hparams, dtype=torch.float32, dropout=True):
         super().__init__()
-        self.fc1 = stn_kernels.HyperLinear(6, 8, num_hparams, dtype=dtype)
-        self.fc2 = stn_kernels.HyperLinear(8, 3, num_hparams, dtype=dtype)
+        self.fc1 = stn_kernels.HyperLinear(6, 8, num_hparams=num_hparams, dtype=dtype)
+        self.fc2 = stn_kernels.HyperLinear(8, 3, num_hparams=num_hparams, dtype=dtype)
         self.dropout = dropout
         self.seen = []   # (sample.regularize, self.training) of every call
 

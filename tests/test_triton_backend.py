@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _layer(dtype, K=37, N=53, H=7, bias=True):
     torch.manual_seed(0)
-    return stn_kernels.HyperLinear(K, N, H, bias=bias, device=DEVICE, dtype=dtype)
+    return stn_kernels.HyperLinear(K, N, num_hparams=H, bias=bias, device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

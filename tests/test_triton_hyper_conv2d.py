@@ -367,7 +367,7 @@ def test_module_end_to_end_and_kernels_called(monkeypatch):
         original = getattr(hc, name)
         monkeypatch.setattr(hc, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     geo = GEOS[3]
-    layer = randomize_module_(stn_kernels.HyperConv2d(geo.C_in, geo.C_out, geo.k, geo.H, stride=geo.stride,
+    layer = randomize_module_(stn_kernels.HyperConv2d(geo.C_in, geo.C_out, geo.k, num_hparams=geo.H, stride=geo.stride,
                                                       padding=geo.padding, dilation=geo.dilation,
                                                       groups=geo.groups)).to(DEVICE)
     x = torch.randn(geo.B, geo.C_in, *geo.size, device=DEVICE).contiguous(memory_format=CL).requires_grad_()
@@ -408,7 +408,8 @@ def test_opcheck_with_triton_backend():
 
 def test_triton_and_reference_agree_on_the_hypergradient():
     geo = GEOS[0]
-    layer = randomize_module_(stn_kernels.HyperConv2d(geo.C_in, geo.C_out, geo.k, geo.H, padding=geo.padding))
+    layer = randomize_module_(stn_kernels.HyperConv2d(geo.C_in, geo.C_out, geo.k, padding=geo.padding,
+                                                      num_hparams=geo.H))
     layer = layer.to(DEVICE)
     x = torch.randn(geo.B, geo.C_in, *geo.size, device=DEVICE)
     hparams = torch.randn(geo.B, geo.H, device=DEVICE, requires_grad=True)

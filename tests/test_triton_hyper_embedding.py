@@ -243,7 +243,7 @@ def test_module_end_to_end_time_major_and_kernels_called(monkeypatch):
         original = getattr(he, name)
         monkeypatch.setattr(he, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     T, B, N, D, H = 6, 3, 9, 37, 7
-    layer = randomize_module_(stn_kernels.HyperEmbedding(N, D, H)).to(DEVICE)
+    layer = randomize_module_(stn_kernels.HyperEmbedding(N, D, num_hparams=H)).to(DEVICE)
     idx = torch.randint(0, N, (T, B), device=DEVICE)
     hparams = torch.randn(B, H, device=DEVICE, requires_grad=True)
     params = [layer.weight, layer.hyper_weight, layer.hparam_weight]

@@ -147,7 +147,7 @@ def test_triton_stack_gradients_equal_reference(hparams_kind, batch_first):
     """2 layers, K=11, N=5, H=7, T=3: output, (h, c) and the gradients of all parameters, λ, x, h0 and c0
     from the Triton path (i2h HyperLinear kernels + recurrence kernels) equal the reference path's."""
     T, B, K, N, H = 3, 3, 11, 5, 7
-    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 2, H, batch_first=batch_first, device=DEVICE))
+    model = randomize_lstm_(stn_kernels.HyperLSTM(K, N, 2, num_hparams=H, batch_first=batch_first, device=DEVICE))
     x, hparams, hx, g = lstm_stack_inputs(T, B, K, N, H, 2, hparams_kind, batch_first, F32, DEVICE)
     got = run_lstm_stack(model, x, hparams, hx, *g, "triton")
     ref = run_lstm_stack(model, x, hparams, hx, *g, "reference")
@@ -165,7 +165,7 @@ def test_triton_backend_runs_the_lstm_kernels(monkeypatch):
     for name in ("hyper_lstm_recurrence_forward", "hyper_lstm_recurrence_backward"):
         original = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    cell = stn_kernels.HyperLSTMCell(3, 5, 2, device=DEVICE)
+    cell = stn_kernels.HyperLSTMCell(3, 5, num_hparams=2, device=DEVICE)
     lam = torch.randn(2, 2, device=DEVICE, requires_grad=True)
     with stn_kernels.use_backend("triton"):
         out, _ = cell(torch.randn(2, 2, 3, device=DEVICE), None, lam)
@@ -190,7 +190,7 @@ def test_opcheck_triton():
 @triton_only
 def test_compile_fullgraph_with_triton_backend():
     torch._dynamo.reset()
-    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(3, 5, 2, device=DEVICE))
+    cell = randomize_lstm_(stn_kernels.HyperLSTMCell(3, 5, num_hparams=2, device=DEVICE))
     x = torch.randn(2, 3, 3, device=DEVICE)
     lam = torch.randn(3, 2, device=DEVICE, requires_grad=True)
     with stn_kernels.use_backend("triton"):

@@ -144,13 +144,13 @@ def test_hyper_linear_half_input_float32_hparams_half_scales():
 
 
 def test_hyper_linear_module_wrong_hparams_width():
-    m = stn_kernels.HyperLinear(K, N, H)
+    m = stn_kernels.HyperLinear(K, N, num_hparams=H)
     with raises(ValueError, "hparams", "2 hyperparameters", "(3, 3)"):
         m(torch.randn(B, K), torch.randn(B, H + 1))
 
 
 def test_hyper_linear_module_wrong_features():
-    m = stn_kernels.HyperLinear(K, N, H)
+    m = stn_kernels.HyperLinear(K, N, num_hparams=H)
     with raises(ValueError, "input", "[B, 6]", "(3, 5)"):
         m(torch.randn(B, K - 1), torch.randn(B, H))
 
@@ -201,7 +201,7 @@ def test_hyper_conv2d_rejects(case):
 
 def test_hyper_conv2d_module_bad_groups():
     with raises(ValueError, "groups", "in_channels=3", "out_channels=6", "got 2"):
-        stn_kernels.HyperConv2d(3, 6, 3, H, groups=2)
+        stn_kernels.HyperConv2d(3, 6, 3, num_hparams=H, groups=2)
 
 
 # ----------------------------------------------------------------------------- hyper_embedding
@@ -243,7 +243,7 @@ def test_hyper_embedding_rejects(case):
 
 
 def test_hyper_embedding_module_bad_batch_dim():
-    m = stn_kernels.HyperEmbedding(7, 4, H)
+    m = stn_kernels.HyperEmbedding(7, 4, num_hparams=H)
     with raises(ValueError, "batch_dim", "0 or 1", "2"):
         m(torch.zeros(5, 3, dtype=torch.int64), torch.randn(5, H), batch_dim=2)
     with raises(ValueError, "input", "[T, B, ...]", "(5,)"):

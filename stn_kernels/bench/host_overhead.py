@@ -167,7 +167,7 @@ def make_cases(device: torch.device, ours_backend: Optional[str] = None) -> List
     B, K, N = 8, 16, 16
     x, lam = randn(B, K), randn(B, H)
     cases.append(LayerCase("HyperLinear", f"B={B}, {K}→{N}, H={H}", {
-        "ours": _provider(stn_kernels.HyperLinear(K, N, H).to(device), (x, lam), (x, lam), ours_scope),
+        "ours": _provider(stn_kernels.HyperLinear(K, N, num_hparams=H).to(device), (x, lam), (x, lam), ours_scope),
         "published": _provider(PublishedHyperLinear(K, N, H).to(device), (x, lam), (x, lam)),
         "torch": _provider(nn.Linear(K, N).to(device), (x,), (x,)),
     }))
@@ -175,8 +175,8 @@ def make_cases(device: torch.device, ours_backend: Optional[str] = None) -> List
     B, C_in, C_out, S = 4, 3, 8, 8
     x, lam = randn(B, C_in, S, S), randn(B, H)
     cases.append(LayerCase("HyperConv2d", f"B={B}, {C_in}→{C_out} ch, {S}×{S}, 3×3 pad 1, H={H}", {
-        "ours": _provider(stn_kernels.HyperConv2d(C_in, C_out, 3, H, padding=1).to(device), (x, lam), (x, lam),
-                          ours_scope),
+        "ours": _provider(stn_kernels.HyperConv2d(C_in, C_out, 3, padding=1, num_hparams=H).to(device), (x, lam),
+                          (x, lam), ours_scope),
         "published": _provider(PublishedHyperConv2d(C_in, C_out, 3, 1, H).to(device), (x, lam), (x, lam)),
         "torch": _provider(nn.Conv2d(C_in, C_out, 3, padding=1).to(device), (x,), (x,)),
     }))
@@ -184,7 +184,7 @@ def make_cases(device: torch.device, ours_backend: Optional[str] = None) -> List
     T, B, V, D = 4, 8, 50, 16
     tokens = torch.randint(0, V, (T, B), generator=gen).to(device)
     lam = randn(B, H)
-    ours_embedding = stn_kernels.HyperEmbedding(V, D, H).to(device)
+    ours_embedding = stn_kernels.HyperEmbedding(V, D, num_hparams=H).to(device)
     cases.append(LayerCase("HyperEmbedding", f"[T={T}, B={B}] of {V}, D={D}, H={H}", {
         # Default arguments bind this case's tensors (the names are reused by the cases below).
         "ours": Provider(ours_embedding, lambda m=ours_embedding, t=tokens, lam=lam: m(t, lam, batch_dim=1),
@@ -195,7 +195,7 @@ def make_cases(device: torch.device, ours_backend: Optional[str] = None) -> List
 
     B, K, N = 8, 16, 16
     x, lam, h, c = randn(1, B, K), randn(B, H), randn(1, B, N, grad=False), randn(1, B, N, grad=False)
-    ours_cell, published_cell, torch_cell = (stn_kernels.HyperLSTMCell(K, N, H).to(device),
+    ours_cell, published_cell, torch_cell = (stn_kernels.HyperLSTMCell(K, N, num_hparams=H).to(device),
                                              PublishedHyperLSTMCell(K, N, H).to(device),
                                              nn.LSTMCell(K, N).to(device))
     cases.append(LayerCase("HyperLSTM step", f"B={B}, {K}→{N}, H={H}, one step", {

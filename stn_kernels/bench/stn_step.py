@@ -48,7 +48,7 @@ class StnMlp(torch.nn.Module):
     def __init__(self, widths: Tuple[int, ...], num_hparams: int) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(
-            HyperLinear(i, o, num_hparams) for i, o in zip(widths[:-1], widths[1:]))
+            HyperLinear(i, o, num_hparams=num_hparams) for i, o in zip(widths[:-1], widths[1:]))
 
     def forward(self, x, sample):
         for index, layer in enumerate(self.layers):
