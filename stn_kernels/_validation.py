@@ -314,14 +314,13 @@ def seed_offset_tensor(seed, offset, device: torch.device, generator: Optional[t
 IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_images(images, *, color: bool) -> Tensor:
-    """images [B, C, H, W] float (3 channels for the colour stages)."""
+def check_images(images, *, color: bool, allow_uint8: bool = False) -> Tensor:
+    """images [B, C, H, W] float (3 channels for the colour stages); uint8 too where ``allow_uint8``."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
-    if images.dtype not in IMAGE_DTYPES:
-        raise TypeError(f"images: expected dtype float16, bfloat16, float32 or float64 (values in [0, 1]), got "
-                        f"{images.dtype}" + (" (convert with images.float() / 255)" if images.dtype == torch.uint8
-                                             else ""))
+    if images.dtype not in IMAGE_DTYPES and not (allow_uint8 and images.dtype == torch.uint8):
+        raise TypeError(f"images: expected dtype uint8, float16, bfloat16, float32 or float64 (values in [0, 1]), "
+                        f"got {images.dtype}")
     if images.dim() != 4:
         raise ValueError(f"images: expected shape [B, C, H, W], got {tuple(images.shape)}")
     if color and images.shape[1] != 3:

@@ -366,7 +366,7 @@ def augment_draws(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0.
     from .reference_augment import MAX_HOLES, draw
 
     color = any(isinstance(v, Tensor) or v != 0 for v in (saturation, hue))
-    check_images(images, color=color)
+    check_images(images, color=color, allow_uint8=True)  # the draws depend on the shape alone
     if (not color and images.shape[1] not in (1, 3)
             and any(isinstance(v, Tensor) or v != 0 for v in (brightness, contrast))):
         raise ValueError(f"images: expected 1 or 3 channels for brightness and contrast (3 channels, RGB, for "
@@ -390,8 +390,10 @@ def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0
                    seed: Union[int, Tensor, None] = None, offset: int = 0,
                    generator: Optional[torch.Generator] = None) -> Tensor:
     """Per-example data augmentation of images [B, C, H, W] (float, values in [0, 1] for the colour
-    stages; contiguous or channels_last, returned in the same format) in one op: colour jitter, then
-    cutout, then input scale.
+    stages, or uint8; contiguous or channels_last, returned in the same format and dtype) in one op:
+    colour jitter, then cutout, then input scale. uint8 images are augmented as x / 255 in float32 and
+    rounded back (round half to even, clamped to [0, 255]): one rounding for the whole chain, where
+    torchvision's uint8 kernels truncate after each stage (so they can differ by a level or two).
 
     Each strength is a number for the whole batch or a [B] tensor (one row of λ), and gets no gradient:
 
@@ -413,7 +415,17 @@ def augment_images(images: Tensor, *, brightness=0.0, contrast=0.0, saturation=0
     draws = augment_draws(images, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                           holes=holes, length=length, scale=scale, max_holes=max_holes, random_order=random_order,
                           seed=seed, offset=offset, generator=generator)
+    if images.dtype == torch.uint8:
+        return _to_uint8(apply_augment(_from_uint8(images), draws.order, draws.factors, draws.boxes, draws.scales))
     return apply_augment(images, draws.order, draws.factors, draws.boxes, draws.scales)
+
+
+def _from_uint8(images: Tensor) -> Tensor:
+    return images.to(torch.float32).div_(255.0)  # keeps channels_last
+
+
+def _to_uint8(images: Tensor) -> Tensor:
+    return images.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
 
 
 def color_jitter(images: Tensor, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, *,
@@ -447,7 +459,7 @@ def affine_draws(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear
     inverse matrices); the same seed and offset give the same draws on every backend and device."""
     from .reference_affine import draw
 
-    check_images(images, color=False)
+    check_images(images, color=False, allow_uint8=True)
     strengths = {name: check_strength(value, name, images, 0.0, high) for name, value, high in (
         ("rotation", rotation, 180.0), ("translation", translation, 1.0), ("scale", scale, 0.99),
         ("shear", shear, 89.0))}
@@ -458,8 +470,9 @@ def affine_draws(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear
 def affine(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear=0.0, *, interpolation: str = "nearest",
            seed: Union[int, Tensor, None] = None, offset: int = 0,
            generator: Optional[torch.Generator] = None) -> Tensor:
-    """A random affine transform per example of images [B, C, H, W] (float; contiguous or channels_last,
-    returned in the same format): torchvision's ``RandomAffine(degrees=r, translate=(t, t),
+    """A random affine transform per example of images [B, C, H, W] (float or uint8, as
+    :func:`augment_images` takes them; contiguous or channels_last, returned in the same format and dtype):
+    torchvision's ``RandomAffine(degrees=r, translate=(t, t),
     scale=(1 − s, 1 + s), shear=sh)`` with each example's own strengths, as the Delta-STN code builds it.
 
     Each strength is a number or a [B] tensor (one row of λ), without gradient: ``rotation`` r in
@@ -475,4 +488,6 @@ def affine(images: Tensor, rotation=0.0, translation=0.0, scale=0.0, shear=0.0, 
     if interpolation not in MODES:
         raise ValueError(f"interpolation: expected one of {list(MODES)}, got {interpolation!r}")
     draws = affine_draws(images, rotation, translation, scale, shear, seed=seed, offset=offset, generator=generator)
+    if images.dtype == torch.uint8:
+        return _to_uint8(apply_affine(_from_uint8(images), draws.matrices, MODES.index(interpolation)))
     return apply_affine(images, draws.matrices, MODES.index(interpolation))

@@ -162,7 +162,7 @@ IMG = torch.rand(3, 3, 4, 4)
 
 @pytest.mark.parametrize("call, error, words", [
     (lambda: affine(torch.rand(3, 4, 4), 10.0), ValueError, ["images", "[B, C, H, W]", "(3, 4, 4)"]),
-    (lambda: affine((IMG * 255).to(torch.uint8), 10.0), TypeError, ["images", "float32", "uint8"]),
+    (lambda: affine((IMG * 255).to(torch.int32), 10.0), TypeError, ["images", "uint8, float16", "torch.int32"]),
     (lambda: affine(IMG, -1.0), ValueError, ["rotation", "[0.0, 180.0]", "-1"]),
     (lambda: affine(IMG, translation=torch.tensor([0.1, 1.5, 0.0])), ValueError, ["translation", "[0.0, 1.0]",
                                                                                   "1.5"]),
@@ -178,3 +178,17 @@ def test_bad_input_is_rejected_with_a_message_naming_the_argument(call, error, w
 
 def test_public_names():
     assert {"affine", "affine_draws"} <= set(stn_kernels.__all__)
+
+
+def test_uint8_images_move_exactly_as_the_float_ones():
+    torch.manual_seed(5)
+    images = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)
+    for interpolation in ("nearest", "bilinear"):
+        out = affine(images, 30.0, 0.2, 0.1, 10.0, interpolation=interpolation, seed=2)
+        as_float = affine(images.float() / 255.0, 30.0, 0.2, 0.1, 10.0, interpolation=interpolation, seed=2)
+        assert out.dtype == torch.uint8
+        assert torch.equal(out, (as_float * 255.0).round().clamp(0, 255).to(torch.uint8)), interpolation
+    # Nearest neighbour only moves pixels: every output value is an input value of its image, or the fill 0.
+    out = affine(images, 30.0, 0.2, 0.1, 10.0, seed=2)
+    for b in range(4):
+        assert set(out[b].unique().tolist()) <= set(images[b].unique().tolist()) | {0}

@@ -272,7 +272,7 @@ IMG = torch.rand(3, 3, 4, 4)
 @pytest.mark.parametrize("call, error, words", [
     (lambda: color_jitter(torch.rand(3, 4, 4, 4), 0.5), ValueError, ["images", "3 channels", "(3, 4, 4, 4)"]),
     (lambda: color_jitter(torch.rand(3, 3, 4), 0.5), ValueError, ["images", "[B, C, H, W]", "(3, 3, 4)"]),
-    (lambda: cutout((IMG * 255).to(torch.uint8), 1, 2), TypeError, ["images", "float32", "uint8"]),
+    (lambda: cutout((IMG * 255).to(torch.int32), 1, 2), TypeError, ["images", "uint8, float16", "torch.int32"]),
     (lambda: cutout([1.0], 1, 2), TypeError, ["images", "torch.Tensor", "list"]),
     (lambda: color_jitter(IMG, brightness=-0.1), ValueError, ["brightness", "[0.0, inf]", "-0.1"]),
     (lambda: color_jitter(IMG, hue=torch.tensor([0.1, 0.6, 0.2])), ValueError, ["hue", "[0.0, 0.5]", "0.6"]),
@@ -354,3 +354,33 @@ def test_brightness_and_contrast_of_single_channel_images_match_torchvision(rand
         augment_images(x, saturation=0.5, seed=1)
     with pytest.raises(ValueError, match=r"1 or 3 channels.*\(2, 2, 3, 3\)"):
         augment_images(torch.rand(2, 2, 3, 3), contrast=0.5, seed=1)
+
+
+# --------------------------------------------------------------------------- uint8 images
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uint8_images_are_the_float_result_rounded_once(channels_last):
+    torch.manual_seed(3)
+    images = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    strengths = dict(brightness=torch.rand(5) * 0.8, contrast=0.4, saturation=torch.rand(5), hue=0.1,
+                     holes=torch.tensor([0.0, 1.0, 2.0, 3.0, 1.5]), length=4, scale=0.2, max_holes=3, seed=11)
+    out = augment_images(images, **strengths)
+    as_float = augment_images(images.to(torch.float32) / 255.0, **strengths)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(out, (as_float * 255.0).round().clamp(0, 255).to(torch.uint8))
+
+
+def test_uint8_brightness_within_a_level_of_torchvision_uint8():
+    torch.manual_seed(4)
+    images = torch.randint(0, 256, (4, 3, 6, 5), dtype=torch.uint8)
+    strength = torch.tensor([0.1, 0.5, 0.9, 0.3])
+    out = augment_images(images, brightness=strength, seed=5)
+    factors = augment_draws(images, brightness=strength, seed=5).factors[:, 0]
+    for b in range(4):
+        # torchvision truncates its uint8 result, we round once: at most one level apart.
+        expected = TF.adjust_brightness(images[b], float(factors[b])).to(torch.int16)
+        assert (out[b].to(torch.int16) - expected).abs().max() <= 1, b

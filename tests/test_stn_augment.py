@@ -123,3 +123,12 @@ def test_affine_hyperparameters_transform_first_with_the_counters_after_the_inpu
     assert torch.equal(stn.augment(x, sample, seed=5, offset=2, affine_names={}), unmoved)
     assert stn.augment(x, _affine_sample(regularize=False)) is x
     assert_rejected(lambda: stn.affine_arguments(sample, {"blur": "degrees"}), ValueError, ["affine_names", "blur"])
+
+
+@pytest.mark.parametrize("regularize", [True, False])
+def test_uint8_images_are_scaled_to_floats_first(regularize):
+    images = torch.randint(0, 256, (4, 3, 6, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    sample = _sample(regularize=regularize)
+    out = stn.augment(images, sample, seed=5, mean=[0.5] * 3, std=[0.25] * 3)
+    expected = stn.augment(images.to(torch.float32) / 255.0, sample, seed=5, mean=[0.5] * 3, std=[0.25] * 3)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)

@@ -59,7 +59,8 @@ def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Map
             std: Union[Sequence[float], Tensor, None] = None, seed: Union[int, Tensor, None] = None, offset: int = 0,
             generator: Optional[torch.Generator] = None, affine_names: Optional[Mapping[str, str]] = None,
             interpolation: str = "nearest") -> Tensor:
-    """Per-example augmentation of images [B, C, H, W] (values in [0, 1]) by the sample's hyperparameters.
+    """Per-example augmentation of images [B, C, H, W] (values in [0, 1], or uint8, which is first scaled to
+    [0, 1] in float32 as ToTensor does: the result is float) by the sample's hyperparameters.
 
     In training steps (``sample.regularize``): the random affine transform (if the sample has any of
     :data:`AFFINE_NAMES`: :func:`stn_kernels.affine` with ``interpolation``, first, as the Delta-STN code
@@ -73,6 +74,8 @@ def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Map
     takes the counters after the augmentation's (offset + 64·B on), the affine transform those after the
     input dropout's (offset + 64·B + images.numel() on).
     """
+    if isinstance(images, Tensor) and images.dtype == torch.uint8:
+        images = images.to(torch.float32).div_(255.0)  # as ToTensor: the pipeline works on [0, 1] floats
     normalise = mean is not None or std is not None
     if normalise and (mean is None or std is None):
         raise ValueError("mean, std: expected both or neither, got only one")
