@@ -454,6 +454,32 @@ def check_ctor_pair(value, name: str, low: int, hint: str = "") -> Tuple[int, in
     return items
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_padding(padding, padding_mode, kernel_size, stride, dilation):
+    """nn.Conv2d's ``padding`` (an int, a pair, "same" or "valid") and ``padding_mode`` checked, as (padding as
+    stored: the string or a pair, padding_mode, the op's symmetric padding pair, the F.pad of the input before
+    the op as (left, right, top, bottom) or None). "same" pads d·(k − 1) in all, the odd one at the end, as torch."""
+    if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode: expected one of {list(PADDING_MODES)}, got {padding_mode!r}")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding: expected 'same', 'valid', an int >= 0 or a pair of them, got {padding!r}")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(f"padding: 'same' is not supported for strided convolutions (as in nn.Conv2d), got "
+                             f"stride={stride}")
+        totals = [0, 0] if padding == "valid" else [dilation[i] * (kernel_size[i] - 1) for i in (0, 1)]
+        before = [t // 2 for t in totals]
+        after = [t - b for t, b in zip(totals, before)]
+    else:
+        before = after = list(check_ctor_pair(padding, "padding", 0))
+    if padding_mode == "zeros" and before == after:
+        return padding if isinstance(padding, str) else tuple(before), padding_mode, tuple(before), None
+    stored = padding if isinstance(padding, str) else tuple(before)
+    return stored, padding_mode, (0, 0), (before[1], after[1], before[0], after[0])
+
+
 def check_probability(value, name: str) -> float:
     """A rate in [0, 1) (a float or an int, bool rejected), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -295,14 +295,10 @@ def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module
     weight, bias = module.weight, module.bias
     factory = {"dtype": weight.dtype, "device": weight.device}
     if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            raise ValueError(f"{where}: expected padding_mode='zeros' (HyperConv2d pads with zeros), "
-                             f"got {module.padding_mode!r}")
-        if isinstance(module.padding, str):
-            raise ValueError(f"{where}: expected integer padding, got padding={module.padding!r}")
         new = HyperConv2d(weight.shape[1] * module.groups, weight.shape[0], tuple(weight.shape[2:]),
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
-                          groups=module.groups, bias=bias is not None, num_hparams=num_hparams, **factory)
+                          groups=module.groups, bias=bias is not None, padding_mode=module.padding_mode,
+                          num_hparams=num_hparams, **factory)
     else:
         # Sizes from the weight, not the attributes: a tied weight may have replaced the one built (the official
         # LSTMs build nn.Linear(nhid, ntoken) and then tie it to the [ntoken, ninp] embedding).

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import functional, reference, reference_lstm
 from ._validation import (
@@ -31,6 +32,7 @@ from ._validation import (
     check_probability,
     check_shape,
     check_tensor,
+    conv_padding,
     embedding_param_info,
     layer_param_info,
     lstm_param_info,
@@ -204,16 +206,19 @@ class HyperConv2d(_HyperLayer):
     """out[b,c] = conv(x, W)[b,c] + s[b,c]·conv(x, W_hyper)[b,c] + b[c] + t[b,c]·b_hyper[c], s = V·λ_b, t = C·λ_b."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, *, num_hparams: int = REQUIRED, device=None,
-                 dtype=None) -> None:
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, num_hparams: int = REQUIRED,
+                 device=None, dtype=None) -> None:
         super().__init__()
         name, leading = type(self).__name__, (in_channels, out_channels, kernel_size)
         check_ctor_int(in_channels, "in_channels")
         check_ctor_int(out_channels, "out_channels")
         self.kernel_size = check_ctor_pair(kernel_size, "kernel_size", 1)
         self.stride = check_ctor_pair(stride, "stride", 1, misread_hint(num_hparams, name, leading, stride))
-        self.padding = check_ctor_pair(padding, "padding", 0)
         self.dilation = check_ctor_pair(dilation, "dilation", 1)
+        # nn.Conv2d's padding ("same", "valid" or ints) and padding_mode: what the op cannot take (a mode other
+        # than zeros, the uneven split of "same" for even kernels) is an F.pad of the input before it.
+        self.padding, self.padding_mode, self._op_padding, self._input_pad = conv_padding(
+            padding, padding_mode, self.kernel_size, self.stride, self.dilation)
         check_ctor_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
@@ -239,7 +244,10 @@ class HyperConv2d(_HyperLayer):
         return weight.shape[1] * groups, min_size[0], min_size[1], stride, padding, dilation
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        if self._input_pad is not None and isinstance(input, Tensor) and input.dim() == 4:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._input_pad, mode=mode)
+        geometry = (self.stride, self._op_padding, self.dilation, self.groups)
         fast = self._fast_call("hyper_conv2d", input, hparams, geometry)
         if fast is not None:
             in_channels, min_h, min_w, stride, padding, dilation = fast[2]
@@ -249,19 +257,21 @@ class HyperConv2d(_HyperLayer):
                                                   self.groups)
         weight_scale, bias_scale = self._scales()
         return functional.hyper_conv2d(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
-                                       weight_scale, bias_scale, self.stride, self.padding, self.dilation,
+                                       weight_scale, bias_scale, self.stride, self._op_padding, self.dilation,
                                        self.groups)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
-            s += f", padding={self.padding}"
+            s += f", padding={self.padding!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         return s + f", num_hparams={self.num_hparams}"
 
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import stn_kernels
 from stn_kernels import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTM, HyperLSTMCell
@@ -34,8 +35,13 @@ MISREADS = {
     # the nn.Conv2d habit (stride 1, padding 1) without H
     "conv-nn-habit-no-H": (lambda: HyperConv2d(3, 16, 3, 1, 1), TypeError,
                            ("num_hparams: missing", "HyperConv2d(3, 16, 3, num_hparams=H)")),
-    "conv-padding-string": (lambda: HyperConv2d(3, 16, 3, padding="sane", num_hparams=2), TypeError,
-                            ("padding: expected an int >= 0 or a pair of them, got str 'sane'",)),
+    "conv-padding-string": (lambda: HyperConv2d(3, 16, 3, padding="sane", num_hparams=2), ValueError,
+                            ("padding: expected 'same', 'valid', an int >= 0 or a pair of them, got 'sane'",)),
+    "conv-same-strided": (lambda: HyperConv2d(3, 16, 3, 2, "same", num_hparams=2), ValueError,
+                          ("padding: 'same' is not supported for strided convolutions", "stride=(2, 2)")),
+    "conv-padding-mode": (lambda: HyperConv2d(3, 16, 3, padding_mode="mirror", num_hparams=2), ValueError,
+                          ("padding_mode: expected one of ['zeros', 'reflect', 'replicate', 'circular']",
+                           "'mirror'")),
     "embedding-H-as-padding-idx": (lambda: HyperEmbedding(10, 4, 30), ValueError,
                                    ("padding_idx: expected None or an int in [-10, 10)", "got 30",
                                     "HyperEmbedding(10, 4, num_hparams=30)")),
@@ -209,3 +215,33 @@ def test_convert_and_checkpoints_unaffected():
     copy.load_state_dict(model.state_dict())
     x, lam = torch.randn(2, 3, 4, 4), torch.randn(2, 2)
     assert torch.equal(copy[2](copy[1](copy[0](x, lam)), lam), model[2](model[1](model[0](x, lam)), lam))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel_size, padding, dilation", [
+    (3, "same", 1), ((2, 3), "same", 1), ((2, 3), "same", (2, 1)), (3, "valid", 1), (3, 1, 1), ((3, 2), (1, 2), 1)])
+def test_conv2d_padding_like_nn_conv2d_and_the_naive_formula(kernel_size, padding, dilation, padding_mode):
+    torch.manual_seed(0)
+    ours = HyperConv2d(3, 4, kernel_size, padding=padding, dilation=dilation, padding_mode=padding_mode,
+                       num_hparams=2, dtype=D64)
+    theirs = nn.Conv2d(3, 4, kernel_size, padding=padding, dilation=dilation, padding_mode=padding_mode, dtype=D64)
+    assert (ours.padding, ours.padding_mode) == (theirs.padding, theirs.padding_mode)
+    with torch.no_grad():
+        ours.weight.copy_(theirs.weight)
+        ours.bias.copy_(theirs.bias)
+        ours.hyper_weight.normal_()
+        ours.hyper_bias.normal_()
+        ours.hparam_weight.normal_()
+    x = torch.randn(2, 3, 7, 6, dtype=D64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-13, atol=1e-13)   # λ = None: the layer is nn.Conv2d
+    lam = torch.randn(2, 2, dtype=D64)
+    # The naive formula on the input as nn.Conv2d pads it (its own _reversed_padding_repeated_twice).
+    pad = theirs._reversed_padding_repeated_twice
+    padded = F.pad(x, pad, mode="constant" if padding_mode == "zeros" else padding_mode)
+    conv = lambda w: F.conv2d(padded, w, None, 1, 0, dilation)  # noqa: E731
+    s, t = (lam @ ours.hparam_weight.T).chunk(2, 1)
+    expected = (conv(ours.weight) + ours.bias[:, None, None] + s[:, :, None, None] * conv(ours.hyper_weight)
+                + (t * ours.hyper_bias)[:, :, None, None])
+    torch.testing.assert_close(ours(x, lam), expected, rtol=1e-12, atol=1e-12)
+    if padding_mode != "zeros":
+        assert f"padding_mode='{padding_mode}'" in repr(ours)

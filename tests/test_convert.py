@@ -189,8 +189,6 @@ def test_bad_input_is_rejected():
         stn_kernels.convert(nn.Sequential(OfficialHyperLinear(2, 3, H)), num_hparams=5)
     with pytest.raises(ValueError, match=r"exclude: expected names of modules in the model, got unknown \['nope'\]"):
         stn_kernels.convert(nn.Sequential(nn.Linear(2, 2)), exclude=["nope"])
-    with pytest.raises(ValueError, match=r"padding_mode='zeros'.*'reflect'"):
-        stn_kernels.convert(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")), num_hparams=1)
     with pytest.raises(TypeError, match="model: expected an nn.Module, got dict"):
         stn_kernels.convert({})
     with pytest.raises(ValueError, match="num_hparams: expected an int >= 1 or None, got 0"):
@@ -393,3 +391,16 @@ def test_delta_stn_parameter_lists_and_their_optimisers_keep_working_after_conve
         pairs = zip(original.get_general_parameters() + original.get_response_parameters(), general + response)
         for i, (want, got) in enumerate(pairs):
             assert_close_rel(got, want, F64, f"step {step}: parameter {i}")
+
+
+@pytest.mark.parametrize("padding, padding_mode", [(1, "reflect"), ("same", "circular"), ("same", "zeros")])
+def test_plain_conv_keeps_its_padding_and_padding_mode(padding, padding_mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (2, 3), padding=padding, padding_mode=padding_mode, dtype=torch.float64)
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    expected = conv(x)
+    model = stn_kernels.convert(nn.Sequential(conv), num_hparams=1)
+    layer = model[0]
+    assert isinstance(layer, stn_kernels.HyperConv2d)
+    assert (layer.padding, layer.padding_mode) == (conv.padding, conv.padding_mode)
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
