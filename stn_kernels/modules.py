@@ -603,6 +603,10 @@ class HyperLSTM(nn.Module):
                           dropconnect=dropconnect, device=device, dtype=dtype)
             for layer in range(num_layers))
 
+    def reset_parameters(self) -> None:
+        for cell in self.cells:
+            cell.reset_parameters()
+
     @property
     def dropconnect(self) -> float:
         return self.cells[0].dropconnect
@@ -617,19 +621,26 @@ class HyperLSTM(nn.Module):
                 layer_dropout: Optional[Union[float, Tensor]] = None):
         L, N = self.num_layers, self.hidden_size
         check_tensor(input, "input")
-        if input.dim() != 3:
+        if input.dim() not in (2, 3):
             raise ValueError(f"input: expected shape {'[B, T, ' if self.batch_first else '[T, B, '}"
-                             f"{self.input_size}], got {tuple(input.shape)}")
+                             f"{self.input_size}] or unbatched [T, {self.input_size}], got {tuple(input.shape)}")
+        # Unbatched [T, K] as nn.LSTM takes it (whatever batch_first): a batch of one, then squeezed back.
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
         B = input.shape[0 if self.batch_first else 1]
         if hx is None:
             h0 = c0 = None
         else:
+            want = f"[{L}, {N}]" if unbatched else f"[{L}, B, {N}]"
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h0, c0) of tensors [{L}, B, {N}], got {type(hx).__name__}")
+                raise TypeError(f"hx: expected a tuple (h0, c0) of tensors {want}, got {type(hx).__name__}")
             h0, c0 = hx
             for name, t in (("hx[0]", h0), ("hx[1]", c0)):
                 check_tensor(t, name)
-                check_shape(t, name, (L, B, N))
+                check_shape(t, name, (L, N) if unbatched else (L, B, N))
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         x = input
         hs, cs = [], []
         for layer, cell in enumerate(self.cells):
@@ -644,7 +655,10 @@ class HyperLSTM(nn.Module):
             hs.append(h)
             cs.append(c)
         out = x.transpose(0, 1) if self.batch_first else x
-        return out, (torch.stack(hs), torch.stack(cs))
+        h_n, c_n = torch.stack(hs), torch.stack(cs)
+        if unbatched:
+            return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
+        return out, (h_n, c_n)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Published model: rnns = ModuleList(HyperLSTMCell), so "{l}.i2h.*" under this module's prefix.
@@ -658,7 +672,11 @@ class HyperLSTM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, num_hparams={self.num_hparams}"
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if self.cells[0].i2h.bias is None:
+            s += ", bias=False"
         if self.batch_first:
             s += ", batch_first=True"
-        return s
+        if self.dropconnect:
+            s += f", dropconnect={self.dropconnect}"
+        return s + f", num_hparams={self.num_hparams}"

@@ -245,3 +245,50 @@ def test_conv2d_padding_like_nn_conv2d_and_the_naive_formula(kernel_size, paddin
     torch.testing.assert_close(ours(x, lam), expected, rtol=1e-12, atol=1e-12)
     if padding_mode != "zeros":
         assert f"padding_mode='{padding_mode}'" in repr(ours)
+
+
+def _lstm_pair(*args, **kwargs):
+    torch.manual_seed(0)
+    ours, theirs = HyperLSTM(*args, num_hparams=2, dtype=D64, **kwargs), nn.LSTM(*args, dtype=D64)
+    with torch.no_grad():
+        for layer, cell in enumerate(ours.cells):
+            for ours_lin, suffix in ((cell.i2h, "ih"), (cell.h2h, "hh")):
+                ours_lin.weight.copy_(_published_gates(getattr(theirs, f"weight_{suffix}_l{layer}")))
+                ours_lin.bias.copy_(_published_gates(getattr(theirs, f"bias_{suffix}_l{layer}")))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lstm_unbatched_input_like_nn_lstm(batch_first):
+    ours, theirs = _lstm_pair(4, 3, 2, True, batch_first)
+    x = torch.randn(5, 4, dtype=D64)
+    hx = (torch.randn(2, 3, dtype=D64), torch.randn(2, 3, dtype=D64))
+    for state in (None, hx):
+        out, (h, c) = ours(x, state)
+        ref, (h_ref, c_ref) = theirs(x, state)
+        assert out.shape == ref.shape == (5, 3) and h.shape == h_ref.shape == (2, 3)
+        for got, expected in ((out, ref), (h, h_ref), (c, c_ref)):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # With λ: the same as the batch of one.
+    lam = torch.randn(1, 2, dtype=D64)
+    out, (h, c) = ours(x, hx, lam)
+    batched = x.unsqueeze(0 if batch_first else 1)
+    out1, (h1, c1) = ours(batched, (hx[0].unsqueeze(1), hx[1].unsqueeze(1)), lam)
+    assert torch.equal(out, out1.squeeze(0 if batch_first else 1)) and torch.equal(h, h1.squeeze(1))
+    with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(2, 3\), got \(2, 1, 3\)"):
+        ours(x, (torch.zeros(2, 1, 3, dtype=D64), torch.zeros(2, 1, 3, dtype=D64)))
+
+
+def test_lstm_reset_parameters_and_repr():
+    lstm = HyperLSTM(4, 3, 2, False, True, num_hparams=2, dropconnect=0.25)
+    assert lstm.extra_repr() == "4, 3, num_layers=2, bias=False, batch_first=True, dropconnect=0.25, num_hparams=2"
+    assert HyperLSTM(4, 3, num_hparams=2).extra_repr() == "4, 3, num_layers=1, num_hparams=2"
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.fill_(7.0)
+    torch.manual_seed(1)
+    lstm.reset_parameters()
+    torch.manual_seed(1)
+    fresh = HyperLSTM(4, 3, 2, False, True, num_hparams=2, dropconnect=0.25)
+    for (name, got), expected in zip(lstm.named_parameters(), fresh.parameters()):
+        assert torch.equal(got, expected), name  # the constructor's initialisation, draw for draw
