@@ -10,7 +10,7 @@ from . import (
                          stn,
 )
 from .backends import BACKENDS, BackendUnavailableError, requested_backend, use_backend
-from .convert import convert
+from .convert import convert, revert
 from .functional import (
                          affine,
                          affine_draws,
@@ -27,6 +27,7 @@ from .functional import (
                          per_example_channel_dropout,
                          per_example_dropout,
 )
+from .hparams_context import hparams
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTM, HyperLSTMCell
 
 __version__ = "0.1.0"
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "HyperConv2d", "HyperEmbedding", "HyperLSTM", "HyperLSTMCell",
     "HyperLinear", "affine", "affine_draws", "augment_draws", "augment_images", "color_jitter", "convert", "cutout",
-    "hyper_conv2d",
+    "hparams", "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
-    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "stn", "use_backend",
+    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "stn", "use_backend",
 ]

@@ -16,7 +16,8 @@ STN ``HyperLSTMCell``       class name, children ``i2h`` [4N,K] and ``h2h`` [4N,
                             STN-LSTM linears, as above)                                  recurrence)
 Delta-STN linear / conv     ``general_weight``, ``response_weight``,                     HyperLinear / HyperConv2d
                             ``hyper_bottleneck.weight``, opt. biases
-``nn.Linear``/``nn.Conv2d`` (only with ``num_hparams``)                                  HyperLinear / HyperConv2d
+``nn.Linear``/``nn.Conv2d``  (only with ``num_hparams``)                                  HyperLinear / HyperConv2d
+``nn.Embedding``            (only with ``num_hparams``)                                  HyperEmbedding
 ==========================  ===========================================================  =====================
 
 The new layers take over the *same* ``nn.Parameter`` objects (no copy), so shared and tied
@@ -35,7 +36,8 @@ Plain ``nn.Linear``/``nn.Conv2d`` get a hyper path whose λ-map ``hparam_weight`
 (outputs unchanged at conversion, as Delta-STN initialises its bottleneck) and whose
 ``hyper_weight``/``hyper_bias`` get the usual U(±1/√fan_in) init (so the gradient w.r.t.
 ``hparam_weight`` is not zero); your forward must then pass the hyperparameters as the second
-argument to use it.
+argument to use it, or run it inside ``with stn_kernels.hparams(lam):``, which feeds ``lam`` to every layer
+converted from a plain one whose forward got none; :func:`revert` puts the original modules back.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from . import functional
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTMCell
 
-__all__ = ["convert", "DropConnectHyperLinear", "TimeMajorHyperEmbedding", "published_layer_kind"]
+__all__ = ["convert", "revert", "DropConnectHyperLinear", "TimeMajorHyperEmbedding", "published_layer_kind"]
 
 
 class DropConnectHyperLinear(HyperLinear):
@@ -292,9 +294,12 @@ def _convert_published_cell(module: nn.Module, num_hparams: Optional[int], where
 
 
 def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module:
-    weight, bias = module.weight, module.bias
+    weight, bias = module.weight, getattr(module, "bias", None)
     factory = {"dtype": weight.dtype, "device": weight.device}
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Embedding):
+        new = HyperEmbedding(weight.shape[0], weight.shape[1], module.padding_idx, num_hparams=num_hparams,
+                             **factory)
+    elif isinstance(module, nn.Conv2d):
         new = HyperConv2d(weight.shape[1] * module.groups, weight.shape[0], tuple(weight.shape[2:]),
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
                           groups=module.groups, bias=bias is not None, padding_mode=module.padding_mode,
@@ -304,10 +309,39 @@ def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module
         # LSTMs build nn.Linear(nhid, ntoken) and then tie it to the [ntoken, ninp] embedding).
         new = HyperLinear(weight.shape[1], weight.shape[0], bias is not None, num_hparams=num_hparams, **factory)
     _take(new, "weight", weight)
-    _take(new, "bias", bias)
+    if not isinstance(module, nn.Embedding):
+        _take(new, "bias", bias)
     with torch.no_grad():
         new.hparam_weight.zero_()  # the hyper path adds (V·λ)⊙(W_h x) + (C·λ)⊙b_h = 0 until V, C learn
+    new.context_hparams = True  # λ from an enclosing stn_kernels.hparams(...) block when the forward gets none
+    # Kept outside the module tree (not a submodule: no second copy of its parameters) for revert().
+    object.__setattr__(new, "_stn_original", module)
     return new
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undoes :func:`convert` for the layers it made from plain ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``:
+    each is replaced, in place, by the original module, which holds the same weight and bias Parameters (trained
+    since, if they were); the hyper path's own parameters are dropped. Returns ``model`` (or the original layer
+    if ``model`` itself is a converted one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+    def original(module: nn.Module) -> Optional[nn.Module]:
+        found = module.__dict__.get("_stn_original")
+        if found is not None:
+            found.train(module.training)
+        return found
+
+    top = original(model)
+    if top is not None:
+        return top
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            back = None if child is None else original(child)
+            if back is not None:
+                parent._modules[name] = back
+    return model
 
 
 def _check_num_hparams(found: int, expected: Optional[int], where: str) -> None:
@@ -350,7 +384,11 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
             new = _convert_published_cell(module, num_hparams, where)
         elif kind is not None:
             new = _convert_published(module, kind, num_hparams, where)
-        elif num_hparams is not None and type(module) in (nn.Linear, nn.Conv2d):
+        elif num_hparams is not None and type(module) in (nn.Linear, nn.Conv2d, nn.Embedding):
+            if type(module) is nn.Embedding and (module.max_norm is not None or module.sparse
+                                                 or module.scale_grad_by_freq):
+                raise ValueError(f"{where}: expected an nn.Embedding without max_norm, sparse or "
+                                 f"scale_grad_by_freq (HyperEmbedding has none of them), got {module}")
             new = _convert_plain(module, num_hparams, where)
         else:
             return None

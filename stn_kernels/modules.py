@@ -40,6 +40,7 @@ from ._validation import (
     param_signature,
 )
 from .backends import kernels
+from .hparams_context import current_hparams
 from .ops import apply_hyper_conv2d_stacked, apply_hyper_linear_stacked, eager
 
 # Published name -> ours. The official CNN layers also carry ``elem_scalar`` a,
@@ -97,6 +98,10 @@ def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtype: torch.dtype, 
 
 class _HyperLayer(nn.Module):
     """Shared parts of the layers with an elementary and a hyper path plus biases."""
+
+    # True for the layers convert() made from plain torch.nn ones: without hparams they take the λ of an
+    # enclosing ``stn_kernels.hparams(...)`` block (stn_kernels/hparams_context.py).
+    context_hparams = False
 
     out_features: int
     num_hparams: int
@@ -190,6 +195,8 @@ class HyperLinear(_HyperLayer):
         self.reset_parameters()
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        if hparams is None and self.context_hparams:
+            hparams = current_hparams()
         fast = self._fast_call("hyper_linear", input, hparams)
         if fast is not None and input.dim() == 2 and input.shape[1] == fast[1][0].shape[1]:
             return apply_hyper_linear_stacked(fast[0], input, hparams, *fast[1])
@@ -244,6 +251,8 @@ class HyperConv2d(_HyperLayer):
         return weight.shape[1] * groups, min_size[0], min_size[1], stride, padding, dilation
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        if hparams is None and self.context_hparams:
+            hparams = current_hparams()
         if self._input_pad is not None and isinstance(input, Tensor) and input.dim() == 4:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._input_pad, mode=mode)
@@ -288,6 +297,8 @@ class HyperEmbedding(nn.Module):
     as ``F.embedding`` does); ``reset_parameters`` zeroes it in both tables. The official STN
     HyperEmbedding passes ``padding_idx=-1`` to both of its lookups, and ``convert`` keeps it.
     """
+
+    context_hparams = False  # as _HyperLayer's: set by convert() for a converted nn.Embedding
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
                  num_hparams: int = REQUIRED, device=None, dtype=None) -> None:
@@ -359,6 +370,8 @@ class HyperEmbedding(nn.Module):
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None, batch_dim: int = 0) -> Tensor:
         if batch_dim not in (0, 1):
             raise ValueError(f"batch_dim: expected 0 or 1, got {batch_dim!r}")
+        if hparams is None and self.context_hparams:
+            hparams = current_hparams()
         out = self._fast(input, hparams, batch_dim) if self.padding_idx is None else None
         if out is not None:
             return out

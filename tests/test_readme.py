@@ -40,3 +40,12 @@ def test_constructor_example_runs():
     scope = {}
     exec(_block_after("**Constructors** are"), scope)
     assert scope["layer"].bias is None and scope["layer"].num_hparams == 3
+
+
+def test_convert_with_hparams_block_runs():
+    text = open(README, encoding="utf-8").read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "stn_kernels.hparams(lam)" in b)
+    scope = {}
+    exec(block, scope)
+    assert scope["lam"].grad is not None and scope["lam"].grad.shape == (4, 2)
+    assert [type(m) for m in scope["net"]] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Flatten, torch.nn.Linear]
