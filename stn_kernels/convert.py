@@ -42,7 +42,8 @@ converted from a plain one whose forward got none; :func:`revert` puts the origi
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,8 @@ from torch import Tensor, nn
 from . import functional
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTMCell
 
-__all__ = ["convert", "revert", "DropConnectHyperLinear", "TimeMajorHyperEmbedding", "published_layer_kind"]
+__all__ = ["convert", "revert", "ConvertReport", "DropConnectHyperLinear", "TimeMajorHyperEmbedding",
+           "published_layer_kind"]
 
 
 class DropConnectHyperLinear(HyperLinear):
@@ -350,7 +352,30 @@ def _check_num_hparams(found: int, expected: Optional[int], where: str) -> None:
                          f"which takes {found} hyperparameters")
 
 
-def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Iterable[str] = ()) -> nn.Module:
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did: ``converted`` (name, from type, to type) and ``left`` (name, type, why) for the
+    modules with parameters of their own that it did not convert."""
+
+    converted: List[Tuple[str, str, str]] = field(default_factory=list)
+    left: List[Tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)}:"] + [f"  {n}: {a} -> {b}" for n, a, b in self.converted]
+        lines += [f"left {len(self.left)}:"] + [f"  {n}: {t} ({why})" for n, t, why in self.left]
+        return "\n".join(lines)
+
+
+def _why_left(module: nn.Module) -> str:
+    if type(module) in (nn.Linear, nn.Conv2d, nn.Embedding):
+        return "plain layers are converted only with num_hparams"
+    if isinstance(module, nn.LSTM):
+        return "nn.LSTM is not converted yet: use stn_kernels.HyperLSTM"
+    return "no hyper form in stn_kernels"
+
+
+def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Iterable[str] = (),
+            report: bool = False):
     """Replaces, in place, every published STN / Delta-STN layer in ``model`` with the stn_kernels layer
     computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear`` and
     ``nn.Conv2d`` (exact types) with a Hyper layer whose hyper path starts at zero.
@@ -358,7 +383,8 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
     ``exclude``: qualified names (as in ``model.named_modules()``) of modules to leave as they are,
     together with their children. Modules shared between several places are converted once and stay
     shared; train/eval mode is kept. Returns ``model``, or the new layer if ``model`` itself is one.
-    Published layers must agree with ``num_hparams`` when it is given.
+    Published layers must agree with ``num_hparams`` when it is given. With ``report=True`` it returns
+    ``(model, ConvertReport)``: what was converted, and which modules with parameters were left, and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -373,6 +399,7 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
     if unknown:
         raise ValueError(f"exclude: expected names of modules in the model, got unknown {unknown}")
     converted: Dict[int, nn.Module] = {}
+    done = ConvertReport()
 
     def replacement(module: nn.Module, where: str) -> Optional[nn.Module]:
         if id(module) in converted:
@@ -394,6 +421,7 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
             return None
         new.train(module.training)
         converted[id(module)] = new
+        done.converted.append((where, type(module).__name__, type(new).__name__))
         return new
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -402,17 +430,23 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
                 continue
             where = f"{prefix}.{name}" if prefix else name
             if where in excluded:
+                if any(True for _ in child.parameters()):
+                    done.left.append((where, type(child).__name__, "excluded"))
                 continue
             new = replacement(child, where)
             if new is not None:
                 parent._modules[name] = new
             else:
+                if (not isinstance(child, (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell))
+                        and any(True for _ in child.parameters(recurse=False))):
+                    done.left.append((where, type(child).__name__, _why_left(child)))
                 visit(child, where)
 
     if "" in excluded:
-        return model
-    top = replacement(model, type(model).__name__)
-    if top is not None:
-        return top
-    visit(model, "")
-    return model
+        result = model
+    else:
+        top = replacement(model, type(model).__name__)
+        if top is None:
+            visit(model, "")
+        result = model if top is None else top
+    return (result, done) if report else result
