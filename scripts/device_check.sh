@@ -139,27 +139,25 @@ echo "pytest exit $TESTS_RC (largest of the processes'; 124: timed out at $T s)"
 grep -E "(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$TESTS_LOG" | tee -a "$LOG"
 grep -E "^(FAILED|ERROR)" "$TESTS_LOG" | head -n 30 | tee -a "$LOG"
 
-phase "4/5 host overhead at tiny shapes (timeout $HOST_S s)"
-HOST_TMP=$(mktemp -d)
-timeout -k 5 "$HOST_S" "$PY" -m stn_kernels.bench --host-overhead --gpu --quick --out "$HOST_TMP" >> "$LOG" 2>&1
-echo "host overhead exit $? (124: timed out)" | tee -a "$LOG"
-[ -s "$HOST_TMP/host_overhead.md" ] && mv "$HOST_TMP/host_overhead.md" "$RESULTS/host_overhead.md"
-rm -rf "$HOST_TMP"
-
-phase "4/5 the STN cycle, eager vs compiled (timeout $STEP_S s)"
-STEP_TMP=$(mktemp -d)
-timeout -k 5 "$STEP_S" "$PY" -m stn_kernels.bench --stn-step --gpu --out "$STEP_TMP" >> "$LOG" 2>&1
-echo "stn step exit $? (124: timed out)" | tee -a "$LOG"
-# $OUT brings back 8 files at most: the cycle table joins the per-call one.
-[ -s "$STEP_TMP/stn_step.md" ] && { echo; cat "$STEP_TMP/stn_step.md"; } >> "$RESULTS/host_overhead.md"
-rm -rf "$STEP_TMP"
-
-phase "4/5 per-example augmentation (timeout $AUG_S s)"
-AUG_TMP=$(mktemp -d)
-timeout -k 5 "$AUG_S" "$PY" -m stn_kernels.bench --layer augment --gpu --quick --out "$AUG_TMP" >> "$LOG" 2>&1
-echo "augment exit $? (124: timed out)" | tee -a "$LOG"
-[ -s "$AUG_TMP/augment.md" ] && { echo; cat "$AUG_TMP/augment.md"; } >> "$RESULTS/host_overhead.md"
-rm -rf "$AUG_TMP"
+# own_table TITLE TIMEOUT FILE ARGS...: a benchmark mode that writes its own table FILE; the tables go, one after
+# the other, into host_overhead.md ($OUT brings back 8 files at most).
+own_table() {
+    local title=$1 limit=$2 file=$3 tmp
+    shift 3
+    tmp=$(mktemp -d)
+    phase "4/5 $title (timeout $limit s)"
+    timeout -k 5 "$limit" "$PY" -m stn_kernels.bench --gpu --out "$tmp" "$@" >> "$LOG" 2>&1
+    echo "$title exit $? (124: timed out)" | tee -a "$LOG"
+    if [ -s "$tmp/$file" ]; then
+        [ -s "$RESULTS/host_overhead.md" ] && echo >> "$RESULTS/host_overhead.md"
+        cat "$tmp/$file" >> "$RESULTS/host_overhead.md"
+    fi
+    rm -rf "$tmp"
+}
+rm -f "$RESULTS/host_overhead.md"  # a rerun into the same folder starts the file anew
+own_table "host overhead at tiny shapes" "$HOST_S" host_overhead.md --host-overhead --quick
+own_table "the STN cycle, eager vs compiled" "$STEP_S" stn_step.md --stn-step
+own_table "per-example augmentation" "$AUG_S" augment.md --layer augment --quick
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
 bench() {

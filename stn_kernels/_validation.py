@@ -272,14 +272,19 @@ def check_rates(rates, x: Tensor) -> Tensor:
                          f"got {tuple(rates.shape)}")
     rates = rates.detach()
     if not torch.compiler.is_compiling():
-        in_range = (rates >= 0) & (rates < 1)
-        if rates.device.type == "cpu":
-            if not bool(in_range.all()):
-                bad = rates[~in_range]
-                raise ValueError(f"rates: expected values in [0, 1), got {bad.numel()} outside, e.g. {bad[0].item()}")
-        else:  # no host synchronisation on accelerators: the check runs on the device
-            torch._assert_async(in_range.all(), "rates: expected values in [0, 1)")
+        _require_in_range(rates, (rates >= 0) & (rates < 1), "rates", "[0, 1)")
     return rates
+
+
+def _require_in_range(values: Tensor, in_range: Tensor, name: str, expected: str) -> None:
+    """A ValueError naming ``name`` with how many ``values`` are outside ``expected`` on the CPU; on
+    accelerators a device assert, since reading the mask on the host would wait for the device."""
+    if values.device.type == "cpu":
+        if not bool(in_range.all()):
+            bad = values[~in_range]
+            raise ValueError(f"{name}: expected values in {expected}, got {bad.numel()} outside, e.g. {bad[0].item()}")
+    else:
+        torch._assert_async(in_range.all(), f"{name}: expected values in {expected}")
 
 
 def seed_offset_tensor(seed, offset, device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
@@ -350,14 +355,7 @@ def check_strength(value, name: str, images: Tensor, low: float, high: float) ->
                          f"got {tuple(value.shape)}")
     value = value.detach().to(torch.float32)
     if not torch.compiler.is_compiling():
-        in_range = (value >= low) & (value <= high)
-        if value.device.type == "cpu":
-            if not bool(in_range.all()):
-                bad = value[~in_range]
-                raise ValueError(f"{name}: expected values in [{low}, {high}], got {bad.numel()} outside, "
-                                 f"e.g. {bad[0].item()}")
-        else:  # no host synchronisation on accelerators: the check runs on the device
-            torch._assert_async(in_range.all(), f"{name}: expected values in [{low}, {high}]")
+        _require_in_range(value, (value >= low) & (value <= high), name, f"[{low}, {high}]")
     return value
 
 

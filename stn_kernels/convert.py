@@ -366,8 +366,12 @@ class ConvertReport:
         return "\n".join(lines)
 
 
+# The plain torch.nn layers convert() swaps when num_hparams is given (exact types: subclasses may differ).
+_PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
 def _why_left(module: nn.Module) -> str:
-    if type(module) in (nn.Linear, nn.Conv2d, nn.Embedding):
+    if type(module) in _PLAIN_LAYERS:
         return "plain layers are converted only with num_hparams"
     if isinstance(module, nn.LSTM):
         return "nn.LSTM is not converted yet: use stn_kernels.HyperLSTM"
@@ -411,7 +415,7 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
             new = _convert_published_cell(module, num_hparams, where)
         elif kind is not None:
             new = _convert_published(module, kind, num_hparams, where)
-        elif num_hparams is not None and type(module) in (nn.Linear, nn.Conv2d, nn.Embedding):
+        elif num_hparams is not None and type(module) in _PLAIN_LAYERS:
             if type(module) is nn.Embedding and (module.max_norm is not None or module.sparse
                                                  or module.scale_grad_by_freq):
                 raise ValueError(f"{where}: expected an nn.Embedding without max_norm, sparse or "
