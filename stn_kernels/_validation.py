@@ -65,14 +65,6 @@ def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_h
     check_same_device(data, data_name, hparams=hparams)
 
 
-def param_signature(params: Sequence[Optional[Tensor]]) -> tuple:
-    """What every check of a module's parameters depends on: dtype, device and shape of each (None kept).
-
-    A cache keyed on it goes stale with anything that changes them: reassignment, ``.to()``/``.half()``,
-    ``p.data = ...`` (none of which bumps ``p._version``); in-place updates (optimizer steps) leave it valid."""
-    return tuple(None if p is None else (p.dtype, p.device, p.shape) for p in params)
-
-
 def layer_param_info(weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor], hyper_bias: Optional[Tensor],
                      hparam_weight: Tensor, weight_dim: int) -> Optional[tuple]:
     """(dtype, device, λ dtype) when a HyperLinear/HyperConv2d module's parameters pass every check the public

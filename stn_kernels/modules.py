@@ -37,7 +37,6 @@ from ._validation import (
     layer_param_info,
     lstm_param_info,
     misread_hint,
-    param_signature,
 )
 from .backends import kernels
 from .hparams_context import current_hparams
@@ -79,15 +78,28 @@ _LAYER_PARAMS = operator.itemgetter("weight", "hyper_weight", "bias", "hyper_bia
 _EMBEDDING_PARAMS = operator.itemgetter("weight", "hyper_weight", "hparam_weight")
 
 
-def _cached(owner: nn.Module, params: tuple, check: Callable[[], object], extra=()):
-    """``check()`` (what the checks of ``params`` and ``extra`` found), recomputed only when the parameters'
-    signature (dtype, device, shape of each) or ``extra`` changes; kept on ``owner``."""
-    key = (param_signature(params), extra)
+def _cached(owner: nn.Module, params: tuple, extra, check: Callable[..., object], *check_args):
+    """``check(*check_args)`` (what the checks of ``params`` and ``extra`` found), kept on ``owner`` and recomputed
+    when a parameter object or ``extra`` changes, or after ``owner._apply`` (``.to()``, ``.half()``, ``.cuda()``,
+    ``to_empty``, which change parameters in place: :class:`_ParamChecksCache`). Keyed on identity because
+    reading dtype, device and shape of five parameters per call cost more (1.2 µs) than the rest of the checks.
+    A ``p.data = ...`` of another dtype, device or shape outside ``_apply`` is seen at the next ``_apply``;
+    until then torch's own op raises on the mismatch (the fast path only skips checks: it computes with the
+    tensors as they are)."""
+    key = (tuple(map(id, params)), extra)
     cached = owner.__dict__.get("_param_cache")
     if cached is None or cached[0] != key:
-        cached = (key, check())
+        cached = (key, check(*check_args))
         owner.__dict__["_param_cache"] = cached
     return cached[1]
+
+
+class _ParamChecksCache(nn.Module):
+    """Drops the cache of :func:`_cached` when ``_apply`` changes the parameters in place."""
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_param_cache", None)
+        return super()._apply(fn, recurse)
 
 
 def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -96,7 +108,7 @@ def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtype: torch.dtype, 
                                and hparams.shape == (batch, num_hparams) and hparams.device == device)
 
 
-class _HyperLayer(nn.Module):
+class _HyperLayer(_ParamChecksCache):
     """Shared parts of the layers with an elementary and a hyper path plus biases."""
 
     # True for the layers convert() made from plain torch.nn ones: without hparams they take the λ of an
@@ -133,23 +145,17 @@ class _HyperLayer(nn.Module):
 
         The fast path is for the common call: eager, no autocast, input in the parameters' dtype and on
         their device, hparams [B, H] in hparam_weight's dtype or None. What the checks of the parameters
-        (and of ``extra``, the conv's geometry) find is cached on their signature (dtype, device, shape),
-        so a right call costs a few attribute reads and comparisons here; every other call, and every
-        wrong one, takes the full path (:mod:`stn_kernels.functional`), which raises the error naming the
-        argument. The backend is resolved once, here, and kept for the backward."""
+        (and of ``extra``, the conv's geometry) find is cached (:func:`_cached`), so a right call costs a few
+        attribute reads and comparisons here; every other call, and every wrong one, takes the full path
+        (:mod:`stn_kernels.functional`), which raises the error naming the argument. The backend is resolved
+        once, here, and kept for the backward."""
         if not eager():  # torch.compile traces the full path (the registered ops), torch.func the composite
             return None
         try:
             params = _LAYER_PARAMS(self._parameters)
         except KeyError:  # a parameter replaced by something else: the full path sorts it out
             return None
-
-        def check():
-            info = layer_param_info(*params, 2 if op == "hyper_linear" else 4)
-            facts = None if info is None else self._facts(params[0], extra)
-            return None if facts is None else info + (facts,)
-
-        info = _cached(self, params, check, extra)
+        info = _cached(self, params, extra, self._check_params, op, params, extra)
         if info is None or not isinstance(input, Tensor):
             return None
         dtype, device, hp_dtype, facts = info
@@ -157,6 +163,12 @@ class _HyperLayer(nn.Module):
                 or not _fast_hparams_ok(hparams, input.shape[0], params[4].shape[1], hp_dtype, device)):
             return None
         return kernels(op, device, input.shape[0], dtype, input.numel() == 0), params, facts
+
+    def _check_params(self, op: str, params: tuple, extra) -> Optional[tuple]:
+        """(dtype, device, λ dtype, facts) when the parameters and ``extra`` pass every check, else None."""
+        info = layer_param_info(*params, 2 if op == "hyper_linear" else 4)
+        facts = None if info is None else self._facts(params[0], extra)
+        return None if facts is None else info + (facts,)
 
     def _facts(self, weight: Tensor, extra) -> Optional[tuple]:
         """What the fast path checks each input against (a tuple), or None when ``extra`` is invalid."""
@@ -284,7 +296,7 @@ class HyperConv2d(_HyperLayer):
         return s + f", num_hparams={self.num_hparams}"
 
 
-class HyperEmbedding(nn.Module):
+class HyperEmbedding(_ParamChecksCache):
     """out[b, ...] = E[i] + (V·λ_b) ⊙ E_hyper[i] for indices i = input[b, ...].
 
     Parameters ``weight`` and ``hyper_weight`` [num_embeddings, embedding_dim] and
@@ -351,7 +363,7 @@ class HyperEmbedding(nn.Module):
             params = _EMBEDDING_PARAMS(self._parameters)
         except KeyError:
             return None
-        info = _cached(self, params, lambda: embedding_param_info(*params))
+        info = _cached(self, params, (), embedding_param_info, *params)
         if info is None or not isinstance(input, Tensor):
             return None
         dtype, device, hp_dtype = info
@@ -429,7 +441,7 @@ def _check_lstm_args(module: nn.Module, leading: tuple, bias, batch_first, num_h
     return check_num_hparams(num_hparams, name, leading)
 
 
-class HyperLSTMCell(nn.Module):
+class HyperLSTMCell(_ParamChecksCache):
     """One HyperLSTM layer over a sequence: the official STN ``HyperLSTMCell``, fused.
 
     Submodules ``i2h`` (:class:`HyperLinear` input_size → 4·hidden_size) and ``h2h``
@@ -508,7 +520,7 @@ class HyperLSTMCell(nn.Module):
             i2h, h2h = _LAYER_PARAMS(self.i2h._parameters), _LAYER_PARAMS(self.h2h._parameters)
         except (AttributeError, KeyError):
             return None
-        info = _cached(self, i2h + h2h, lambda: lstm_param_info(i2h, h2h))
+        info = _cached(self, i2h + h2h, (), lstm_param_info, i2h, h2h)
         if info is None or not isinstance(input, Tensor):
             return None
         dtype, device, hp_dtype = info

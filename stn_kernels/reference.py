@@ -70,9 +70,11 @@ def hyper_linear_forward(
 
 
 def hyper_linear_stacked_forward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight):
-    """:func:`hyper_linear_forward` with V and C stacked as the modules' hparam_weight [2N, H]."""
+    """:func:`hyper_linear_forward` with V and C stacked as the modules' hparam_weight [2N, H]: ``(out, z_hyper,
+    scales)``, scales = (s, t) (None without hparams) for :func:`hyper_linear_stacked_backward`, which then
+    need not form them again (a GEMM and a chunk, ~4% of a forward+backward at the STN shapes on the CPU)."""
     scales = None if hparams is None else stacked_scales(hparams, hparam_weight, x.dtype)
-    return _linear_forward(x, weight, hyper_weight, bias, hyper_bias, scales)
+    return (*_linear_forward(x, weight, hyper_weight, bias, hyper_bias, scales), scales)
 
 
 def _linear_forward(x, weight, hyper_weight, bias, hyper_bias, scales):
@@ -122,12 +124,12 @@ def hyper_linear_backward(
 
 
 def hyper_linear_stacked_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, hparam_weight, z_hyper,
-                                  output_mask):
+                                  output_mask, scales=None):
     """Gradients of :func:`hyper_linear_stacked_forward` for (x, hparams, weight, hyper_weight, bias,
     hyper_bias, hparam_weight), None where not needed: d[V; C] and dλ are one GEMM each,
     dλ = [g ⊙ z_hyper, g ⊙ b_hyper]·[V; C] and d[V; C] = [g ⊙ z_hyper, g ⊙ b_hyper]ᵀ·λ."""
-    return _stacked_scales_backward(_linear_backward, grad_out, hparams, hparam_weight, output_mask, x, weight,
-                                    hyper_weight, hyper_bias, z_hyper)
+    return _stacked_scales_backward(_linear_backward, grad_out, hparams, hparam_weight, output_mask, scales, x,
+                                    weight, hyper_weight, hyper_bias, z_hyper)
 
 
 def _separate_scales_backward(core, g, hparams, weight_scale, bias_scale, output_mask, *args):
@@ -144,10 +146,12 @@ def _separate_scales_backward(core, g, hparams, weight_scale, bias_scale, output
     return grads
 
 
-def _stacked_scales_backward(core, g, hparams, hparam_weight, output_mask, *args):
-    """A backward on the stacked [V; C]: as :func:`_separate_scales_backward`, 7 gradients."""
+def _stacked_scales_backward(core, g, hparams, hparam_weight, output_mask, scales, *args):
+    """A backward on the stacked [V; C]: as :func:`_separate_scales_backward`, 7 gradients; ``scales`` those of
+    the stacked forward, or None to form them again."""
     need = list(output_mask)
-    scales = None if hparams is None else stacked_scales(hparams, hparam_weight, g.dtype)
+    if scales is None and hparams is not None:
+        scales = stacked_scales(hparams, hparam_weight, g.dtype)
     grads, ds, dt = core(g, scales, need[:6] + [need[1] or need[6]], hparams, *args)
     grads[1], d_hparam_weight = _stacked_hparam_grads(ds, dt, hparams, hparam_weight, need[1], need[6])
     return grads + [d_hparam_weight]
@@ -205,10 +209,12 @@ def hyper_conv2d_stacked_forward(x, hparams, weight, hyper_weight, bias, hyper_b
 
     With ``groups == 1`` both convolutions are one, over the stacked [W; W_hyper] (twice the output
     channels): at the STN shapes on the CPU a convolution's fixed cost is most of its time, and the
-    module's fast path (whose backward torch forms) needs z_hyper only as a view."""
+    module's fast path (whose backward torch forms) needs z_hyper only as a view. ``(out, z_hyper, scales)``
+    as :func:`hyper_linear_stacked_forward`."""
     if hparams is None or groups != 1:
         scales = None if hparams is None else stacked_scales(hparams, hparam_weight, x.dtype)
-        return _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups)
+        return (*_conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation,
+                                 groups), scales)
     s, t = stacked_scales(hparams, hparam_weight, x.dtype)
     batch, channels = s.shape
     both = F.conv2d(x, torch.cat([weight, hyper_weight]), None, stride, padding, dilation)
@@ -217,7 +223,7 @@ def hyper_conv2d_stacked_forward(x, hparams, weight, hyper_weight, bias, hyper_b
     out = torch.addcmul(elem, s.view(batch, channels, 1, 1), z_hyper)
     if shift is not None:
         out = out + shift.view(-1, channels, 1, 1)
-    return out.contiguous(memory_format=dense_format(x)), z_hyper
+    return out.contiguous(memory_format=dense_format(x)), z_hyper, (s, t)
 
 
 def _conv2d_forward(x, weight, hyper_weight, bias, hyper_bias, scales, stride, padding, dilation, groups):
@@ -261,10 +267,10 @@ def hyper_conv2d_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias
 
 
 def hyper_conv2d_stacked_backward(grad_out, x, hparams, weight, hyper_weight, hyper_bias, hparam_weight, z_hyper,
-                                  stride, padding, dilation, groups, output_mask):
+                                  stride, padding, dilation, groups, output_mask, scales=None):
     """Gradients of :func:`hyper_conv2d_stacked_forward` (7 entries, as :func:`hyper_linear_stacked_backward`)."""
-    return _stacked_scales_backward(_conv2d_backward, grad_out, hparams, hparam_weight, output_mask, x, weight,
-                                    hyper_weight, hyper_bias, z_hyper, stride, padding, dilation, groups)
+    return _stacked_scales_backward(_conv2d_backward, grad_out, hparams, hparam_weight, output_mask, scales, x,
+                                    weight, hyper_weight, hyper_bias, z_hyper, stride, padding, dilation, groups)
 
 
 def _conv2d_backward(g, scales, need, hparams, x, weight, hyper_weight, hyper_bias, z_hyper, stride, padding,

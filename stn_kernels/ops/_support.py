@@ -101,9 +101,10 @@ class StackedScalesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, *extra):
-        out, z_hyper = _stacked_forward(op, keep_backend(ctx, backend), x, hparams, weight, hyper_weight, bias,
-                                        hyper_bias, hparam_weight, extra)
-        ctx.op, ctx.extra = op, extra
+        out, z_hyper, scales = _stacked_forward(op, keep_backend(ctx, backend), x, hparams, weight, hyper_weight,
+                                                bias, hyper_bias, hparam_weight, extra)
+        # The forward's (s, t), internal tensors nobody else holds: on ctx, not checked for in-place changes.
+        ctx.op, ctx.extra, ctx.scales = op, extra, scales
         ctx.save_for_backward(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, z_hyper)
         return out
 
@@ -123,7 +124,8 @@ class StackedScalesFunction(torch.autograd.Function):
             grads = double_backward(composite, inputs, mask[:7], grad_out)
         elif hasattr(backend, op.stacked_backward):  # the backend takes [V; C] as it is
             grads = getattr(backend, op.stacked_backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias,
-                                                              hparam_weight, z_hyper, *extra, mask[:7])
+                                                              hparam_weight, z_hyper, *extra, mask[:7],
+                                                              scales=ctx.scales)
         else:
             scales = split_scales(hparam_weight, n, hparams, hyper_bias)
             found = getattr(backend, op.backward)(grad_out, x, hparams, weight, hyper_weight, hyper_bias, *scales,
@@ -142,20 +144,24 @@ def run_stacked(op, backend, x: Tensor, hparams: Optional[Tensor], weight: Tenso
     the conv torch's C++ backward nodes beat the Function's Python backward around the same ops (fwd+bwd
     1.05 vs 1.12 of published), for the linear layer the written-out backward, with fewer ops than
     autograd's, wins (0.90 vs 1.04): hyper_conv2d sets ``plain_torch``, hyper_linear does not."""
-    args = (x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
-    if backend is not op.plain_torch and records_graph(args):
-        return StackedScalesFunction.apply(op, backend, *args, *extra)
-    return _stacked_forward(op, backend, *args, extra)[0]
+    if backend is not op.plain_torch and torch.is_grad_enabled() and (
+            weight.requires_grad or hparam_weight.requires_grad or x.requires_grad or hyper_weight.requires_grad
+            or (hparams is not None and hparams.requires_grad) or (bias is not None and bias.requires_grad)
+            or (hyper_bias is not None and hyper_bias.requires_grad)):  # records_graph, unrolled: once per call
+        return StackedScalesFunction.apply(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias,
+                                           hparam_weight, *extra)
+    return _stacked_forward(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, extra)[0]
 
 
 def _stacked_forward(op, backend, x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, extra):
-    """(out, z_hyper) from the backend's forward: its ``stacked_forward`` when it has one (the reference: one
-    GEMM for λ·[V; C]ᵀ), else its forward on the split V and C."""
+    """(out, z_hyper, scales) from the backend's forward: its ``stacked_forward`` when it has one (the
+    reference: one GEMM for λ·[V; C]ᵀ, whose (s, t) it returns for its stacked backward), else its forward
+    on the split V and C (scales None)."""
     stacked = getattr(backend, op.stacked_forward, None)
     if stacked is not None:
         return stacked(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, *extra)
     scales = split_scales(hparam_weight, weight.shape[0], hparams, hyper_bias)
-    return getattr(backend, op.forward)(x, hparams, weight, hyper_weight, bias, hyper_bias, *scales, *extra)
+    return (*getattr(backend, op.forward)(x, hparams, weight, hyper_weight, bias, hyper_bias, *scales, *extra), None)
 
 
 def _stacked_grad(d_weight_scale: Optional[Tensor], d_bias_scale: Optional[Tensor], hparam_weight: Tensor) -> Tensor:
