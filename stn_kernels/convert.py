@@ -18,6 +18,7 @@ Delta-STN linear / conv     ``general_weight``, ``response_weight``,            
                             ``hyper_bottleneck.weight``, opt. biases
 ``nn.Linear``/``nn.Conv2d``  (only with ``num_hparams``)                                  HyperLinear / HyperConv2d
 ``nn.Embedding``            (only with ``num_hparams``)                                  HyperEmbedding
+``nn.LSTM``                 (only with ``num_hparams``) not bidirectional, no proj_size  TorchLayoutHyperLSTM
 ==========================  ===========================================================  =====================
 
 The new layers take over the *same* ``nn.Parameter`` objects (no copy), so shared and tied
@@ -38,10 +39,18 @@ Plain ``nn.Linear``/``nn.Conv2d`` get a hyper path whose λ-map ``hparam_weight`
 ``hparam_weight`` is not zero); your forward must then pass the hyperparameters as the second
 argument to use it, or run it inside ``with stn_kernels.hparams(lam):``, which feeds ``lam`` to every layer
 converted from a plain one whose forward got none; :func:`revert` puts the original modules back.
+
+A plain ``nn.LSTM`` becomes a :class:`TorchLayoutHyperLSTM` (a :class:`~stn_kernels.HyperLSTM`): its weights and
+biases stay the nn.LSTM's own Parameters under their names (``weight_ih_l0``, ...), reordered from torch's gate
+order (i, f, g, o) to ours in each forward, so they too are shared, not copied (optimisers built before
+converting keep working); outputs, states and gradients are nn.LSTM's without λ, train-mode ``dropout`` between
+layers included. A bidirectional one or one with ``proj_size`` is left as it is (the report says why), and
+converting such an LSTM itself (``convert(lstm, ...)``) raises ValueError.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -49,10 +58,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTMCell
+from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTM, HyperLSTMCell
 
 __all__ = ["convert", "revert", "ConvertReport", "DropConnectHyperLinear", "TimeMajorHyperEmbedding",
-           "published_layer_kind"]
+           "TorchLayoutHyperLSTM", "published_layer_kind"]
 
 
 class DropConnectHyperLinear(HyperLinear):
@@ -105,6 +114,72 @@ class TimeMajorHyperEmbedding(HyperEmbedding):
                                              self.hparam_weight)
             return out.transpose(0, 1)
         return functional.hyper_embedding(input, hparams, weight, hyper_weight, self.hparam_weight)
+
+
+def _in_our_gate_order(param: Optional[Tensor]) -> Optional[Tensor]:
+    """nn.LSTM's gate blocks (i, f, g, o) along dim 0 in ours, the official STN's (f, i, o, g)."""
+    if param is None:
+        return None
+    i, f, g, o = param.chunk(4)
+    return torch.cat((f, i, o, g))
+
+
+class HyperPathLSTMCell(HyperLSTMCell):
+    """A layer of a :class:`TorchLayoutHyperLSTM`: only the hyper path (its elementary weights are the nn.LSTM's
+    Parameters, held by the TorchLayoutHyperLSTM), so it cannot run on its own."""
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("HyperPathLSTMCell: holds only the hyper path of one layer of an nn.LSTM converted by "
+                        "stn_kernels.convert (the weights are the nn.LSTM's, on the TorchLayoutHyperLSTM): "
+                        "call the whole TorchLayoutHyperLSTM")
+
+
+class TorchLayoutHyperLSTM(HyperLSTM):
+    """The HyperLSTM that :func:`convert` makes of an ``nn.LSTM``: the nn.LSTM's own Parameters, under its names
+    (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``) and in its gate order
+    (i, f, g, o), are the elementary weights; ``cells[k]`` (:class:`HyperPathLSTMCell`) hold only the hyper path
+    (``i2h`` / ``h2h``: ``hyper_weight``, ``hyper_bias``, ``hparam_weight``; ``weight`` and ``bias`` are None).
+    nn.LSTM's ``dropout`` between layers is kept (the same F.dropout draws).
+
+    Why the nn.LSTM's Parameters are not simply the cells' weights: our recurrence takes the gates in the
+    official STN's order (f, i, o, g), so the same objects cannot serve as i2h / h2h weights. A copy in our
+    order would leave an optimiser built before :func:`convert`, and the nn.LSTM that :func:`revert` puts back,
+    with stale tensors; reordering their rows in place would scramble an optimiser's state (Adam's moments) and
+    anything else holding them. So the nn.LSTM's Parameters stay the source of truth, and each forward reorders
+    their gate blocks (a cat of four views per tensor, differentiable, small next to the recurrence).
+    """
+
+    def __init__(self, lstm: nn.LSTM, *, num_hparams: int) -> None:
+        weight = lstm.weight_ih_l0
+        super().__init__(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
+                         num_hparams=num_hparams, device=weight.device, dtype=weight.dtype)
+        if lstm.num_layers > 1:  # nn.LSTM ignores it (with a warning) for one layer
+            self.dropout = float(lstm.dropout)
+        self._elementary_names = []
+        for layer, cell in enumerate(self.cells):
+            cell.__class__ = HyperPathLSTMCell  # the same module with the hyper path only: see its docstring
+            for linear in (cell.i2h, cell.h2h):
+                linear.register_parameter("weight", None)
+                linear.register_parameter("bias", None)
+            names = tuple(f"{name}_l{layer}" if lstm.bias or name.startswith("weight") else None
+                          for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+            for name in filter(None, names):
+                _take(self, name, getattr(lstm, name))
+            self._elementary_names.append(names)
+
+    def _layer_params(self, layer: int, dropconnect):
+        elementary = tuple(None if name is None else _in_our_gate_order(getattr(self, name))
+                           for name in self._elementary_names[layer])
+        return self.cells[layer]._params(dropconnect, elementary)
+
+    def reset_parameters(self) -> None:
+        """The hyper path as HyperLSTM's, the nn.LSTM's Parameters as ``nn.LSTM.reset_parameters``."""
+        super().reset_parameters()
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for names in self._elementary_names:
+                for name in filter(None, names):
+                    getattr(self, name).uniform_(-bound, bound)
 
 
 # --------------------------------------------------------------------------- recognition
@@ -296,6 +371,21 @@ def _convert_published_cell(module: nn.Module, num_hparams: Optional[int], where
 
 
 def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module:
+    if isinstance(module, nn.LSTM):
+        new = TorchLayoutHyperLSTM(module, num_hparams=num_hparams)
+    else:
+        new = _convert_plain_layer(module, num_hparams)
+    with torch.no_grad():  # the hyper path adds (V·λ)⊙(W_h x) + (C·λ)⊙b_h = 0 until V, C learn
+        for name, param in new.named_parameters():
+            if name.rpartition(".")[2] == "hparam_weight":
+                param.zero_()
+    new.context_hparams = True  # λ from an enclosing stn_kernels.hparams(...) block when the forward gets none
+    # Kept outside the module tree (not a submodule: no second copy of its parameters) for revert().
+    object.__setattr__(new, "_stn_original", module)
+    return new
+
+
+def _convert_plain_layer(module: nn.Module, num_hparams: int) -> nn.Module:
     weight, bias = module.weight, getattr(module, "bias", None)
     factory = {"dtype": weight.dtype, "device": weight.device}
     if isinstance(module, nn.Embedding):
@@ -313,19 +403,14 @@ def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module
     _take(new, "weight", weight)
     if not isinstance(module, nn.Embedding):
         _take(new, "bias", bias)
-    with torch.no_grad():
-        new.hparam_weight.zero_()  # the hyper path adds (V·λ)⊙(W_h x) + (C·λ)⊙b_h = 0 until V, C learn
-    new.context_hparams = True  # λ from an enclosing stn_kernels.hparams(...) block when the forward gets none
-    # Kept outside the module tree (not a submodule: no second copy of its parameters) for revert().
-    object.__setattr__(new, "_stn_original", module)
     return new
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undoes :func:`convert` for the layers it made from plain ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``:
-    each is replaced, in place, by the original module, which holds the same weight and bias Parameters (trained
-    since, if they were); the hyper path's own parameters are dropped. Returns ``model`` (or the original layer
-    if ``model`` itself is a converted one)."""
+    """Undoes :func:`convert` for the layers it made from plain ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and
+    ``nn.LSTM``: each is replaced, in place, by the original module, which holds the same weight and bias
+    Parameters (trained since, if they were); the hyper path's own parameters are dropped. Returns ``model``
+    (or the original layer if ``model`` itself is a converted one)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
 
@@ -367,28 +452,37 @@ class ConvertReport:
 
 
 # The plain torch.nn layers convert() swaps when num_hparams is given (exact types: subclasses may differ).
-_PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+_PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM)
 
 
-def _why_left(module: nn.Module) -> str:
-    if type(module) in _PLAIN_LAYERS:
+def _lstm_lacks(module: nn.Module) -> Optional[str]:
+    """The options of an nn.LSTM that HyperLSTM has no form of ("bidirectional=True, proj_size=2"), or None."""
+    options = [f"bidirectional={module.bidirectional}"] if module.bidirectional else []
+    options += [f"proj_size={module.proj_size}"] if module.proj_size else []
+    return ", ".join(options) or None
+
+
+def _why_left(module: nn.Module, num_hparams: Optional[int]) -> str:
+    if type(module) in _PLAIN_LAYERS and num_hparams is None:
         return "plain layers are converted only with num_hparams"
-    if isinstance(module, nn.LSTM):
-        return "nn.LSTM is not converted yet: use stn_kernels.HyperLSTM"
+    if type(module) is nn.LSTM:
+        return f"HyperLSTM has no {_lstm_lacks(module)}"
     return "no hyper form in stn_kernels"
 
 
 def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Iterable[str] = (),
             report: bool = False):
     """Replaces, in place, every published STN / Delta-STN layer in ``model`` with the stn_kernels layer
-    computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear`` and
-    ``nn.Conv2d`` (exact types) with a Hyper layer whose hyper path starts at zero.
+    computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear``, ``nn.Conv2d``,
+    ``nn.Embedding`` and ``nn.LSTM`` (exact types) with a Hyper layer whose hyper path starts at zero (an
+    nn.LSTM's options HyperLSTM lacks, bidirectional and proj_size, leave it as it is; see the module docstring).
 
     ``exclude``: qualified names (as in ``model.named_modules()``) of modules to leave as they are,
     together with their children. Modules shared between several places are converted once and stay
     shared; train/eval mode is kept. Returns ``model``, or the new layer if ``model`` itself is one.
     Published layers must agree with ``num_hparams`` when it is given. With ``report=True`` it returns
-    ``(model, ConvertReport)``: what was converted, and which modules with parameters were left, and why.
+    ``(model, ConvertReport)``: what was converted, and which modules with parameters were left, and why
+    (excluded; a plain layer without num_hparams; an nn.LSTM option HyperLSTM has no form of; no hyper form).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -420,6 +514,11 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
                                                  or module.scale_grad_by_freq):
                 raise ValueError(f"{where}: expected an nn.Embedding without max_norm, sparse or "
                                  f"scale_grad_by_freq (HyperEmbedding has none of them), got {module}")
+            if type(module) is nn.LSTM and _lstm_lacks(module):
+                if module is model:  # converting this very LSTM was asked for: an error, not a silent no-op
+                    raise ValueError(f"model: expected an nn.LSTM without bidirectional or proj_size (HyperLSTM "
+                                     f"has neither), got {module}")
+                return None  # left, with the reason in the report
             new = _convert_plain(module, num_hparams, where)
         else:
             return None
@@ -441,9 +540,9 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
             if new is not None:
                 parent._modules[name] = new
             else:
-                if (not isinstance(child, (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell))
+                if (not isinstance(child, (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell, HyperLSTM))
                         and any(True for _ in child.parameters(recurse=False))):
-                    done.left.append((where, type(child).__name__, _why_left(child)))
+                    done.left.append((where, type(child).__name__, _why_left(child, num_hparams)))
                 visit(child, where)
 
     if "" in excluded:

@@ -132,7 +132,8 @@ class _HyperLayer(_ParamChecksCache):
 
     def reset_parameters(self) -> None:
         """As the official STN code: weights and biases U(±1/√fan_in), hparam_weight N(0, 0.01²)."""
-        fan_in = self.weight[0].numel()
+        # fan_in from hyper_weight (shaped as weight): a converted nn.LSTM's cells hold no weight of their own.
+        fan_in = self.hyper_weight[0].numel()
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         with torch.no_grad():
             for p in (self.weight, self.hyper_weight, self.bias, self.hyper_bias):
@@ -476,20 +477,27 @@ class HyperLSTMCell(_ParamChecksCache):
         self.i2h.reset_parameters()
         self.h2h.reset_parameters()
 
-    def _params(self, dropconnect):
+    def _params(self, dropconnect, elementary: Optional[tuple] = None):
         """(i2h tuple, h2h tuple), the h2h weights DropConnect-masked in training mode.
+
+        ``elementary``: (i2h weight, i2h bias, h2h weight, h2h bias) to use instead of the submodules' own
+        (the nn.LSTM Parameters in our gate order, for an nn.LSTM that :func:`stn_kernels.convert` made
+        into a HyperLSTM).
 
         A cell converted from the published one (:func:`stn_kernels.convert`) has DropConnectHyperLinear
         i2h / h2h, whose ``mask_weights(p)`` the published model calls before every forward: a mask
         set that way is used instead of this cell's own rate, in training mode only (a mask left from
         training is never applied in eval mode)."""
         n = 4 * self.hidden_size
-        i2h_weight, i2h_hyper_weight = self.i2h.weight, self.i2h.hyper_weight
+        if elementary is None:
+            elementary = (self.i2h.weight, self.i2h.bias, self.h2h.weight, self.h2h.bias)
+        i2h_weight, i2h_bias, weight, bias = elementary
+        i2h_hyper_weight = self.i2h.hyper_weight
         if self.training:
             i2h_weight, i2h_hyper_weight = _set_mask(self.i2h, i2h_weight, i2h_hyper_weight)
-        i2h = (i2h_weight, i2h_hyper_weight, self.i2h.bias, self.i2h.hyper_bias,
+        i2h = (i2h_weight, i2h_hyper_weight, i2h_bias, self.i2h.hyper_bias,
                self.i2h.hparam_weight[:n], self.i2h.hparam_weight[n:])
-        weight, hyper_weight = self.h2h.weight, self.h2h.hyper_weight
+        hyper_weight = self.h2h.hyper_weight
         p = self.dropconnect if dropconnect is None else dropconnect
         if self.training and getattr(self.h2h, "weight_mask", None) is not None:
             weight, hyper_weight = _set_mask(self.h2h, weight, hyper_weight)
@@ -500,7 +508,7 @@ class HyperLSTMCell(_ParamChecksCache):
         elif not isinstance(p, Tensor) and (isinstance(p, bool) or not isinstance(p, (int, float))
                                             or not 0.0 <= p < 1.0):
             raise ValueError(f"dropconnect: expected a probability in [0, 1), got {p!r}")
-        h2h = (weight, hyper_weight, self.h2h.bias, self.h2h.hyper_bias, self.h2h.hparam_weight[:n],
+        h2h = (weight, hyper_weight, bias, self.h2h.hyper_bias, self.h2h.hparam_weight[:n],
                self.h2h.hparam_weight[n:])
         return i2h, h2h
 
@@ -610,7 +618,14 @@ class HyperLSTM(nn.Module):
     before the next layer, in training mode only, with one mask per (example, unit) for the
     whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
     (:func:`stn_kernels.stn.per_example_dropout` underneath; pass None in the validation steps).
+    ``dropout`` (an attribute, 0 by default) is nn.LSTM's: plain dropout of each layer's output but
+    the last's, in training mode.
     """
+
+    # As _HyperLayer's: True for an nn.LSTM that convert() made into a HyperLSTM.
+    context_hparams = False
+    # nn.LSTM's dropout between layers; convert() takes it from the nn.LSTM (the same F.dropout draws).
+    dropout = 0.0
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, *, num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None,
@@ -645,6 +660,8 @@ class HyperLSTM(nn.Module):
                 dropconnect: Optional[Union[float, Tensor]] = None,
                 layer_dropout: Optional[Union[float, Tensor]] = None):
         L, N = self.num_layers, self.hidden_size
+        if hparams is None and self.context_hparams:
+            hparams = current_hparams()
         check_tensor(input, "input")
         if input.dim() not in (2, 3):
             raise ValueError(f"input: expected shape {'[B, T, ' if self.batch_first else '[T, B, '}"
@@ -668,8 +685,8 @@ class HyperLSTM(nn.Module):
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         x = input
         hs, cs = [], []
-        for layer, cell in enumerate(self.cells):
-            i2h, h2h = cell._params(dropconnect)
+        for layer in range(L):
+            i2h, h2h = self._layer_params(layer, dropconnect)
             state = None if h0 is None else (h0[layer], c0[layer])
             first = layer == 0 and self.batch_first
             x, (h, c) = functional.hyper_lstm_layer(x, hparams, i2h, h2h, state, batch_first=first)
@@ -677,6 +694,8 @@ class HyperLSTM(nn.Module):
                 x = x.transpose(0, 1)  # time-major between layers
             if layer_dropout is not None and self.training and layer < L - 1:
                 x = _locked_dropout(x, layer_dropout)
+            if self.dropout and self.training and layer < L - 1:
+                x = F.dropout(x, self.dropout)
             hs.append(h)
             cs.append(c)
         out = x.transpose(0, 1) if self.batch_first else x
@@ -684,6 +703,10 @@ class HyperLSTM(nn.Module):
         if unbatched:
             return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
         return out, (h_n, c_n)
+
+    def _layer_params(self, layer: int, dropconnect):
+        """(i2h tuple, h2h tuple) of one layer for :func:`stn_kernels.hyper_lstm_layer`."""
+        return self.cells[layer]._params(dropconnect)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Published model: rnns = ModuleList(HyperLSTMCell), so "{l}.i2h.*" under this module's prefix.
@@ -698,10 +721,12 @@ class HyperLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
-        if self.cells[0].i2h.bias is None:
+        if self.cells[0].i2h.hyper_bias is None:  # (hyper_bias: a converted nn.LSTM's cells hold no bias)
             s += ", bias=False"
         if self.batch_first:
             s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
         if self.dropconnect:
             s += f", dropconnect={self.dropconnect}"
         return s + f", num_hparams={self.num_hparams}"

@@ -143,6 +143,46 @@ def equivalence_batches(rank):
     return rank_data(rank, salt=20), rank_data(rank, salt=30)
 
 
+VOCAB = 11
+
+
+class PlainLM(torch.nn.Module):
+    """Embedding → LSTM → Linear in plain torch.nn, to be converted and fed λ by ``stn_kernels.hparams``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 5)
+        self.lstm = torch.nn.LSTM(5, 6, batch_first=True)
+        self.decoder = torch.nn.Linear(6, VOCAB)
+
+    def forward(self, tokens):
+        return self.decoder(self.lstm(self.embed(tokens))[0])
+
+
+def hparams_block_data(rank):
+    """This rank's (tokens [4, 6], λ [4, 2]): different on every rank."""
+    g = torch.Generator().manual_seed(50 + rank)
+    return torch.randint(0, VOCAB, (4, 6), generator=g), torch.randn(4, 2, generator=g)
+
+
+def hparams_block_run(data_of_ranks, wrap=lambda m: m):
+    """The gradients (weights, λ) of the converted LM's next-token loss on the given ranks' data concatenated,
+    λ fed by ``with stn_kernels.hparams(lam):`` around the (wrapped) model's call."""
+    torch.manual_seed(0)
+    model = stn_kernels.convert(PlainLM(), num_hparams=2)
+    with torch.no_grad():  # a visible hyper path (convert starts it at zero)
+        for name, p in model.named_parameters():
+            if name.endswith("hparam_weight"):
+                p.normal_(0.0, 0.5)
+    net = wrap(model)
+    tokens, lam = (torch.cat(parts) for parts in zip(*data_of_ranks))
+    lam.requires_grad_()
+    with stn_kernels.hparams(lam):
+        logits = net(tokens[:, :-1])
+    F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+    return {"weights": {name: p.grad.clone() for name, p in model.named_parameters()}, "lam": lam.grad.clone()}
+
+
 def helpers(rank, world):
     hp = make_hparams()
     hp.set_values(rate=0.1 + 0.2 * rank)             # rank-specific values ...
@@ -182,6 +222,7 @@ def main(rank, world, init_file, out_dir):
         "ddp_static_graph": lambda: stn_loop(rank, lambda m: ddp(m, static_graph=True)),
         "equivalence": lambda: equivalence_run([equivalence_batches(rank)], wrap=ddp),
         "helpers": lambda: helpers(rank, world),
+        "hparams_block_ddp": lambda: hparams_block_run([hparams_block_data(rank)], wrap=ddp),
     }
     results = {}
     for name, run in scenarios.items():

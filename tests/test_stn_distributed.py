@@ -16,7 +16,14 @@ import torch.nn.functional as F
 
 from stn_kernels import stn
 
-from _stn_distributed_worker import equivalence_batches, equivalence_run, make_hparams, make_model
+from _stn_distributed_worker import (
+    equivalence_batches,
+    equivalence_run,
+    hparams_block_data,
+    hparams_block_run,
+    make_hparams,
+    make_model,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_stn_distributed_worker.py")
@@ -107,6 +114,21 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks):
             torch.testing.assert_close(result["weights"][name], value, rtol=1e-5, atol=1e-6)
         assert not torch.equal(reference["lam"], make_hparams().unconstrained.detach())
         torch.testing.assert_close(result["lam"], reference["lam"], rtol=1e-5, atol=1e-6)
+
+
+def test_hparams_block_under_ddp_equals_one_process_on_the_concatenated_batch(ranks):
+    """A plain-torch LM converted, under DDP, λ from ``with stn_kernels.hparams(lam):``."""
+    torch.set_num_threads(1)
+    reference = hparams_block_run([hparams_block_data(r) for r in range(WORLD)])
+    for rank, result in enumerate(_scenario(ranks, "hparams_block_ddp")):
+        assert result["weights"].keys() == reference["weights"].keys()
+        for name, grad in reference["weights"].items():
+            assert grad.abs().max() > 0, name
+            # float32: the same sums in another order (DDP averages the two ranks' means): a few ulps
+            torch.testing.assert_close(result["weights"][name], grad, rtol=1e-5, atol=1e-7)
+        # λ is per example and no parameter: each rank has the gradient of its own mean loss, over half the batch.
+        rows = slice(rank * 4, (rank + 1) * 4)
+        torch.testing.assert_close(result["lam"], WORLD * reference["lam"][rows], rtol=1e-5, atol=1e-7)
 
 
 def test_public_helpers(ranks):
