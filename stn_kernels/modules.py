@@ -43,8 +43,9 @@ from .backends import kernels
 from .hparams_context import current_hparams
 from .ops import apply_hyper_conv2d_stacked, apply_hyper_linear_stacked, eager
 
-# Published name -> ours. The official CNN layers also carry ``elem_scalar`` a,
-# which multiplies the elementary path: it is folded into weight and bias.
+# Published name -> ours. The official CNN layers also carry ``elem_scalar`` a, which multiplies the
+# elementary path: loaded as ``elem_scalar`` into a layer that has one (convert() makes those), else folded
+# into weight and bias.
 _OFFICIAL_NAMES = {
     "elem_weight": "weight", "hnet_weight": "hyper_weight", "elem_bias": "bias", "hnet_bias": "hyper_bias",
     "htensor_to_scalars.weight": "hparam_weight",
@@ -61,9 +62,10 @@ _EMBEDDING_NAMES = {
 }
 
 
-def _rename_published(state_dict: dict, prefix: str, names: dict) -> None:
-    """Rewrite published parameter names under ``prefix`` to ours, in place."""
-    scalar = state_dict.pop(prefix + "elem_scalar", None)
+def _rename_published(state_dict: dict, prefix: str, names: dict, fold_scalar: bool = True) -> None:
+    """Rewrite published parameter names under ``prefix`` to ours, in place; ``elem_scalar`` is folded into
+    weight and bias when ``fold_scalar`` (else left for the layer's own ``elem_scalar``)."""
+    scalar = state_dict.pop(prefix + "elem_scalar", None) if fold_scalar else None
     for old, new in names.items():
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
@@ -117,9 +119,12 @@ class _HyperLayer(nn.Module):
             self.register_parameter("bias", None)
             self.register_parameter("hyper_bias", None)
         self.hparam_weight = nn.Parameter(torch.empty(2 * num_outputs, num_hparams, **factory))
+        # The official CNN layers' trained scale a of the elementary path, out = a·(W x + b) + ...; None (a = 1)
+        # except on the layers convert() makes from them, which keep training the published parameterisation.
+        self.register_parameter("elem_scalar", None)
 
     def reset_parameters(self) -> None:
-        """As the official STN code: weights and biases U(±1/√fan_in), hparam_weight N(0, 0.01²)."""
+        """As the official STN code: weights and biases U(±1/√fan_in), hparam_weight N(0, 0.01²), elem_scalar 1."""
         fan_in = self.weight[0].numel()
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         with torch.no_grad():
@@ -127,6 +132,34 @@ class _HyperLayer(nn.Module):
                 if p is not None:
                     p.uniform_(-bound, bound)
             self.hparam_weight.normal_(0.0, 0.01)
+            if self.elem_scalar is not None:
+                self.elem_scalar.fill_(1.0)
+
+    def _elementary(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """(a·W, a·b) with the layer's ``elem_scalar`` a, else (W, b) unchanged. a·(W x + b) = (a·W) x + a·b: the
+        scale is one elementwise op on the weight (small next to the product) under autograd, so d/da and dW are
+        exact and every backend's fused kernel runs unchanged."""
+        scalar = self._parameters.get("elem_scalar")
+        if scalar is None:
+            return weight, bias
+        return weight * scalar, None if bias is None else bias * scalar
+
+    def _scalar_repr(self) -> str:
+        return "" if self._parameters.get("elem_scalar") is None else ", elem_scalar=True"
+
+    def fold_elem_scalar(self) -> "_HyperLayer":
+        """For inference: replaces ``weight`` and ``bias`` with new Parameters a·W and a·b and drops ``elem_scalar``
+        (the old Parameters, which a converted model shares with the original, are left as they are); the outputs
+        stay the same. Returns the layer. A layer without ``elem_scalar`` is returned unchanged."""
+        scalar = self._parameters.get("elem_scalar")
+        if scalar is not None:
+            with torch.no_grad():
+                for name in ("weight", "bias"):
+                    p = self._parameters[name]
+                    if p is not None:
+                        self._parameters[name] = nn.Parameter(p * scalar, requires_grad=p.requires_grad)
+            self._parameters["elem_scalar"] = None
+        return self
 
     def _fast_call(self, op: str, input, hparams, extra=()) -> Optional[tuple]:
         """(backend module, parameters, facts) when this call can take the fast path, else None.
@@ -167,8 +200,9 @@ class _HyperLayer(nn.Module):
         return self.hparam_weight.chunk(2)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _rename_published(state_dict, prefix, _OFFICIAL_NAMES)
-        _rename_published(state_dict, prefix, _DELTA_STN_NAMES)
+        fold = self._parameters.get("elem_scalar") is None
+        _rename_published(state_dict, prefix, _OFFICIAL_NAMES, fold)
+        _rename_published(state_dict, prefix, _DELTA_STN_NAMES, fold)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -199,14 +233,18 @@ class HyperLinear(_HyperLayer):
             hparams = current_hparams()
         fast = self._fast_call("hyper_linear", input, hparams)
         if fast is not None and input.dim() == 2 and input.shape[1] == fast[1][0].shape[1]:
-            return apply_hyper_linear_stacked(fast[0], input, hparams, *fast[1])
+            weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
+            weight, bias = self._elementary(weight, bias)
+            return apply_hyper_linear_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
+                                              hparam_weight)
         weight_scale, bias_scale = self._scales()
-        return functional.hyper_linear(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
+        weight, bias = self._elementary(self.weight, self.bias)
+        return functional.hyper_linear(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
                                        weight_scale, bias_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, num_hparams={self.num_hparams}")
+                f"bias={self.bias is not None}, num_hparams={self.num_hparams}{self._scalar_repr()}")
 
 
 class HyperConv2d(_HyperLayer):
@@ -262,10 +300,13 @@ class HyperConv2d(_HyperLayer):
             in_channels, min_h, min_w, stride, padding, dilation = fast[2]
             shape = input.shape
             if len(shape) == 4 and shape[1] == in_channels and shape[2] >= min_h and shape[3] >= min_w:
-                return apply_hyper_conv2d_stacked(fast[0], input, hparams, *fast[1], stride, padding, dilation,
-                                                  self.groups)
+                weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
+                weight, bias = self._elementary(weight, bias)
+                return apply_hyper_conv2d_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
+                                                  hparam_weight, stride, padding, dilation, self.groups)
         weight_scale, bias_scale = self._scales()
-        return functional.hyper_conv2d(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
+        weight, bias = self._elementary(self.weight, self.bias)
+        return functional.hyper_conv2d(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
                                        weight_scale, bias_scale, self.stride, self._op_padding, self.dilation,
                                        self.groups)
 
@@ -281,7 +322,7 @@ class HyperConv2d(_HyperLayer):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        return s + f", num_hparams={self.num_hparams}"
+        return s + f", num_hparams={self.num_hparams}{self._scalar_repr()}"
 
 
 class HyperEmbedding(nn.Module):
