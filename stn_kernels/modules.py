@@ -635,6 +635,13 @@ class HyperLSTM(nn.Module):
     ``rnns.{l}.i2h.*`` / ``rnns.{l}.h2h.*`` entries with the ``rnns.`` prefix removed (or a
     model whose ``rnns`` attribute is this module). DropConnect draws one mask per layer.
 
+    ``hidden_size`` may also be a list of ``num_layers`` ints, one per layer: the published language model with
+    tied weights has ``[nhid, ..., nhid, emsize]`` (its last layer matches the embedding the decoder shares).
+    Chosen over nn.LSTM's ``proj_size``, which would compute another function (a learned projection of h in
+    every layer, not a full LSTM of another size). With sizes that differ the states cannot be stacked, so hx
+    is then ``(h0, c0)`` with h0 and c0 sequences of ``num_layers`` tensors [B, N_l] (unbatched [N_l]), and
+    ``(h_n, c_n)`` are tuples of them; ``hidden_sizes`` holds the per-layer sizes in either case.
+
     ``layer_dropout`` (a rate, or one per example [B]) drops units of each layer's output
     before the next layer, in training mode only, with one mask per (example, unit) for the
     whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
@@ -645,16 +652,26 @@ class HyperLSTM(nn.Module):
                  batch_first: bool = False, *, num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None,
                  dtype=None) -> None:
         super().__init__()
-        num_hparams = _check_lstm_args(self, (input_size, hidden_size, num_layers), bias, batch_first, num_hparams)
+        per_layer = isinstance(hidden_size, (list, tuple))
+        check_ctor_int(num_layers, "num_layers")
+        if per_layer:
+            if len(hidden_size) != num_layers:
+                raise ValueError(f"hidden_size: expected an int or a list of num_layers={num_layers} ints, got "
+                                 f"{len(hidden_size)} sizes {list(hidden_size)}")
+            for layer, size in enumerate(hidden_size):
+                check_ctor_int(size, f"hidden_size[{layer}]")
+        sizes = tuple(hidden_size) if per_layer else (hidden_size,) * num_layers
+        num_hparams = _check_lstm_args(self, (input_size, sizes[0], num_layers), bias, batch_first, num_hparams)
         check_probability(dropconnect, "dropconnect")
         self.input_size = input_size
-        self.hidden_size = hidden_size
+        self.hidden_size = list(hidden_size) if per_layer else hidden_size
+        self.hidden_sizes = sizes
         self.num_layers = num_layers
         self.num_hparams = num_hparams
         self.batch_first = batch_first
         self.cells = nn.ModuleList(
-            HyperLSTMCell(input_size if layer == 0 else hidden_size, hidden_size, bias, num_hparams=num_hparams,
-                          dropconnect=dropconnect, device=device, dtype=dtype)
+            HyperLSTMCell(input_size if layer == 0 else sizes[layer - 1], sizes[layer], bias,
+                          num_hparams=num_hparams, dropconnect=dropconnect, device=device, dtype=dtype)
             for layer in range(num_layers))
 
     def reset_parameters(self) -> None:
@@ -673,7 +690,8 @@ class HyperLSTM(nn.Module):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, hparams: Optional[Tensor] = None,
                 dropconnect: Optional[Union[float, Tensor]] = None,
                 layer_dropout: Optional[Union[float, Tensor]] = None):
-        L, N = self.num_layers, self.hidden_size
+        L, N = self.num_layers, self.hidden_sizes[-1]
+        uniform = len(set(self.hidden_sizes)) == 1
         check_tensor(input, "input")
         if input.dim() not in (2, 3):
             raise ValueError(f"input: expected shape {'[B, T, ' if self.batch_first else '[T, B, '}"
@@ -685,7 +703,7 @@ class HyperLSTM(nn.Module):
         B = input.shape[0 if self.batch_first else 1]
         if hx is None:
             h0 = c0 = None
-        else:
+        elif uniform:
             want = f"[{L}, {N}]" if unbatched else f"[{L}, B, {N}]"
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"hx: expected a tuple (h0, c0) of tensors {want}, got {type(hx).__name__}")
@@ -695,6 +713,8 @@ class HyperLSTM(nn.Module):
                 check_shape(t, name, (L, N) if unbatched else (L, B, N))
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        else:
+            h0, c0 = self._per_layer_states(hx, B, unbatched)
         x = input
         hs, cs = [], []
         for layer, cell in enumerate(self.cells):
@@ -709,10 +729,31 @@ class HyperLSTM(nn.Module):
             hs.append(h)
             cs.append(c)
         out = x.transpose(0, 1) if self.batch_first else x
+        if not uniform:  # one [B, N_l] (unbatched [N_l]) per layer: sizes that differ cannot be stacked
+            states = tuple(tuple(t.squeeze(0) if unbatched else t for t in ts) for ts in (hs, cs))
+            return (out.squeeze(0 if self.batch_first else 1) if unbatched else out), states
         h_n, c_n = torch.stack(hs), torch.stack(cs)
         if unbatched:
             return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
         return out, (h_n, c_n)
+
+    def _per_layer_states(self, hx, batch: int, unbatched: bool) -> Tuple[list, list]:
+        """(h0, c0) for per-layer hidden sizes: two sequences of num_layers tensors [B, N_l] (unbatched [N_l]),
+        checked and returned as lists of [B, N_l]."""
+        sizes = list(self.hidden_sizes)
+        want = f"sequences of {self.num_layers} tensors {'[N_l]' if unbatched else '[B, N_l]'}, N_l = {sizes}"
+        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
+                or any(not isinstance(s, (tuple, list)) or len(s) != self.num_layers for s in hx)):
+            raise TypeError(f"hx: expected (h0, c0), {want} (hidden_size is per layer), got {type(hx).__name__}")
+        states = []
+        for which, seq in zip("hc", hx):
+            states.append([])
+            for layer, t in enumerate(seq):
+                name = f"hx[{'hc'.index(which)}][{layer}]"
+                check_tensor(t, name)
+                check_shape(t, name, (sizes[layer],) if unbatched else (batch, sizes[layer]))
+                states[-1].append(t.unsqueeze(0) if unbatched else t)
+        return states[0], states[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Published model: rnns = ModuleList(HyperLSTMCell), so "{l}.i2h.*" under this module's prefix.
@@ -726,7 +767,7 @@ class HyperLSTM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        s = f"{self.input_size}, {self.hidden_size!r}, num_layers={self.num_layers}"
         if self.cells[0].i2h.bias is None:
             s += ", bias=False"
         if self.batch_first:
