@@ -22,11 +22,12 @@ Delta-STN linear / conv     ``general_weight``, ``response_weight``,            
 ==========================  ===========================================================  =====================
 
 The new layers take over the *same* ``nn.Parameter`` objects (no copy), so shared and tied
-weights stay shared (the LSTM's decoder tied to the embedding) and memory does not double.
-The exception is the official ``elem_scalar`` a: it multiplies the elementary path, so it is
-folded into new ``weight = a·elem_weight`` and ``bias = a·elem_bias`` parameters (as our
-``load_state_dict`` does). Build optimisers *after* converting. Forward signatures stay those of
-the published layers (``forward(input, htensor)``), so the model's own forward runs unchanged.
+weights stay shared (the LSTM's decoder tied to the embedding), memory does not double, and an
+optimiser built before ``convert`` (as the published scripts build theirs) keeps training the
+converted model along the same trajectory. That includes the official ``elem_scalar`` a, kept as the
+layer's ``elem_scalar`` (out = a·(W x + b) + ...); ``layer.fold_elem_scalar()`` folds it into new
+weight and bias Parameters for inference. Forward signatures stay those of the published layers
+(``forward(input, htensor)``), so the model's own forward runs unchanged.
 
 Converted Delta-STN layers are also instances of the published classes (see ``_also_instance_of``), so
 Delta-STN's ``isinstance``-based parameter lists stay right. The official embedding's ``padding_idx=-1`` (no
@@ -64,25 +65,43 @@ __all__ = ["convert", "revert", "ConvertReport", "DropConnectHyperLinear", "Time
            "TorchLayoutHyperLSTM", "published_layer_kind"]
 
 
+def _check_rate(rate, what: str) -> float:
+    """``rate`` (a float or a 0-dim tensor) as a float in [0, 1), else ValueError naming ``what``."""
+    value = float(rate.detach() if isinstance(rate, Tensor) else rate)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{what}: expected a dropout rate in [0, 1), got {value}")
+    return value
+
+
+def _keep_mask(shape, like: Tensor, rate, what: str) -> Optional[Tensor]:
+    """The published layers' dropout mask: one Bernoulli(1 − rate) draw of ``shape`` in ``like``'s dtype, divided
+    by 1 − rate; None when rate is 0 (the draw is still made: the published code consumes the RNG then too, and
+    later same-seed masks match only if ours does). ``rate`` as the published model passes it: a float, or a
+    0-dim tensor when tuned, which draws as the published code does (``bernoulli_`` with a tensor p) and keeps
+    its gradient through 1/(1 − rate)."""
+    value = _check_rate(rate, what)
+    keep_prob = 1 - rate
+    keep = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep_prob)
+    return None if value == 0.0 else keep / keep_prob
+
+
 class DropConnectHyperLinear(HyperLinear):
     """HyperLinear with the official STN LSTM's DropConnect: ``mask_weights(p)`` draws one Bernoulli(1−p)
     mask over the weight matrix, scaled by 1/(1−p), shared by ``weight`` and ``hyper_weight`` and by the
     whole batch, and used by every forward until the next call (the published HyperLSTM calls it
-    once per sequence). In eval mode the mask is all ones."""
+    once per sequence). In training mode it draws as the published layer does, also for p = 0 (the same
+    random numbers in the same order: same-seed masks match); in eval mode it draws nothing and masks nothing."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight_mask: Optional[Tensor] = None
 
     def mask_weights(self, wdrop) -> None:
-        wdrop = float(wdrop)
-        if not 0.0 <= wdrop < 1.0:
-            raise ValueError(f"wdrop: expected a DropConnect rate in [0, 1), got {wdrop}")
-        if not self.training or wdrop == 0.0:
+        if not self.training:
+            _check_rate(wdrop, "wdrop")
             self.weight_mask = None
             return
-        keep = torch.empty_like(self.weight, memory_format=torch.contiguous_format).bernoulli_(1.0 - wdrop)
-        self.weight_mask = keep / (1.0 - wdrop)
+        self.weight_mask = _keep_mask(self.weight.shape, self.weight, wdrop, "wdrop")
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
         if self.weight_mask is None:
@@ -101,13 +120,10 @@ class TimeMajorHyperEmbedding(HyperEmbedding):
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None,  # type: ignore[override]
                 dropoute=0.0) -> Tensor:
         batch_dim = 1 if input.dim() >= 2 else 0
-        p = float(dropoute)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropoute: expected an embedding dropout rate in [0, 1), got {p}")
         weight, hyper_weight = self._tables()
-        if p > 0.0:
-            keep = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device).bernoulli_(1.0 - p)
-            row_scale = keep / (1.0 - p)
+        # As the published layer: no draw for a rate of 0 (which its model passes in eval mode).
+        if _check_rate(dropoute, "dropoute"):
+            row_scale = _keep_mask((weight.shape[0], 1), weight, dropoute, "dropoute")
             weight, hyper_weight = weight * row_scale, hyper_weight * row_scale
         if batch_dim == 1:
             out = functional.hyper_embedding(input.transpose(0, 1), hparams, weight, hyper_weight,
@@ -286,11 +302,8 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
     _check_num_hparams(hparams_count, num_hparams, where)
 
     elem_scalar = module._parameters.get("elem_scalar")
-    if elem_scalar is not None:  # a·(xWᵀ + b) = x(aW)ᵀ + ab
-        with torch.no_grad():
-            weight = nn.Parameter(weight.detach() * elem_scalar.detach(), requires_grad=weight.requires_grad)
-            if bias is not None:
-                bias = nn.Parameter(bias.detach() * elem_scalar.detach(), requires_grad=bias.requires_grad)
+    if elem_scalar is not None and elem_scalar.numel() != 1:
+        raise ValueError(f"{where}.elem_scalar: expected one value (shape [1]), got shape {tuple(elem_scalar.shape)}")
 
     factory = {"dtype": weight.dtype}
     if weight.dim() == 2:
@@ -312,6 +325,9 @@ def _convert_published(module: nn.Module, kind: str, num_hparams: Optional[int],
     _take(new, "bias", bias)
     _take(new, "hyper_bias", hyper_bias)
     _take(new, "hparam_weight", scales)
+    # The official CNN layers' trained scale stays a Parameter of its own (out = a·(W x + b) + ...): the published
+    # script's optimiser, built before convert, keeps training it and W, b in the same parameterisation.
+    _take(new, "elem_scalar", elem_scalar)
     if kind == "delta_stn":
         # The published Delta-STN trainers build their two optimisers from these lists.
         new.general_parameters = [p for p in (new.weight, new.bias) if p is not None]

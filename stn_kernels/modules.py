@@ -42,8 +42,9 @@ from .backends import kernels
 from .hparams_context import current_hparams
 from .ops import apply_hyper_conv2d_stacked, apply_hyper_linear_stacked, eager
 
-# Published name -> ours. The official CNN layers also carry ``elem_scalar`` a,
-# which multiplies the elementary path: it is folded into weight and bias.
+# Published name -> ours. The official CNN layers also carry ``elem_scalar`` a, which multiplies the
+# elementary path: loaded as ``elem_scalar`` into a layer that has one (convert() makes those), else folded
+# into weight and bias.
 _OFFICIAL_NAMES = {
     "elem_weight": "weight", "hnet_weight": "hyper_weight", "elem_bias": "bias", "hnet_bias": "hyper_bias",
     "htensor_to_scalars.weight": "hparam_weight",
@@ -60,9 +61,10 @@ _EMBEDDING_NAMES = {
 }
 
 
-def _rename_published(state_dict: dict, prefix: str, names: dict) -> None:
-    """Rewrite published parameter names under ``prefix`` to ours, in place."""
-    scalar = state_dict.pop(prefix + "elem_scalar", None)
+def _rename_published(state_dict: dict, prefix: str, names: dict, fold_scalar: bool = True) -> None:
+    """Rewrite published parameter names under ``prefix`` to ours, in place; ``elem_scalar`` is folded into
+    weight and bias when ``fold_scalar`` (else left for the layer's own ``elem_scalar``)."""
+    scalar = state_dict.pop(prefix + "elem_scalar", None) if fold_scalar else None
     for old, new in names.items():
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
@@ -129,9 +131,12 @@ class _HyperLayer(_ParamChecksCache):
             self.register_parameter("bias", None)
             self.register_parameter("hyper_bias", None)
         self.hparam_weight = nn.Parameter(torch.empty(2 * num_outputs, num_hparams, **factory))
+        # The official CNN layers' trained scale a of the elementary path, out = a·(W x + b) + ...; None (a = 1)
+        # except on the layers convert() makes from them, which keep training the published parameterisation.
+        self.register_parameter("elem_scalar", None)
 
     def reset_parameters(self) -> None:
-        """As the official STN code: weights and biases U(±1/√fan_in), hparam_weight N(0, 0.01²)."""
+        """As the official STN code: weights and biases U(±1/√fan_in), hparam_weight N(0, 0.01²), elem_scalar 1."""
         # fan_in from hyper_weight (shaped as weight): a converted nn.LSTM's cells hold no weight of their own.
         fan_in = self.hyper_weight[0].numel()
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -140,6 +145,34 @@ class _HyperLayer(_ParamChecksCache):
                 if p is not None:
                     p.uniform_(-bound, bound)
             self.hparam_weight.normal_(0.0, 0.01)
+            if self.elem_scalar is not None:
+                self.elem_scalar.fill_(1.0)
+
+    def _elementary(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """(a·W, a·b) with the layer's ``elem_scalar`` a, else (W, b) unchanged. a·(W x + b) = (a·W) x + a·b: the
+        scale is one elementwise op on the weight (small next to the product) under autograd, so d/da and dW are
+        exact and every backend's fused kernel runs unchanged."""
+        scalar = self._parameters.get("elem_scalar")
+        if scalar is None:
+            return weight, bias
+        return weight * scalar, None if bias is None else bias * scalar
+
+    def _scalar_repr(self) -> str:
+        return "" if self._parameters.get("elem_scalar") is None else ", elem_scalar=True"
+
+    def fold_elem_scalar(self) -> "_HyperLayer":
+        """For inference: replaces ``weight`` and ``bias`` with new Parameters a·W and a·b and drops ``elem_scalar``
+        (the old Parameters, which a converted model shares with the original, are left as they are); the outputs
+        stay the same. Returns the layer. A layer without ``elem_scalar`` is returned unchanged."""
+        scalar = self._parameters.get("elem_scalar")
+        if scalar is not None:
+            with torch.no_grad():
+                for name in ("weight", "bias"):
+                    p = self._parameters[name]
+                    if p is not None:
+                        self._parameters[name] = nn.Parameter(p * scalar, requires_grad=p.requires_grad)
+            self._parameters["elem_scalar"] = None
+        return self
 
     def _fast_call(self, op: str, input, hparams, extra=()) -> Optional[tuple]:
         """(backend module, parameters, facts) when this call can take the fast path, else None.
@@ -180,8 +213,9 @@ class _HyperLayer(_ParamChecksCache):
         return self.hparam_weight.chunk(2)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _rename_published(state_dict, prefix, _OFFICIAL_NAMES)
-        _rename_published(state_dict, prefix, _DELTA_STN_NAMES)
+        fold = self._parameters.get("elem_scalar") is None
+        _rename_published(state_dict, prefix, _OFFICIAL_NAMES, fold)
+        _rename_published(state_dict, prefix, _DELTA_STN_NAMES, fold)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -212,14 +246,19 @@ class HyperLinear(_HyperLayer):
             hparams = current_hparams()
         fast = self._fast_call("hyper_linear", input, hparams)
         if fast is not None and input.dim() == 2 and input.shape[1] == fast[1][0].shape[1]:
-            return apply_hyper_linear_stacked(fast[0], input, hparams, *fast[1])
+            weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
+            if self._parameters.get("elem_scalar") is not None:
+                weight, bias = self._elementary(weight, bias)
+            return apply_hyper_linear_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
+                                              hparam_weight)
         weight_scale, bias_scale = self._scales()
-        return functional.hyper_linear(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
+        weight, bias = self._elementary(self.weight, self.bias)
+        return functional.hyper_linear(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
                                        weight_scale, bias_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, num_hparams={self.num_hparams}")
+                f"bias={self.bias is not None}, num_hparams={self.num_hparams}{self._scalar_repr()}")
 
 
 class HyperConv2d(_HyperLayer):
@@ -275,10 +314,13 @@ class HyperConv2d(_HyperLayer):
             in_channels, min_h, min_w, stride, padding, dilation = fast[2]
             shape = input.shape
             if len(shape) == 4 and shape[1] == in_channels and shape[2] >= min_h and shape[3] >= min_w:
-                return apply_hyper_conv2d_stacked(fast[0], input, hparams, *fast[1], stride, padding, dilation,
-                                                  self.groups)
+                weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
+                weight, bias = self._elementary(weight, bias)
+                return apply_hyper_conv2d_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
+                                                  hparam_weight, stride, padding, dilation, self.groups)
         weight_scale, bias_scale = self._scales()
-        return functional.hyper_conv2d(input, hparams, self.weight, self.hyper_weight, self.bias, self.hyper_bias,
+        weight, bias = self._elementary(self.weight, self.bias)
+        return functional.hyper_conv2d(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
                                        weight_scale, bias_scale, self.stride, self._op_padding, self.dilation,
                                        self.groups)
 
@@ -294,7 +336,7 @@ class HyperConv2d(_HyperLayer):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        return s + f", num_hparams={self.num_hparams}"
+        return s + f", num_hparams={self.num_hparams}{self._scalar_repr()}"
 
 
 class HyperEmbedding(_ParamChecksCache):
@@ -614,6 +656,13 @@ class HyperLSTM(nn.Module):
     ``rnns.{l}.i2h.*`` / ``rnns.{l}.h2h.*`` entries with the ``rnns.`` prefix removed (or a
     model whose ``rnns`` attribute is this module). DropConnect draws one mask per layer.
 
+    ``hidden_size`` may also be a list of ``num_layers`` ints, one per layer: the published language model with
+    tied weights has ``[nhid, ..., nhid, emsize]`` (its last layer matches the embedding the decoder shares).
+    Chosen over nn.LSTM's ``proj_size``, which would compute another function (a learned projection of h in
+    every layer, not a full LSTM of another size). With sizes that differ the states cannot be stacked, so hx
+    is then ``(h0, c0)`` with h0 and c0 sequences of ``num_layers`` tensors [B, N_l] (unbatched [N_l]), and
+    ``(h_n, c_n)`` are tuples of them; ``hidden_sizes`` holds the per-layer sizes in either case.
+
     ``layer_dropout`` (a rate, or one per example [B]) drops units of each layer's output
     before the next layer, in training mode only, with one mask per (example, unit) for the
     whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
@@ -631,16 +680,26 @@ class HyperLSTM(nn.Module):
                  batch_first: bool = False, *, num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None,
                  dtype=None) -> None:
         super().__init__()
-        num_hparams = _check_lstm_args(self, (input_size, hidden_size, num_layers), bias, batch_first, num_hparams)
+        per_layer = isinstance(hidden_size, (list, tuple))
+        check_ctor_int(num_layers, "num_layers")
+        if per_layer:
+            if len(hidden_size) != num_layers:
+                raise ValueError(f"hidden_size: expected an int or a list of num_layers={num_layers} ints, got "
+                                 f"{len(hidden_size)} sizes {list(hidden_size)}")
+            for layer, size in enumerate(hidden_size):
+                check_ctor_int(size, f"hidden_size[{layer}]")
+        sizes = tuple(hidden_size) if per_layer else (hidden_size,) * num_layers
+        num_hparams = _check_lstm_args(self, (input_size, sizes[0], num_layers), bias, batch_first, num_hparams)
         check_probability(dropconnect, "dropconnect")
         self.input_size = input_size
-        self.hidden_size = hidden_size
+        self.hidden_size = list(hidden_size) if per_layer else hidden_size
+        self.hidden_sizes = sizes
         self.num_layers = num_layers
         self.num_hparams = num_hparams
         self.batch_first = batch_first
         self.cells = nn.ModuleList(
-            HyperLSTMCell(input_size if layer == 0 else hidden_size, hidden_size, bias, num_hparams=num_hparams,
-                          dropconnect=dropconnect, device=device, dtype=dtype)
+            HyperLSTMCell(input_size if layer == 0 else sizes[layer - 1], sizes[layer], bias,
+                          num_hparams=num_hparams, dropconnect=dropconnect, device=device, dtype=dtype)
             for layer in range(num_layers))
 
     def reset_parameters(self) -> None:
@@ -659,7 +718,8 @@ class HyperLSTM(nn.Module):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, hparams: Optional[Tensor] = None,
                 dropconnect: Optional[Union[float, Tensor]] = None,
                 layer_dropout: Optional[Union[float, Tensor]] = None):
-        L, N = self.num_layers, self.hidden_size
+        L, N = self.num_layers, self.hidden_sizes[-1]
+        uniform = len(set(self.hidden_sizes)) == 1
         if hparams is None and self.context_hparams:
             hparams = current_hparams()
         check_tensor(input, "input")
@@ -673,7 +733,7 @@ class HyperLSTM(nn.Module):
         B = input.shape[0 if self.batch_first else 1]
         if hx is None:
             h0 = c0 = None
-        else:
+        elif uniform:
             want = f"[{L}, {N}]" if unbatched else f"[{L}, B, {N}]"
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"hx: expected a tuple (h0, c0) of tensors {want}, got {type(hx).__name__}")
@@ -683,6 +743,8 @@ class HyperLSTM(nn.Module):
                 check_shape(t, name, (L, N) if unbatched else (L, B, N))
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        else:
+            h0, c0 = self._per_layer_states(hx, B, unbatched)
         x = input
         hs, cs = [], []
         for layer in range(L):
@@ -699,6 +761,9 @@ class HyperLSTM(nn.Module):
             hs.append(h)
             cs.append(c)
         out = x.transpose(0, 1) if self.batch_first else x
+        if not uniform:  # one [B, N_l] (unbatched [N_l]) per layer: sizes that differ cannot be stacked
+            states = tuple(tuple(t.squeeze(0) if unbatched else t for t in ts) for ts in (hs, cs))
+            return (out.squeeze(0 if self.batch_first else 1) if unbatched else out), states
         h_n, c_n = torch.stack(hs), torch.stack(cs)
         if unbatched:
             return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
@@ -707,6 +772,24 @@ class HyperLSTM(nn.Module):
     def _layer_params(self, layer: int, dropconnect):
         """(i2h tuple, h2h tuple) of one layer for :func:`stn_kernels.hyper_lstm_layer`."""
         return self.cells[layer]._params(dropconnect)
+
+    def _per_layer_states(self, hx, batch: int, unbatched: bool) -> Tuple[list, list]:
+        """(h0, c0) for per-layer hidden sizes: two sequences of num_layers tensors [B, N_l] (unbatched [N_l]),
+        checked and returned as lists of [B, N_l]."""
+        sizes = list(self.hidden_sizes)
+        want = f"sequences of {self.num_layers} tensors {'[N_l]' if unbatched else '[B, N_l]'}, N_l = {sizes}"
+        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
+                or any(not isinstance(s, (tuple, list)) or len(s) != self.num_layers for s in hx)):
+            raise TypeError(f"hx: expected (h0, c0), {want} (hidden_size is per layer), got {type(hx).__name__}")
+        states = []
+        for which, seq in zip("hc", hx):
+            states.append([])
+            for layer, t in enumerate(seq):
+                name = f"hx[{'hc'.index(which)}][{layer}]"
+                check_tensor(t, name)
+                check_shape(t, name, (sizes[layer],) if unbatched else (batch, sizes[layer]))
+                states[-1].append(t.unsqueeze(0) if unbatched else t)
+        return states[0], states[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Published model: rnns = ModuleList(HyperLSTMCell), so "{l}.i2h.*" under this module's prefix.
@@ -720,7 +803,7 @@ class HyperLSTM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        s = f"{self.input_size}, {self.hidden_size!r}, num_layers={self.num_layers}"
         if self.cells[0].i2h.hyper_bias is None:  # (hyper_bias: a converted nn.LSTM's cells hold no bias)
             s += ", bias=False"
         if self.batch_first:

@@ -22,6 +22,8 @@ values at construction, so that each path contributes O(1) to the output. ``elem
 to 1.7 (≠ 1, so that folding it into the weights is tested).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,14 +113,18 @@ class OfficialHyperEmbedding(nn.Module):
         randomize(self)
 
     def forward(self, input, hnet_tensor, dropoute=0):
+        # As the official layer: embedding dropout drops whole rows of both tables with one Bernoulli(1 − dropoute)
+        # draw of shape [V, 1] (a float or a 0-dim tensor), kept rows scaled by 1/(1 − dropoute); both lookups
+        # through F.embedding with padding_idx = the table's, or -1 (the last row: no gradient) when it is None.
+        scale = 1.0
         if dropoute:
-            raise NotImplementedError("this stand-in has no embedding dropout: the tests use dropoute=0")
-        # As the official layer: both lookups through F.embedding with padding_idx = the table's, or -1 (the last
-        # row, which then gets no gradient) when it is None.
+            weight = self.elem_embedding.weight
+            keep = torch.empty(weight.shape[0], 1, dtype=weight.dtype).bernoulli_(1 - dropoute).detach()
+            scale = keep.expand_as(weight) / (1 - dropoute)
         out = []
         for table in (self.elem_embedding, self.hnet_embedding):
             pad = -1 if table.padding_idx is None else table.padding_idx
-            out.append(F.embedding(input, table.weight, pad))
+            out.append(F.embedding(input, scale * table.weight, pad))
         return out[0] + self.hnet_tensor_to_scalars(hnet_tensor) * out[1]
 
 
@@ -135,10 +141,14 @@ class OfficialLstmHyperLinear(nn.Module):
         self.mask_weights(0.0)  # after randomize: the masked weights are copies of the raw ones
 
     def mask_weights(self, wdrop):
-        if wdrop and self.training:
-            raise NotImplementedError("this stand-in draws no DropConnect mask: the tests use wdrop=0")
-        # Plain tensors (not Parameters), recomputed from the raw weights at every call.
-        self.elem_weight, self.hnet_weight = self.elem_weight_raw * 1.0, self.hnet_weight_raw * 1.0
+        # As the official layer: in training mode one Bernoulli(1 − wdrop) draw over the raw weight's shape, also for
+        # wdrop = 0 (wdrop a float, or a 0-dim tensor when tuned), divided by 1 − wdrop; in eval mode ones, no draw.
+        # The masked weights are plain tensors (not Parameters), set here for every forward until the next call.
+        if self.training:
+            mask = torch.empty_like(self.elem_weight_raw).bernoulli_(1 - wdrop).detach() / (1 - wdrop)
+        else:
+            mask = torch.ones_like(self.elem_weight_raw)
+        self.elem_weight, self.hnet_weight = self.elem_weight_raw * mask, self.hnet_weight_raw * mask
 
     def forward(self, input, hnet_tensor):
         s = self.hnet_tensor_to_scalars(hnet_tensor)
@@ -256,11 +266,16 @@ class PublishedLanguageModelCore(nn.Module):
 # --------------------------------------------------------------------------- the official non-STN LSTM baseline
 
 
-def locked_dropout(x, p):
-    """The official LSTM's LockedDropout in training mode: one Bernoulli(1 − p) mask per (example, unit) of a
-    time-major x [T, B, N], shared by all steps, scaled by 1/(1 − p); identity for p = 0 or in eval."""
-    if not p:
+def locked_dropout(x, p, training=True):
+    """The official LSTM's LockedDropout: in training mode one Bernoulli(1 − p) mask per (example, unit) of a
+    time-major x [T, B, N], shared by all steps, scaled by 1/(1 − p), drawn also for p = 0; p a float, or a
+    tensor [B, 1] of per-example rates (then drawn with ``bernoulli()`` on the detached keep probabilities).
+    Identity in eval mode."""
+    if not training:
         return x
+    if isinstance(p, torch.Tensor):
+        keep = (1 - p.unsqueeze(0).expand(1, x.shape[1], x.shape[2])).detach()
+        return keep.bernoulli() / keep * x
     mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p) / (1 - p)
     return x * mask
 
@@ -339,7 +354,7 @@ class BaselineRNNModel(nn.Module):
             rows = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.dropoute) / (1 - self.dropoute)
             weight = weight * rows
         x = F.embedding(input, weight)
-        x = locked_dropout(x, self.dropouti if self.training else 0)
+        x = locked_dropout(x, self.dropouti, self.training)
         new_hidden = []
         for layer, rnn in enumerate(self.rnns):
             rnn.h2h.mask_weights(self.wdrop)
@@ -347,8 +362,8 @@ class BaselineRNNModel(nn.Module):
             x, state = rnn(x, hidden[layer])
             new_hidden.append(state)
             if layer != len(self.rnns) - 1:
-                x = locked_dropout(x, self.dropouth if self.training else 0)
-        x = locked_dropout(x, self.dropouto if self.training else 0)
+                x = locked_dropout(x, self.dropouth, self.training)
+        x = locked_dropout(x, self.dropouto, self.training)
         return self.decoder(x.reshape(-1, x.shape[2])).view(x.shape[0], x.shape[1], -1), new_hidden
 
 
@@ -395,3 +410,250 @@ class DeltaStnSimpleCnn(StnModel):
         x = F.max_pool2d(torch.tanh(self.conv1(x, h_net)), 2)
         x = F.max_pool2d(torch.tanh(self.conv2(x, h_net)), 2)
         return self.fc2(torch.tanh(self.fc1(x.flatten(1), h_net)), h_net)
+
+
+# --------------------------------------------------------------------------- the published training procedures
+# Stand-ins of the official STN scripts (cnn/hypertrain.py's optimization_step, lstm/train.py's train_params and
+# train_hyperparams, with stn_utils/hyperparameter.py) and of Delta-STN's DeltaStnStepOptimizer.step, written from
+# reading them, for the lockstep trajectory tests (test_published_training.py).
+
+
+class Hparam:
+    """One tuned hyperparameter: its column in htensor, its range (0, 1) (stretched sigmoid) or (0, inf)
+    (softplus), the map to the hypernet input, and whether all examples of a batch share one perturbation."""
+
+    def __init__(self, index, bounded=True, hnet_fcn=torch.sigmoid, minibatch=True):
+        self.index, self.bounded, self.hnet_fcn, self.minibatch = index, bounded, hnet_fcn, minibatch
+
+
+def perturb(htensor, hscale, batch_size, hdict=None):
+    """htensor [H] + softplus(hscale)·ε, ε [B, H] standard normal (one draw); the hyperparameters that are not
+    per-example take row 0's value in every row."""
+    out = htensor + F.softplus(hscale) * htensor.new_empty(batch_size, htensor.shape[0]).normal_()
+    for info in (hdict or {}).values():
+        if not info.minibatch:
+            out[:, info.index] = out[0, info.index]
+    return out
+
+
+def hparam_transform(htensor, hdict):
+    """[B, H] unconstrained -> the hyperparameters' values (sigmoid into (0, 1), softplus into (0, inf))."""
+    cols = [htensor[:, i.index] for i in hdict.values()]
+    return torch.stack([torch.sigmoid(c) if i.bounded else F.softplus(c) for c, i in zip(cols, hdict.values())], 1)
+
+
+def hnet_transform(htensor, hdict):
+    return torch.stack([info.hnet_fcn(htensor[:, info.index]) for info in hdict.values()], 1)
+
+
+def entropy(hscale):
+    """Entropy of the Gaussian perturbation: Σ log(softplus(hscale)·√(2πe))."""
+    return torch.log(F.softplus(hscale) * math.sqrt(2 * math.pi * math.e)).sum()
+
+
+def dropout_2d(x, probs, training):
+    """Published per-example channel dropout: probs [B] (detached), one Bernoulli draw per (example, channel)."""
+    if not training:
+        return x
+    keep = (1 - probs.unsqueeze(1).repeat(1, x.shape[1]).detach())
+    return x * (keep.bernoulli() / keep)[:, :, None, None]
+
+
+def dropout(x, probs, training):
+    """Published per-example elementwise dropout of x [B, ...] (as the official CNN's input dropout)."""
+    if not training:
+        return x
+    flat = x.reshape(x.shape[0], -1)
+    keep = (1 - probs.unsqueeze(1).repeat(1, flat.shape[1]).detach())
+    return (flat * (keep.bernoulli() / keep)).view(x.shape)
+
+
+class OfficialSmallCnn(nn.Module):
+    """The official SmallCNN, small: HyperConv2d (padding 1, elem_scalar) -> relu -> 2x2 max pool -> per-layer
+    dropout_2d (hyperparameter 'dropout{layer}') per layer, then a plain nn.Linear."""
+
+    def __init__(self, filters, num_classes, num_hparams, size):
+        super().__init__()
+        self.convs = nn.ModuleList([OfficialHyperConv2d(filters[i], filters[i + 1], 3, 1, num_hparams,
+                                                        elem_scalar=1.3 + 0.2 * i) for i in range(len(filters) - 1)])
+        with torch.no_grad():
+            for i, conv in enumerate(self.convs):
+                for p in (conv.elem_weight, conv.hnet_weight):
+                    p.mul_((9 * filters[i]) ** -0.5)
+        self.fc = nn.Linear(filters[-1] * (size >> len(self.convs)) ** 2, num_classes, dtype=D64)
+
+    def forward(self, x, hnet_tensor, hparam_tensor, hdict):
+        for layer, conv in enumerate(self.convs):
+            x = F.max_pool2d(F.relu(conv(x, hnet_tensor)), 2)
+            if f"dropout{layer}" in hdict:
+                x = dropout_2d(x, hparam_tensor[:, hdict[f"dropout{layer}"].index], self.training)
+        return self.fc(x.flatten(1))
+
+
+def official_cnn_optimization_step(cnn, htensor, hscale, hdict, optimizers, images, labels, hyper,
+                                   entropy_weight=1e-3, tune_scales=True):
+    """The official optimization_step: zero every optimiser's gradients; perturb λ (the hyper step without
+    tune_scales uses λ itself); input dropout on the training step only; cross-entropy minus the weighted
+    entropy; the training step steps the SGD over all of cnn.parameters() (elem_scalar included), the hyper
+    step steps the Adam optimisers of htensor and hscale."""
+    cnn_optimizer, hyper_optimizer, scale_optimizer = optimizers
+    for opt in optimizers:
+        opt.zero_grad()
+    batch = images.shape[0]
+    batch_htensor = perturb(htensor, hscale, batch) if (not hyper or tune_scales) else htensor.repeat(batch, 1)
+    hparam_tensor = hparam_transform(batch_htensor, hdict)
+    hnet_tensor = hnet_transform(batch_htensor, hdict)
+    if "indropout" in hdict and not hyper:
+        images = dropout(images, hparam_tensor[:, hdict["indropout"].index], True)
+    loss = F.cross_entropy(cnn(images, hnet_tensor, hparam_tensor, hdict), labels) - entropy_weight * entropy(hscale)
+    loss.backward()
+    if not hyper:
+        cnn_optimizer.step()
+    else:
+        hyper_optimizer.step()
+        if tune_scales:
+            scale_optimizer.step()
+
+
+class OfficialHyperLstmLm(nn.Module):
+    """The official lstm/hyperlstm.py HyperLSTM language model (tied weights): HyperEmbedding encoder, HyperLSTMCell
+    layers (the last with ninp units), LockedDropout on the embedding, between layers and on the output, DropConnect
+    through h2h.mask_weights(wdrop) and i2h.mask_weights(0) before each layer, embedding dropout in training mode,
+    a plain nn.Linear decoder tied to the elementary embedding. Tuned rates come from hparam_tensor: 'wdrop' and
+    'dropoute' as 0-dim tensors (row 0), 'dropouti'/'dropouth'/'dropouto' as per-example [B, 1] tensors."""
+
+    def __init__(self, ntoken, ninp, nhid, nlayers, num_hparams, dropouto=0.0, dropouth=0.0, dropouti=0.0,
+                 dropoute=0.0, wdrop=0.0):
+        super().__init__()
+        self.encoder = OfficialHyperEmbedding(ntoken, ninp, num_hparams)
+        with torch.no_grad():
+            for p in self.encoder.parameters():
+                p.mul_(0.3)
+        self.decoder = nn.Linear(nhid, ntoken, dtype=D64)
+        self.decoder.weight = self.encoder.elem_embedding.weight
+        self.sizes = [nhid if layer != nlayers - 1 else ninp for layer in range(nlayers)]
+        self.rnns = nn.ModuleList([HyperLSTMCell(ninp if layer == 0 else nhid, self.sizes[layer], num_hparams)
+                                   for layer in range(nlayers)])
+        self.rates = {"dropouto": dropouto, "dropouth": dropouth, "dropouti": dropouti, "dropoute": dropoute,
+                      "wdrop": wdrop}
+
+    def init_hidden(self, batch):
+        return [(torch.zeros(1, batch, n, dtype=D64), torch.zeros(1, batch, n, dtype=D64)) for n in self.sizes]
+
+    def forward(self, input, hidden, hnet_tensor, hparam_tensor, hdict):
+        rate = {}
+        for name, default in self.rates.items():
+            if name not in hdict:
+                rate[name] = default
+            elif name in ("wdrop", "dropoute"):
+                rate[name] = hparam_tensor[:, hdict[name].index][0]
+            else:
+                rate[name] = hparam_tensor[:, hdict[name].index].unsqueeze(1)
+        x = self.encoder(input, hnet_tensor, dropoute=rate["dropoute"] if self.training else 0)
+        x = locked_dropout(x, rate["dropouti"], self.training)
+        new_hidden, raw_outputs = [], []
+        for layer, rnn in enumerate(self.rnns):
+            rnn.h2h.mask_weights(rate["wdrop"])
+            rnn.i2h.mask_weights(0)
+            x, state = rnn(x, hidden[layer], hnet_tensor)
+            new_hidden.append(state)
+            raw_outputs.append(x)
+            if layer != len(self.rnns) - 1:
+                x = locked_dropout(x, rate["dropouth"], self.training)
+        x = locked_dropout(x, rate["dropouto"], self.training)
+        decoded = self.decoder(x.reshape(-1, x.shape[2]))
+        return decoded.view(x.shape[0], x.shape[1], -1), new_hidden, raw_outputs, x
+
+
+def _lm_loss(model, data, targets, hidden, batch_htensor, hdict, alpha, beta):
+    out, hidden, raw_outputs, dropped = model(data, hidden, hnet_transform(batch_htensor, hdict),
+                                              hparam_transform(batch_htensor, hdict), hdict)
+    last = raw_outputs[-1]
+    loss = (F.cross_entropy(out.reshape(-1, out.shape[2]), targets.reshape(-1)) + alpha * dropped.pow(2).mean()
+            + beta * (last[1:] - last[:-1]).pow(2).mean())
+    return loss, [tuple(t.detach() for t in state) for state in hidden]
+
+
+def official_lstm_train_step(model, htensor, hscale, hdict, param_optimizer, data, targets, hidden, alpha=0.5,
+                             beta=0.5, clip=0.25):
+    """The official train_params step: training mode, λ perturbed per example (wdrop/dropoute shared), the loss with
+    the activation (alpha) and temporal activation (beta) penalties, gradients clipped, SGD over
+    model.parameters(). Returns the detached hidden state for the next chunk."""
+    model.train()
+    loss, hidden = _lm_loss(model, data, targets, hidden, perturb(htensor, hscale, data.shape[1], hdict), hdict,
+                            alpha, beta)
+    param_optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    param_optimizer.step()
+    return hidden
+
+
+def official_lstm_hyper_step(model, htensor, hdict, hparam_optimizer, data, targets, hidden, alpha=0.5, beta=0.5):
+    """The official train_hyperparams step: eval mode (no dropout, no DropConnect draw), λ itself for every example,
+    the same loss, Adam on htensor."""
+    model.eval()
+    hparam_optimizer.zero_grad()
+    loss, hidden = _lm_loss(model, data, targets, hidden, htensor.repeat(data.shape[1], 1), hdict, alpha, beta)
+    loss.backward()
+    hparam_optimizer.step()
+    return hidden
+
+
+class DeltaStnDropoutCnn(DeltaStnSimpleCnn):
+    """Delta-STN's SimpleCNN forward(x, h_net, h_param): per-example dropout_2d of the input and after each conv,
+    with rates sigmoid(h_param[:, i]) for the hyperparameters 'dropout0', 'dropout1', 'dropout2'."""
+
+    def forward(self, x, h_net, h_param):
+        x = dropout_2d(x, torch.sigmoid(h_param[:, 0]), self.training)
+        x = F.max_pool2d(torch.tanh(self.conv1(x, h_net)), 2)
+        x = dropout_2d(x, torch.sigmoid(h_param[:, 1]), self.training)
+        x = F.max_pool2d(torch.tanh(self.conv2(x, h_net)), 2)
+        x = dropout_2d(x, torch.sigmoid(h_param[:, 2]), self.training)
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1), h_net)), h_net)
+
+
+def _jvp(model, inputs, h_tensor, h_param, direction):
+    """Delta-STN's linearisation: out(x, 0) and J·direction through the double-backward trick (the model called with
+    h_net = h − h.detach(), the JVP as the gradient of the VJP w.r.t. its zero cotangent)."""
+    out = model(inputs, h_tensor - h_tensor.detach(), h_param)
+    cotangent = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, h_tensor, cotangent, create_graph=True)
+    (jvp,) = torch.autograd.grad(vjp, cotangent, direction, create_graph=True)
+    return out, jvp
+
+
+def delta_stn_step(model, h_tensor, h_scale, optimizers, inputs, labels, tune_hyper, linearize=True,
+                   entropy_weight=1e-3):
+    """DeltaStnStepOptimizer.step with tune_scales: the training step does a general step at the current λ (h_net
+    centred at zero) and then a response step at a perturbed λ (linearised when ``linearize``), each after zeroing
+    every optimiser; the hyper step, in eval mode, steps λ and its scale on the loss minus the weighted entropy."""
+    general_opt, response_opt, hyper_opt, scale_opt = optimizers
+    batch = inputs.shape[0]
+    perturbed = perturb(h_tensor, h_scale, batch)
+    current = h_tensor.unsqueeze(0).repeat(batch, 1)
+    if not tune_hyper:
+        model.train()
+        for opt in optimizers:
+            opt.zero_grad()
+        F.cross_entropy(model(inputs, current - current.detach(), current), labels).backward()
+        general_opt.step()
+        for opt in optimizers:
+            opt.zero_grad()
+        current = h_tensor.unsqueeze(0).repeat(batch, 1)
+        direction = perturbed - current.detach()
+        if linearize:
+            out, jvp = _jvp(model, inputs, current, perturbed, direction)
+            pred = out + jvp
+        else:
+            pred = model(inputs, direction, perturbed)
+        F.cross_entropy(pred, labels).backward()
+        response_opt.step()
+    else:
+        model.eval()
+        for opt in optimizers:
+            opt.zero_grad()
+        pred = model(inputs, perturbed - current.detach(), perturbed.detach())
+        (F.cross_entropy(pred, labels) - entropy_weight * entropy(h_scale)).backward()
+        hyper_opt.step()
+        scale_opt.step()

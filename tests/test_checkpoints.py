@@ -197,3 +197,53 @@ def test_published_model_rnns_load_into_stack():
         y, _ = cell(y, zeros, lam)
     got, _ = ours.rnns(x, None, lam)
     assert_close_rel(got, y, D64, "output")
+
+
+def test_published_tied_model_with_emsize_not_nhid_loads_into_per_layer_stack():
+    """The published tied-weights configuration (emsize 4, nhid 5: layers 4->5, 5->5, 5->4) loads strict into
+    HyperLSTM(4, [5, 5, 4], 3); output, per-layer final states and the gradients w.r.t. input, λ and initial states
+    equal the published cells' in float64, batched and unbatched."""
+    T, B, E, N, H = 3, 2, 4, 5, 2
+    sizes = [N, N, E]
+
+    class Published(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnns = nn.ModuleList([PublishedHyperLSTMCell(E if layer == 0 else N, sizes[layer], H)
+                                       for layer in range(3)])
+
+    torch.manual_seed(0)
+    published = Published()
+    ours = stn_kernels.HyperLSTM(E, sizes, 3, num_hparams=H, dtype=D64)
+    assert ours.hidden_sizes == (5, 5, 4) and "[5, 5, 4]" in repr(ours)
+    ours.load_state_dict({k.replace("rnns.", "", 1): v for k, v in published.state_dict().items()}, strict=True)
+    x, lam = torch.randn(T, B, E, dtype=D64, requires_grad=True), torch.randn(B, H, dtype=D64, requires_grad=True)
+    h0 = [torch.randn(B, n, dtype=D64, requires_grad=True) for n in sizes]
+    c0 = [torch.randn(B, n, dtype=D64, requires_grad=True) for n in sizes]
+    y, want_h, want_c = x, [], []
+    for layer, cell in enumerate(published.rnns):
+        y, (h, c) = cell(y, (h0[layer].unsqueeze(0), c0[layer].unsqueeze(0)), lam)
+        want_h.append(h.squeeze(0))
+        want_c.append(c.squeeze(0))
+    got, (h_n, c_n) = ours(x, (h0, c0), lam)
+    assert_close_rel(got, y, D64, "output")
+    for layer in range(3):
+        assert_close_rel(h_n[layer], want_h[layer], D64, f"h_n[{layer}]")
+        assert_close_rel(c_n[layer], want_c[layer], D64, f"c_n[{layer}]")
+    leaves_ = [x, lam, *h0, *c0]
+
+    def grads(out, hs, cs):
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=D64).view_as(out)).sum()
+        loss = loss + sum((t * (i + 2)).sum() for i, t in enumerate([*hs, *cs]))
+        return torch.autograd.grad(loss, leaves_)
+
+    for i, (g, w) in enumerate(zip(grads(got, h_n, c_n), grads(y, want_h, want_c))):
+        assert_close_rel(g, w, D64, f"gradient {i}")
+    got_one, (h_one, _) = ours(x[:, 0], ([t[0] for t in h0], [t[0] for t in c0]), lam[0])
+    want_one, _ = ours(x[:, :1], ([t[:1] for t in h0], [t[:1] for t in c0]), lam[:1])
+    assert_close_rel(got_one, want_one[:, 0], D64, "unbatched output")
+    assert [tuple(t.shape) for t in h_one] == [(5,), (5,), (4,)]
+    with pytest.raises(ValueError, match=r"hidden_size: expected an int or a list of num_layers=3"):
+        stn_kernels.HyperLSTM(E, [5, 4], 3, num_hparams=H)
+    with pytest.raises(ValueError, match=r"hx\[0\]\[2\]: expected shape"):
+        ours(x, (h0[:2] + [h0[1]], c0), lam)

@@ -404,3 +404,85 @@ def test_plain_conv_keeps_its_padding_and_padding_mode(padding, padding_mode):
     assert isinstance(layer, stn_kernels.HyperConv2d)
     assert (layer.padding, layer.padding_mode) == (conv.padding, conv.padding_mode)
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- elem_scalar kept, mask_weights draws
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "conv"])
+def test_converted_official_layer_trains_elem_scalar_with_exact_gradients(layer_type):
+    """The official elem_scalar a stays the same Parameter: out = a·(W x + b) + s⊙(W_h x) + t⊙b_h, every gradient
+    (d/da and dλ included) equal to the naive formula's on the published stand-in's tensors in float64;
+    fold_elem_scalar() then gives new Parameters a·W, a·b with the same output and leaves the shared ones alone."""
+    torch.manual_seed(0)
+    if layer_type == "linear":
+        published, x = OfficialHyperLinear(5, 3, H, elem_scalar=0.7), torch.randn(4, 5, dtype=F64)
+    else:
+        published, x = OfficialHyperConv2d(2, 3, 3, 1, H, stride=2, elem_scalar=0.7), torch.randn(4, 2, 7, 5,
+                                                                                                     dtype=F64)
+    names = ["elem_weight", "hnet_weight", "elem_bias", "hnet_bias", "elem_scalar"]
+    tensors = [getattr(published, n) for n in names] + [published.htensor_to_scalars.weight]
+    lam = torch.randn(4, H, dtype=F64, requires_grad=True)
+    layer = stn_kernels.convert(published)
+    taken = [layer.weight, layer.hyper_weight, layer.bias, layer.hyper_bias, layer.elem_scalar, layer.hparam_weight]
+    assert all(a is b for a, b in zip(taken, tensors, strict=True))  # the same Parameters, elem_scalar included
+    assert "elem_scalar=True" in repr(layer)
+
+    def naive(W, Wh, b, bh, a, M):
+        s = lam @ M.T
+        n = W.shape[0]
+        if layer_type == "linear":
+            return a * (x @ W.T + b) + s[:, :n] * (x @ Wh.T) + s[:, n:] * bh
+        conv = nn.functional.conv2d
+        return (a * conv(x, W, b, 2, 1) + s[:, :n, None, None] * conv(x, Wh, None, 2, 1)
+                + (s[:, n:] * bh)[:, :, None, None])
+
+    weights = torch.linspace(-1, 1, naive(*tensors).numel(), dtype=F64)
+    want = naive(*tensors)
+    want_grads = torch.autograd.grad((want.flatten() * weights).sum(), [*tensors, lam])
+    got = layer(x, lam)
+    got_grads = torch.autograd.grad((got.flatten() * weights).sum(), [*tensors, lam])
+    assert_close_rel(got, want, F64, "output")
+    for name, g, w in zip(names + ["hparam_weight", "lam"], got_grads, want_grads):
+        assert_close_rel(g, w, F64, f"d{name}")
+    state = layer.state_dict()
+    assert "elem_scalar" in state
+    folded = stn_kernels.convert(type(published)(*([5, 3, H] if layer_type == "linear" else [2, 3, 3, 1, H]),
+                                                 **({} if layer_type == "linear" else {"stride": 2})))
+    folded.load_state_dict(state)  # an elem_scalar layer loads a as it is
+    assert torch.equal(folded.elem_scalar, layer.elem_scalar) and torch.equal(folded.weight, layer.weight)
+    plain = type(layer)(*([5, 3] if layer_type == "linear" else [2, 3, 3]), num_hparams=H, dtype=F64,
+                        **({} if layer_type == "linear" else {"stride": 2, "padding": 1}))
+    plain.load_state_dict(state)  # a layer without one: a folded into weight and bias
+    assert_close_rel(plain(x, lam), want, F64, "loaded with elem_scalar folded in")
+    assert layer.fold_elem_scalar() is layer and layer.elem_scalar is None
+    assert layer.weight is not tensors[0] and layer.bias is not tensors[2] and torch.equal(published.elem_weight,
+                                                                                           tensors[0])
+    assert_close_rel(layer(x, lam), want, F64, "after fold_elem_scalar")
+
+
+@pytest.mark.parametrize("wdrop", [0.0, 0.3, "tensor"])
+def test_converted_lstm_linear_draws_the_published_masks(wdrop):
+    """mask_weights(p) in training mode draws as the official layer (also for p = 0, and with a 0-dim tensor rate
+    as the tuned model passes it): after the same seed, the same mask and the same RNG state; in eval mode neither
+    draws."""
+    rate = torch.tensor(0.3, dtype=F64) if wdrop == "tensor" else wdrop
+    published = OfficialLstmHyperLinear(6, 8, H)
+    layer = stn_kernels.convert(OfficialLstmHyperLinear(6, 8, H))
+    for training in (True, False):
+        published.train(training)
+        layer.train(training)
+        torch.manual_seed(5)
+        published.mask_weights(rate)
+        want_rng = torch.get_rng_state()
+        torch.manual_seed(5)
+        layer.mask_weights(rate)
+        assert torch.equal(torch.get_rng_state(), want_rng)
+        mask = torch.ones(8, 6, dtype=F64) if layer.weight_mask is None else layer.weight_mask
+        assert torch.equal(published.elem_weight, published.elem_weight_raw * mask)
+        if not training or wdrop == 0.0:
+            assert layer.weight_mask is None
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    layer.mask_weights(rate)  # eval
+    assert torch.equal(torch.get_rng_state(), before)
