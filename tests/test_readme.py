@@ -1,51 +1,159 @@
-"""The README's code examples run as written (the toolkit loop needs the user's data loaders and is
-covered by tests/test_stn_toolkit.py instead)."""
+"""Every ```python block of the README and of docs/ runs as written, on its own: each in a fresh namespace (the
+torchrun script as a file, on 2 gloo processes), followed by a check of what it computed. ```bash blocks are
+commands (pip install, make, torchrun) and are not run."""
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+from _naive import assert_close_rel
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 
 
-def _block_after(heading: str) -> str:
-    text = open(README, encoding="utf-8").read()
-    section = text[text.index(heading):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def _python_blocks(path: Path) -> list:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
 
 
-def test_usage_example_runs():
-    scope = {}
-    exec(_block_after("## Usage: swap a layer into a model"), scope)
+def _block_after(heading: str, page: Path = README) -> str:
+    """The first python block of ``page`` after ``heading`` (also used by test_stn_compile.py)."""
+    text = page.read_text(encoding="utf-8")
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
+
+
+def _check_first_model(scope):
     assert scope["hparams"].grad is not None and scope["hparams"].grad.shape == (128, 3)
+    assert torch.isfinite(scope["hparams"].grad).all() and scope["hparams"].grad.abs().sum() > 0
 
 
-def test_stn_cnn_and_lstm_example_runs():
-    scope = {}
-    exec(_block_after("## An STN CNN and an STN LSTM"), scope)
+def _check_constructors(scope):
+    assert scope["layer"].bias is None and scope["layer"].num_hparams == 3
+
+
+def _check_convert(scope):
+    assert scope["lam"].grad is not None and scope["lam"].grad.shape == (4, 2)
+    assert [type(m) for m in scope["net"]] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Flatten, torch.nn.Linear]
+    assert [name for name, _, _ in scope["report"].converted] == ["0", "3"]
+
+
+def _check_cnn_and_lstm(scope):
+    assert scope["logits"].shape == (4, 10) and scope["word_logits"].shape == (7, 4, 50)
+    assert scope["h_n"].shape == scope["c_n"].shape == (2, 4, 12)
+    # The classes as a user builds them, with a λ that needs its gradient through both models.
     torch.manual_seed(0)
     hparams = torch.randn(4, 5, requires_grad=True)
-    cnn = scope["HyperAlexNetHead"](5)
-    out = cnn(torch.randn(4, 3, 32, 32), hparams, torch.full((4,), 0.3))
-    assert out.shape == (4, 10)
-    lm = scope["HyperLanguageModel"](50, 16, 12, 5)
-    logits, (h, c) = lm(torch.randint(0, 50, (7, 4)), None, hparams, torch.full((4,), 0.25))
-    assert logits.shape == (7, 4, 50) and h.shape == c.shape == (2, 4, 12)
+    out = scope["HyperAlexNetHead"](5)(torch.randn(4, 3, 32, 32), hparams, torch.full((4,), 0.3))
+    logits, _ = scope["HyperLanguageModel"](50, 16, 12, 5)(torch.randint(0, 50, (7, 4)), None, hparams,
+                                                           torch.full((4,), 0.25))
     (out.sum() + logits.sum()).backward()
     assert hparams.grad is not None and torch.isfinite(hparams.grad).all()
 
 
-def test_constructor_example_runs():
-    scope = {}
-    exec(_block_after("**Constructors** are"), scope)
-    assert scope["layer"].bias is None and scope["layer"].num_hparams == 3
+def _check_stn_loop(scope):
+    values, scales = scope["hp"].values(), scope["hp"].scales()
+    assert set(values) == {"dropout", "noise"}
+    # 100 validation steps after the warm-up moved λ from its start (0.05 each) and kept it in range.
+    assert values["dropout"] != 0.05 and values["noise"] != 0.05
+    assert 0.0 < values["dropout"] < 0.9 and 0.0 < values["noise"] < 1.0 and min(scales.values()) > 0
 
 
-def test_convert_with_hparams_block_runs():
-    text = open(README, encoding="utf-8").read()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "stn_kernels.hparams(lam)" in b)
+def _check_augment(scope):
+    x, images = scope["x"], scope["images"]
+    assert x.shape == images.shape and x.dtype == images.dtype and torch.isfinite(x).all()
+
+
+def _check_backends(scope):
+    layer, x, lam = scope["layer"], scope["x"], scope["lam"]
+    with torch.no_grad():  # the formula in float64
+        x, lam, w, wh, b, bh, m = (t.double() for t in (x, lam, layer.weight, layer.hyper_weight, layer.bias,
+                                                        layer.hyper_bias, layer.hparam_weight))
+        v, c = m.chunk(2)
+        naive = x @ w.t() + (lam @ v.t()) * (x @ wh.t()) + b + (lam @ c.t()) * bh
+    assert_close_rel(scope["y"].detach(), naive, torch.float32)
+
+
+def _run_torchrun_script(block, tmp_path):
+    script = tmp_path / "stn_ddp.py"
+    script.write_text(block, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # --standalone: a rendezvous on a free port, so parallel test runs cannot collide.
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    lines = dict(re.findall(r"^rank (\d): (.*)$", run.stdout, re.M))
+    assert set(lines) == {"0", "1"}, run.stdout
+    assert lines["0"] == lines["1"], lines                     # λ identical on both ranks
+    assert lines["0"] != "{'dropout': 0.1}", lines             # and tuned: it moved from its start
+
+
+# A string only its block has -> the check of what it built; "torchrun" blocks run as a script on 2 processes.
+CHECKS = {
+    "class HyperMLP": _check_first_model,
+    "HyperLinear(8, 5, False": _check_constructors,
+    "stn_kernels.hparams(lam)": _check_convert,
+    "class HyperAlexNetHead": _check_cnn_and_lstm,
+    "stn.STNTrainer(net,": _check_stn_loop,
+    "stn.augment(images": _check_augment,
+    'use_backend("reference")': _check_backends,
+    "dist.init_process_group": "torchrun",
+}
+
+
+def _the_block(key: str) -> str:
+    (block,) = [b for page in PAGES for b in _python_blocks(page) if key in b]
+    return block
+
+
+def test_every_python_block_has_exactly_one_check():
+    blocks = [(page.name, b) for page in PAGES for b in _python_blocks(page)]
+    assert len(blocks) >= len(CHECKS)
+    for page, block in blocks:
+        keys = [key for key in CHECKS if key in block]
+        assert len(keys) == 1, f"{page}: a python block with checks {keys}:\n{block[:300]}"
+
+
+@pytest.mark.parametrize("key", [k for k, check in CHECKS.items() if check != "torchrun"])
+def test_block_runs_on_its_own(key):
     scope = {}
-    exec(block, scope)
-    assert scope["lam"].grad is not None and scope["lam"].grad.shape == (4, 2)
-    assert [type(m) for m in scope["net"]] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Flatten, torch.nn.Linear]
+    exec(_the_block(key), scope)
+    CHECKS[key](scope)
+
+
+def test_torchrun_block_runs_on_two_processes(tmp_path):
+    _run_torchrun_script(_the_block("dist.init_process_group"), tmp_path)
+
+
+def test_bash_blocks_are_commands_not_python():
+    """Blocks that must not run (pip install, make, torchrun) are fenced as bash, never as python."""
+    text = README.read_text(encoding="utf-8")
+    bash = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert any("pip install --no-build-isolation" in b for b in bash)
+    assert not any(re.search(r"^\s*(pip|make|torchrun) ", b, re.M) for b in _python_blocks(README))
+
+
+def _anchors(page: Path) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped (but - and _), spaces to -."""
+    headings = re.findall(r"^#+ (.*)$", page.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    """Every relative link of the README and docs/ names a file that exists (and a heading there, for #anchors)."""
+    links = re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8"))
+    relative = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert relative or page != README
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.name}: {link} -> {target} does not exist"
+        if anchor:
+            assert anchor in _anchors(target), f"{page.name}: {link}: no heading #{anchor} in {target.name}"

@@ -1,5 +1,5 @@
-"""STNTrainer(compile=...): each step's forward half is one graph (no graph break) for the README's MLP, CNN
-and LSTM language model, and compiled training follows the eager trajectory."""
+"""STNTrainer(compile=...): each step's forward half is one graph (no graph break) for the README's MLP and the CNN
+and LSTM language model of docs/layers.md, and compiled training follows the eager trajectory."""
 
 import copy
 import re
@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from test_readme import _block_after
+from test_readme import ROOT, _block_after
 
 from stn_kernels import stn
 from stn_kernels.stn import Hyperparameter, HyperparameterSet
@@ -25,11 +25,11 @@ def _fresh_dynamo():
 
 
 def _readme_models():
-    """The README's toolkit MLP (``Net``, ``hp``) and its CNN and language model, as the README defines them."""
+    """The README's toolkit MLP (``Net``, ``hp``) and the CNN and language model of docs/layers.md, as defined there."""
     scope = {}
     toolkit = _block_after("## Training with STN: the toolkit")
     exec(toolkit[:toolkit.index("net = Net()")], scope)  # up to the user's data loaders
-    exec(_block_after("## An STN CNN and an STN LSTM"), scope)
+    exec(_block_after("## An STN CNN and an STN LSTM", ROOT / "docs" / "layers.md"), scope)
     return scope
 
 
