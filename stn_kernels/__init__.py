@@ -28,7 +28,8 @@ from .functional import (
                          per_example_dropout,
 )
 from .hparams_context import hparams
-from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTM, HyperLSTMCell
+from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules_lstm import HyperLSTM, HyperLSTMCell
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .modules import HyperConv2d, HyperEmbedding, HyperLinear, HyperLSTM, HyperLSTMCell
+from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules_lstm import HyperLSTM, HyperLSTMCell
 
 __all__ = ["convert", "revert", "ConvertReport", "DropConnectHyperLinear", "TimeMajorHyperEmbedding",
            "TorchLayoutHyperLSTM", "published_layer_kind"]

@@ -43,6 +43,17 @@ def _check_convert(scope):
     assert [name for name, _, _ in scope["report"].converted] == ["0", "3"]
 
 
+def _check_convert_lstm(scope):
+    lm, out, h = scope["lm"], scope["out"], scope["h"]
+    assert type(lm["lstm"]) is torch.nn.LSTM and scope["lam"].grad.shape == (4, 2)
+    assert [name for name, _, _ in scope["report"].converted] == ["embed", "lstm", "decoder"]
+    with torch.no_grad():  # V, C start at zero: the converted LSTM computed what the reverted nn.LSTM computes
+        expected, (h_expected, _) = lm["lstm"](lm["embed"](scope["tokens"]))
+    assert out.shape == (4, 7, 32) and h.shape == (2, 4, 32)
+    assert_close_rel(out.detach(), expected, torch.float32)
+    assert_close_rel(h.detach(), h_expected, torch.float32)
+
+
 def _check_cnn_and_lstm(scope):
     assert scope["logits"].shape == (4, 10) and scope["word_logits"].shape == (7, 4, 50)
     assert scope["h_n"].shape == scope["c_n"].shape == (2, 4, 12)
@@ -88,7 +99,8 @@ def _run_torchrun_script(block, tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    lines = dict(re.findall(r"^rank (\d): (.*)$", run.stdout, re.M))
+    # Both processes print to one pipe: a line may run into the other's (no ^...$ anchors).
+    lines = dict(re.findall(r"rank (\d): (\{[^}]*\})", run.stdout))
     assert set(lines) == {"0", "1"}, run.stdout
     assert lines["0"] == lines["1"], lines                     # λ identical on both ranks
     assert lines["0"] != "{'dropout': 0.1}", lines             # and tuned: it moved from its start
@@ -98,7 +110,8 @@ def _run_torchrun_script(block, tmp_path):
 CHECKS = {
     "class HyperMLP": _check_first_model,
     "HyperLinear(8, 5, False": _check_constructors,
-    "stn_kernels.hparams(lam)": _check_convert,
+    'torch.nn.Conv2d(3, 8, 3, padding="same")': _check_convert,
+    "TorchLayoutHyperLSTM": _check_convert_lstm,
     "class HyperAlexNetHead": _check_cnn_and_lstm,
     "stn.STNTrainer(net,": _check_stn_loop,
     "stn.augment(images": _check_augment,
@@ -148,7 +161,8 @@ def _anchors(page: Path) -> set:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_relative_links_resolve(page):
     """Every relative link of the README and docs/ names a file that exists (and a heading there, for #anchors)."""
-    links = re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8"))
+    prose = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # code is not links
+    links = re.findall(r"\]\(([^)\s]+)\)", prose)
     relative = [link for link in links if not re.match(r"[a-z]+:", link)]
     assert relative or page != README
     for link in relative:

@@ -1,0 +1,381 @@
+"""Drop-in ``torch.nn`` modules for the published STN LSTM: HyperLSTMCell (one layer, the official
+``HyperLSTMCell`` fused) and HyperLSTM (a stack of them, nn.LSTM's interface). Their ``i2h`` / ``h2h`` are
+:class:`stn_kernels.HyperLinear` layers (parameter names as in :mod:`stn_kernels.modules`); ``load_state_dict``
+also accepts the published names.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import functional, reference, reference_lstm
+from ._validation import (
+    REQUIRED,
+    any_autocast,
+    check_ctor_bool,
+    check_ctor_int,
+    check_num_hparams,
+    check_probability,
+    check_shape,
+    check_tensor,
+    lstm_param_info,
+    misread_hint,
+)
+from .backends import kernels
+from .hparams_context import current_hparams
+from .modules import _LAYER_PARAMS, HyperLinear, _cached, _fast_hparams_ok, _ParamChecksCache
+from .ops import eager
+
+
+def _set_mask(linear: nn.Module, weight: Tensor, hyper_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both weights times the DropConnect mask that ``linear.mask_weights`` set, if any."""
+    mask = getattr(linear, "weight_mask", None)
+    return (weight, hyper_weight) if mask is None else (weight * mask, hyper_weight * mask)
+
+
+def _check_lstm_args(module: nn.Module, leading: tuple, bias, batch_first, num_hparams) -> int:
+    """The checks of the HyperLSTMCell / HyperLSTM constructor arguments; returns num_hparams. ``leading``:
+    the positional arguments before ``bias`` (input_size, hidden_size and HyperLSTM's num_layers)."""
+    name = type(module).__name__
+    check_ctor_int(leading[0], "input_size")
+    check_ctor_int(leading[1], "hidden_size")
+    if len(leading) > 2:
+        check_ctor_int(leading[2], "num_layers")
+    check_ctor_bool(bias, "bias", misread_hint(num_hparams, name, leading, bias))
+    check_ctor_bool(batch_first, "batch_first")
+    return check_num_hparams(num_hparams, name, leading)
+
+
+class HyperLSTMCell(_ParamChecksCache):
+    """One HyperLSTM layer over a sequence: the official STN ``HyperLSTMCell``, fused.
+
+    Submodules ``i2h`` (:class:`HyperLinear` input_size → 4·hidden_size) and ``h2h``
+    (hidden_size → 4·hidden_size); their parameters load from the published names
+    (``i2h.elem_weight_raw``, ``i2h.hnet_weight_raw``, ``i2h.elem_bias``, ``i2h.hnet_bias``,
+    ``i2h.hnet_tensor_to_scalars.weight``, likewise ``h2h.*``). ``dropconnect`` is the
+    published ``wdrop``: the DropConnect rate of the h2h weights in training mode.
+
+    ``forward(input, hidden=None, hparams=None, dropconnect=None)``: input [T, B, input_size]
+    ([B, T, input_size] with batch_first); hidden (h0, c0), each [B, N] or [1, B, N] (the
+    published shape), zeros when None; hparams [B, H], [H] or None; dropconnect overrides
+    the module's rate for this call (a float, or a one-element tensor as the published
+    ``hparam_tensor[:, i][0]``). Returns ``(output, (h_T, c_T))`` with output [T, B, N]
+    ([B, T, N] with batch_first) and h_T, c_T shaped like the given hidden ([1, B, N] when
+    hidden is None, as the published cell).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, batch_first: bool = False, *,
+                 num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        num_hparams = _check_lstm_args(self, (input_size, hidden_size), bias, batch_first, num_hparams)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_hparams = num_hparams
+        self.dropconnect = check_probability(dropconnect, "dropconnect")
+        self.batch_first = batch_first
+        factory = {"device": device, "dtype": dtype}
+        self.i2h = HyperLinear(input_size, 4 * hidden_size, bias, num_hparams=num_hparams, **factory)
+        self.h2h = HyperLinear(hidden_size, 4 * hidden_size, bias, num_hparams=num_hparams, **factory)
+
+    def reset_parameters(self) -> None:
+        self.i2h.reset_parameters()
+        self.h2h.reset_parameters()
+
+    def _params(self, dropconnect, elementary: Optional[tuple] = None):
+        """(i2h tuple, h2h tuple), the h2h weights DropConnect-masked in training mode.
+
+        ``elementary``: (i2h weight, i2h bias, h2h weight, h2h bias) to use instead of the submodules' own
+        (the nn.LSTM Parameters in our gate order, for an nn.LSTM that :func:`stn_kernels.convert` made
+        into a HyperLSTM).
+
+        A cell converted from the published one (:func:`stn_kernels.convert`) has DropConnectHyperLinear
+        i2h / h2h, whose ``mask_weights(p)`` the published model calls before every forward: a mask
+        set that way is used instead of this cell's own rate, in training mode only (a mask left from
+        training is never applied in eval mode)."""
+        n = 4 * self.hidden_size
+        if elementary is None:
+            elementary = (self.i2h.weight, self.i2h.bias, self.h2h.weight, self.h2h.bias)
+        i2h_weight, i2h_bias, weight, bias = elementary
+        i2h_hyper_weight = self.i2h.hyper_weight
+        if self.training:
+            i2h_weight, i2h_hyper_weight = _set_mask(self.i2h, i2h_weight, i2h_hyper_weight)
+        i2h = (i2h_weight, i2h_hyper_weight, i2h_bias, self.i2h.hyper_bias,
+               self.i2h.hparam_weight[:n], self.i2h.hparam_weight[n:])
+        hyper_weight = self.h2h.hyper_weight
+        p = self.dropconnect if dropconnect is None else dropconnect
+        if self.training and getattr(self.h2h, "weight_mask", None) is not None:
+            weight, hyper_weight = _set_mask(self.h2h, weight, hyper_weight)
+        elif self.training:
+            mask = functional.dropconnect_mask(weight, p)
+            if mask is not None:
+                weight, hyper_weight = weight * mask, hyper_weight * mask
+        elif not isinstance(p, Tensor) and (isinstance(p, bool) or not isinstance(p, (int, float))
+                                            or not 0.0 <= p < 1.0):
+            raise ValueError(f"dropconnect: expected a probability in [0, 1), got {p!r}")
+        h2h = (weight, hyper_weight, bias, self.h2h.hyper_bias, self.h2h.hparam_weight[:n],
+               self.h2h.hparam_weight[n:])
+        return i2h, h2h
+
+    def _fast(self, input, hidden, hparams, dropconnect):
+        """``(output, (h_T, c_T))`` on the fast path, or None for the full path (as
+        :meth:`_HyperLayer._fast_call`) for one step (T = 1: the cell called per step, where the host's work
+        per call is the cost): eager, no autocast, no DropConnect mask this call, both ops on the reference
+        backend, hidden None or two tensors [B, N] or [1, B, N]. It runs
+        :func:`stn_kernels.reference_lstm.hyper_lstm_cell_step`, plain torch ops that torch differentiates,
+        without the two ops' boundaries, validation and reshapes. Over longer sequences the recurrence op
+        (one GEMM for the weight gradients of all steps) is worth its overhead."""
+        if not eager() or dropconnect is not None or (self.training and (
+                self.dropconnect or getattr(self.i2h, "weight_mask", None) is not None
+                or getattr(self.h2h, "weight_mask", None) is not None)):
+            return None
+        try:
+            i2h, h2h = _LAYER_PARAMS(self.i2h._parameters), _LAYER_PARAMS(self.h2h._parameters)
+        except (AttributeError, KeyError):
+            return None
+        info = _cached(self, i2h + h2h, (), lstm_param_info, i2h, h2h)
+        if info is None or not isinstance(input, Tensor):
+            return None
+        dtype, device, hp_dtype = info
+        shape = input.shape
+        if (len(shape) != 3 or shape[2] != i2h[0].shape[1] or shape[self.batch_first] != 1  # one step
+                or input.dtype != dtype or input.device != device or any_autocast()):
+            return None
+        batch, n = shape[1 - self.batch_first], h2h[0].shape[1]
+        if not _fast_hparams_ok(hparams, batch, i2h[4].shape[1], hp_dtype, device):
+            return None
+        if hidden is None:
+            h0 = c0 = input.new_zeros(batch, n)
+            keep_dim = True
+        else:
+            if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
+                return None
+            h0, c0 = hidden
+            if not (isinstance(h0, Tensor) and isinstance(c0, Tensor) and h0.shape == c0.shape
+                    and h0.shape in ((batch, n), (1, batch, n)) and h0.dtype == dtype and c0.dtype == dtype
+                    and h0.device == device and c0.device == device):
+                return None
+            keep_dim = h0.dim() == 3
+            if keep_dim:
+                h0, c0 = h0[0], c0[0]
+        if (kernels("hyper_linear", device, batch, dtype, input.numel() == 0) is not reference
+                or kernels("hyper_lstm_recurrence", device, empty=not batch) is not reference_lstm):
+            return None
+        h, c = reference_lstm.hyper_lstm_cell_step(input[:, 0] if self.batch_first else input[0], h0, c0, hparams,
+                                                   i2h, h2h)
+        out = h.unsqueeze(1 if self.batch_first else 0)
+        return out, ((h.unsqueeze(0), c.unsqueeze(0)) if keep_dim else (h, c))
+
+    def forward(self, input: Tensor, hidden: Optional[Tuple[Tensor, Tensor]] = None,
+                hparams: Optional[Tensor] = None, dropconnect: Optional[Union[float, Tensor]] = None):
+        fast = self._fast(input, hidden, hparams, dropconnect)
+        if fast is not None:
+            return fast
+        keep_dim = True
+        hx = None
+        if hidden is not None:
+            if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
+                raise TypeError(f"hidden: expected a tuple (h0, c0) of tensors [B, {self.hidden_size}] or "
+                                f"[1, B, {self.hidden_size}], got {type(hidden).__name__}")
+            h0, c0 = hidden
+            check_tensor(h0, "hidden[0]")
+            check_tensor(c0, "hidden[1]")
+            keep_dim = h0.dim() == 3
+            for name, t in (("hidden[0]", h0), ("hidden[1]", c0)):
+                if t.dim() == 3 and t.shape[0] != 1:
+                    raise ValueError(f"{name}: expected shape [B, {self.hidden_size}] or [1, B, {self.hidden_size}], "
+                                     f"got {tuple(t.shape)}")
+            hx = (h0[0] if h0.dim() == 3 else h0, c0[0] if c0.dim() == 3 else c0)
+        i2h, h2h = self._params(dropconnect)
+        out, (h, c) = functional.hyper_lstm_layer(input, hparams, i2h, h2h, hx, self.batch_first)
+        if keep_dim:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        return out, (h, c)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_hparams={self.num_hparams}"
+        if self.dropconnect:
+            s += f", dropconnect={self.dropconnect}"
+        if self.batch_first:
+            s += ", batch_first=True"
+        return s
+
+
+def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
+    """Per-example dropout of x [T, B, N] with one mask per (b, n) for all T (variational / locked):
+    channel dropout of the [B, N, T] view."""
+    return functional.per_example_channel_dropout(x.permute(1, 2, 0), rates).permute(2, 0, 1)
+
+
+class HyperLSTM(nn.Module):
+    """A stack of HyperLSTM layers, time-major like ``torch.nn.LSTM`` (``batch_first`` option).
+
+    ``forward(input, hx=None, hparams=None, dropconnect=None)``: input [T, B, input_size]
+    ([B, T, input_size] with batch_first); hx (h0, c0) each [num_layers, B, hidden_size],
+    zeros when None; the same hparams [B, H] / [H] / None reach every layer (as in the
+    published model). Returns ``(output, (h_n, c_n))``: output [T, B, hidden_size] (the last
+    layer's h_t), h_n and c_n [num_layers, B, hidden_size]. Layers are ``cells[l]``
+    (:class:`HyperLSTMCell`); ``load_state_dict`` also takes the published model's
+    ``rnns.{l}.i2h.*`` / ``rnns.{l}.h2h.*`` entries with the ``rnns.`` prefix removed (or a
+    model whose ``rnns`` attribute is this module). DropConnect draws one mask per layer.
+
+    ``hidden_size`` may also be a list of ``num_layers`` ints, one per layer: the published language model with
+    tied weights has ``[nhid, ..., nhid, emsize]`` (its last layer matches the embedding the decoder shares).
+    Chosen over nn.LSTM's ``proj_size``, which would compute another function (a learned projection of h in
+    every layer, not a full LSTM of another size). With sizes that differ the states cannot be stacked, so hx
+    is then ``(h0, c0)`` with h0 and c0 sequences of ``num_layers`` tensors [B, N_l] (unbatched [N_l]), and
+    ``(h_n, c_n)`` are tuples of them; ``hidden_sizes`` holds the per-layer sizes in either case.
+
+    ``layer_dropout`` (a rate, or one per example [B]) drops units of each layer's output
+    before the next layer, in training mode only, with one mask per (example, unit) for the
+    whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
+    (:func:`stn_kernels.stn.per_example_dropout` underneath; pass None in the validation steps).
+    ``dropout`` (an attribute, 0 by default) is nn.LSTM's: plain dropout of each layer's output but
+    the last's, in training mode.
+    """
+
+    # As _HyperLayer's: True for an nn.LSTM that convert() made into a HyperLSTM.
+    context_hparams = False
+    # nn.LSTM's dropout between layers; convert() takes it from the nn.LSTM (the same F.dropout draws).
+    dropout = 0.0
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, *, num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        per_layer = isinstance(hidden_size, (list, tuple))
+        check_ctor_int(num_layers, "num_layers")
+        if per_layer:
+            if len(hidden_size) != num_layers:
+                raise ValueError(f"hidden_size: expected an int or a list of num_layers={num_layers} ints, got "
+                                 f"{len(hidden_size)} sizes {list(hidden_size)}")
+            for layer, size in enumerate(hidden_size):
+                check_ctor_int(size, f"hidden_size[{layer}]")
+        sizes = tuple(hidden_size) if per_layer else (hidden_size,) * num_layers
+        num_hparams = _check_lstm_args(self, (input_size, sizes[0], num_layers), bias, batch_first, num_hparams)
+        check_probability(dropconnect, "dropconnect")
+        self.input_size = input_size
+        self.hidden_size = list(hidden_size) if per_layer else hidden_size
+        self.hidden_sizes = sizes
+        self.num_layers = num_layers
+        self.num_hparams = num_hparams
+        self.batch_first = batch_first
+        self.cells = nn.ModuleList(
+            HyperLSTMCell(input_size if layer == 0 else sizes[layer - 1], sizes[layer], bias,
+                          num_hparams=num_hparams, dropconnect=dropconnect, device=device, dtype=dtype)
+            for layer in range(num_layers))
+
+    def reset_parameters(self) -> None:
+        for cell in self.cells:
+            cell.reset_parameters()
+
+    @property
+    def dropconnect(self) -> float:
+        return self.cells[0].dropconnect
+
+    @dropconnect.setter
+    def dropconnect(self, p: float) -> None:
+        for cell in self.cells:
+            cell.dropconnect = float(p)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, hparams: Optional[Tensor] = None,
+                dropconnect: Optional[Union[float, Tensor]] = None,
+                layer_dropout: Optional[Union[float, Tensor]] = None):
+        L, N = self.num_layers, self.hidden_sizes[-1]
+        uniform = len(set(self.hidden_sizes)) == 1
+        if hparams is None and self.context_hparams:
+            hparams = current_hparams()
+        check_tensor(input, "input")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"input: expected shape {'[B, T, ' if self.batch_first else '[T, B, '}"
+                             f"{self.input_size}] or unbatched [T, {self.input_size}], got {tuple(input.shape)}")
+        # Unbatched [T, K] as nn.LSTM takes it (whatever batch_first): a batch of one, then squeezed back.
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+        B = input.shape[0 if self.batch_first else 1]
+        if hx is None:
+            h0 = c0 = None
+        elif uniform:
+            want = f"[{L}, {N}]" if unbatched else f"[{L}, B, {N}]"
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"hx: expected a tuple (h0, c0) of tensors {want}, got {type(hx).__name__}")
+            h0, c0 = hx
+            for name, t in (("hx[0]", h0), ("hx[1]", c0)):
+                check_tensor(t, name)
+                check_shape(t, name, (L, N) if unbatched else (L, B, N))
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        else:
+            h0, c0 = self._per_layer_states(hx, B, unbatched)
+        x = input
+        hs, cs = [], []
+        for layer in range(L):
+            i2h, h2h = self._layer_params(layer, dropconnect)
+            state = None if h0 is None else (h0[layer], c0[layer])
+            first = layer == 0 and self.batch_first
+            x, (h, c) = functional.hyper_lstm_layer(x, hparams, i2h, h2h, state, batch_first=first)
+            if first:
+                x = x.transpose(0, 1)  # time-major between layers
+            if layer_dropout is not None and self.training and layer < L - 1:
+                x = _locked_dropout(x, layer_dropout)
+            if self.dropout and self.training and layer < L - 1:
+                x = F.dropout(x, self.dropout)
+            hs.append(h)
+            cs.append(c)
+        out = x.transpose(0, 1) if self.batch_first else x
+        if not uniform:  # one [B, N_l] (unbatched [N_l]) per layer: sizes that differ cannot be stacked
+            states = tuple(tuple(t.squeeze(0) if unbatched else t for t in ts) for ts in (hs, cs))
+            return (out.squeeze(0 if self.batch_first else 1) if unbatched else out), states
+        h_n, c_n = torch.stack(hs), torch.stack(cs)
+        if unbatched:
+            return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
+        return out, (h_n, c_n)
+
+    def _layer_params(self, layer: int, dropconnect):
+        """(i2h tuple, h2h tuple) of one layer for :func:`stn_kernels.hyper_lstm_layer`."""
+        return self.cells[layer]._params(dropconnect)
+
+    def _per_layer_states(self, hx, batch: int, unbatched: bool) -> Tuple[list, list]:
+        """(h0, c0) for per-layer hidden sizes: two sequences of num_layers tensors [B, N_l] (unbatched [N_l]),
+        checked and returned as lists of [B, N_l]."""
+        sizes = list(self.hidden_sizes)
+        want = f"sequences of {self.num_layers} tensors {'[N_l]' if unbatched else '[B, N_l]'}, N_l = {sizes}"
+        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
+                or any(not isinstance(s, (tuple, list)) or len(s) != self.num_layers for s in hx)):
+            raise TypeError(f"hx: expected (h0, c0), {want} (hidden_size is per layer), got {type(hx).__name__}")
+        states = []
+        for which, seq in zip("hc", hx):
+            states.append([])
+            for layer, t in enumerate(seq):
+                name = f"hx[{'hc'.index(which)}][{layer}]"
+                check_tensor(t, name)
+                check_shape(t, name, (sizes[layer],) if unbatched else (batch, sizes[layer]))
+                states[-1].append(t.unsqueeze(0) if unbatched else t)
+        return states[0], states[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Published model: rnns = ModuleList(HyperLSTMCell), so "{l}.i2h.*" under this module's prefix.
+        for key in list(state_dict):
+            rest = key[len(prefix):] if key.startswith(prefix) else None
+            if rest is None:
+                continue
+            head, _, tail = rest.partition(".")
+            if head.isdigit() and tail.split(".")[0] in ("i2h", "h2h"):
+                state_dict[f"{prefix}cells.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size!r}, num_layers={self.num_layers}"
+        if self.cells[0].i2h.hyper_bias is None:  # (hyper_bias: a converted nn.LSTM's cells hold no bias)
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.dropconnect:
+            s += f", dropconnect={self.dropconnect}"
+        return s + f", num_hparams={self.num_hparams}"
