@@ -9,9 +9,9 @@ TORCH_SPEC ?= torch==2.14.1
 # The linter, pinned so that a new release does not change what CI accepts (config: pyproject.toml).
 RUFF_SPEC ?= ruff==0.17.6
 STAMP := $(VENV)/.stn_kernels_installed
-# Sources of the optional CUDA extension: editing them reinstalls, which rebuilds it where nvcc
-# is on the PATH (setup.py builds nothing without nvcc, or with STN_KERNELS_BUILD_CUDA=0).
-CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
+# Sources of the optional compiled extensions: editing them reinstalls, which rebuilds them (the host one
+# wherever torch is, the CUDA one where nvcc is on the PATH; see setup.py for the knobs).
+CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h csrc/host/*.cpp csrc/host/*.h)
 
 .PHONY: run test lint bench install clean
 

@@ -1,4 +1,10 @@
-"""Build script. The CUDA extension in csrc/ (``stn_kernels._C``) is optional and import-safe.
+"""Build script. Two optional, import-safe compiled extensions:
+
+* ``stn_kernels._host`` (csrc/host/): the modules' eager calls on CPU tensors issued from C++ (the reference's
+  ATen ops with a C++ autograd Function; less host time per call). Built wherever torch is installed, never
+  when STN_KERNELS_BUILD_HOST=0; a failed build is a warning, not an error (the Python path is used instead).
+  :func:`host_build_decision` makes that choice.
+* ``stn_kernels._C`` (csrc/*.cpp, csrc/*.cu): the CUDA kernels of the ``cuda`` backend, as follows.
 
 It is built when csrc/ has sources and a CUDA toolkit (nvcc) plus a CUDA build of torch
 are present, or when FORCE_CUDA=1; never when STN_KERNELS_BUILD_CUDA=0. On a machine
@@ -32,6 +38,43 @@ def cuda_sources(root: str = HERE) -> list:
     """The extension's translation units (csrc/*.cpp and csrc/*.cu; csrc/emulate/ is for the tests)."""
     csrc = os.path.join(root, "csrc")
     return sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.cu")))
+
+
+def host_sources(root: str = HERE) -> list:
+    """The translation units of stn_kernels._host (csrc/host/*.cpp)."""
+    return sorted(glob.glob(os.path.join(root, "csrc", "host", "*.cpp")))
+
+
+def host_build_decision(env=None, root: str = HERE):
+    """``(build, reason)``: whether ``pip install`` builds stn_kernels._host here, and why."""
+    env = os.environ if env is None else env
+    if env.get("STN_KERNELS_BUILD_HOST", "").strip() == "0":
+        return False, "STN_KERNELS_BUILD_HOST=0"
+    if not host_sources(root):
+        return False, "no sources in csrc/host/"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    return True, f"torch {torch.__version__}"
+
+
+def host_extensions():
+    build, reason = host_build_decision()
+    if not build:
+        print(f"stn_kernels: not building the host extension ({reason})")
+        return []
+    print(f"stn_kernels: building the host extension stn_kernels._host ({reason})")
+    import torch
+    from torch.utils.cpp_extension import CppExtension
+
+    return [CppExtension(
+        "stn_kernels._host",
+        [os.path.relpath(s, HERE) for s in host_sources()],
+        extra_compile_args=["-O2", "-g0"],
+        define_macros=[("TORCH_VERSION_STRING", f'"{torch.__version__.split("+")[0]}"')],
+        optional=True,  # a compiler error leaves the Python path, not a failed install
+    )]
 
 
 def _toolkit_root_of(nvcc: str):
@@ -134,4 +177,9 @@ def cuda_extensions():
 
 if __name__ == "__main__":
     ext_modules, cmdclass = cuda_extensions()
+    ext_modules = host_extensions() + ext_modules
+    if ext_modules and not cmdclass:
+        from torch.utils.cpp_extension import BuildExtension
+
+        cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -35,6 +35,7 @@ from ._validation import (
     misread_hint,
 )
 from .backends import kernels
+from .backends.host import host_ops
 from .hparams_context import current_hparams
 from .ops import apply_hyper_conv2d_stacked, apply_hyper_linear_stacked, eager
 
@@ -90,6 +91,13 @@ def _cached(owner: nn.Module, params: tuple, extra, check: Callable[..., object]
         cached = (key, check(*check_args))
         owner.__dict__["_param_cache"] = cached
     return cached[1]
+
+
+def _checked_with_host(check: Callable[..., Optional[tuple]], *args) -> Optional[tuple]:
+    """``check(*args)``, a (dtype, device, λ dtype) or None, plus the compiled host path for those (or None:
+    :mod:`stn_kernels.backends.host`); for :func:`_cached`."""
+    info = check(*args)
+    return None if info is None else info + (host_ops(info[1], info[0], info[2]),)
 
 
 class _ParamChecksCache(nn.Module):
@@ -245,12 +253,19 @@ class HyperLinear(_HyperLayer):
             weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
             if self._parameters.get("elem_scalar") is not None:
                 weight, bias = self._elementary(weight, bias)
+            host = fast[2][0]
+            if host is not None and fast[0] is reference:  # the reference's ops, issued from C++
+                return host.hyper_linear(input, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
             return apply_hyper_linear_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
                                               hparam_weight)
         weight_scale, bias_scale = self._scales()
         weight, bias = self._elementary(self.weight, self.bias)
         return functional.hyper_linear(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
                                        weight_scale, bias_scale)
+
+    def _facts(self, weight: Tensor, extra) -> Optional[tuple]:
+        # (the compiled host path for these parameters, or None: stn_kernels/backends/host.py)
+        return (host_ops(weight.device, weight.dtype, self.hparam_weight.dtype),)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -402,10 +417,10 @@ class HyperEmbedding(_ParamChecksCache):
             params = _EMBEDDING_PARAMS(self._parameters)
         except KeyError:
             return None
-        info = _cached(self, params, (), embedding_param_info, *params)
+        info = _cached(self, params, (), _checked_with_host, embedding_param_info, *params)
         if info is None or not isinstance(input, Tensor):
             return None
-        dtype, device, hp_dtype = info
+        dtype, device, hp_dtype, host = info
         if (input.dtype not in (torch.int64, torch.int32) or input.device != device or input.dim() <= batch_dim
                 or not _fast_hparams_ok(hparams, input.shape[batch_dim], params[2].shape[1], hp_dtype, device)):
             return None
@@ -414,6 +429,8 @@ class HyperEmbedding(_ParamChecksCache):
         try:
             # The index range is checked by F.embedding itself: an IndexError on the CPU (the full path then
             # raises the ValueError with the range found), a device assert on CUDA (as nn.Embedding's).
+            if host is not None:  # the same ops, issued from C++
+                return host.hyper_embedding_by_example(input, hparams, *params, batch_dim)
             return reference.hyper_embedding_by_example(input, hparams, *params, batch_dim)
         except IndexError:
             return None

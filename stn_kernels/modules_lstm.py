@@ -27,7 +27,7 @@ from ._validation import (
 )
 from .backends import kernels
 from .hparams_context import current_hparams
-from .modules import _LAYER_PARAMS, HyperLinear, _cached, _fast_hparams_ok, _ParamChecksCache
+from .modules import _LAYER_PARAMS, HyperLinear, _cached, _checked_with_host, _fast_hparams_ok, _ParamChecksCache
 from .ops import eager
 
 
@@ -136,10 +136,10 @@ class HyperLSTMCell(_ParamChecksCache):
             i2h, h2h = _LAYER_PARAMS(self.i2h._parameters), _LAYER_PARAMS(self.h2h._parameters)
         except (AttributeError, KeyError):
             return None
-        info = _cached(self, i2h + h2h, (), lstm_param_info, i2h, h2h)
+        info = _cached(self, i2h + h2h, (), _checked_with_host, lstm_param_info, i2h, h2h)
         if info is None or not isinstance(input, Tensor):
             return None
-        dtype, device, hp_dtype = info
+        dtype, device, hp_dtype, host = info
         shape = input.shape
         if (len(shape) != 3 or shape[2] != i2h[0].shape[1] or shape[self.batch_first] != 1  # one step
                 or input.dtype != dtype or input.device != device or any_autocast()):
@@ -164,8 +164,11 @@ class HyperLSTMCell(_ParamChecksCache):
         if (kernels("hyper_linear", device, batch, dtype, input.numel() == 0) is not reference
                 or kernels("hyper_lstm_recurrence", device, empty=not batch) is not reference_lstm):
             return None
-        h, c = reference_lstm.hyper_lstm_cell_step(input[:, 0] if self.batch_first else input[0], h0, c0, hparams,
-                                                   i2h, h2h)
+        x = input[:, 0] if self.batch_first else input[0]
+        if host is not None:  # the same ops, issued from C++
+            h, c = host.hyper_lstm_cell_step(x, h0, c0, hparams, *i2h, *h2h)
+        else:
+            h, c = reference_lstm.hyper_lstm_cell_step(x, h0, c0, hparams, i2h, h2h)
         out = h.unsqueeze(1 if self.batch_first else 0)
         return out, ((h.unsqueeze(0), c.unsqueeze(0)) if keep_dim else (h, c))
 

@@ -103,8 +103,10 @@ def test_extension_built_where_nvcc_is():
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """A loader that has not run yet (the real state comes back after the test)."""
-    monkeypatch.setattr(extension, "_state", {})
-    return extension
+    fresh = extension.GuardedExtension(extension.CUDA.name, extension.CUDA.what, extension.CUDA.without,
+                                       extension.CUDA.built_where)
+    monkeypatch.setattr(extension, "CUDA", fresh)
+    return fresh
 
 
 def test_loader_missing_build(fresh_loader, monkeypatch):

@@ -1,13 +1,13 @@
-"""Guarded loading of the optional compiled CUDA extension (``stn_kernels._C``).
+"""Guarded loading of the optional compiled extensions: ``stn_kernels._C`` (the CUDA kernels of the ``cuda``
+backend, csrc/) and ``stn_kernels._host`` (the modules' eager calls on CPU tensors issued from C++,
+csrc/host/, :mod:`stn_kernels.backends.host`).
 
-Loaded on first use, never at ``import stn_kernels``. A missing build leaves the
-other backends working (the normal case on machines without nvcc); a build for
-another torch gives a warning naming both versions and is not used.
+Loaded on first use, never at ``import stn_kernels``. A missing build leaves everything else working (the
+Python paths); a build for another torch gives a warning naming both versions and is not used.
 
-The torch version a build was made for is read from a marker string in the
-library file *before* it is loaded (``STN_KERNELS_BUILT_FOR_TORCH=<version>;``,
-see csrc/module.cpp), so a build for another torch is reported instead of being
-loaded, which could fail on undefined symbols or, worse, load with a different
+The torch version a build was made for is read from a marker string in the library file *before* it is
+loaded (``STN_KERNELS_BUILT_FOR_TORCH=<version>;``, see csrc/module.cpp), so a build for another torch is
+reported instead of being loaded, which could fail on undefined symbols or, worse, load with a different
 ABI. Once loaded, the module's ``TORCH_VERSION`` attribute is checked as well.
 """
 
@@ -19,20 +19,8 @@ import re
 import warnings
 from typing import Optional
 
-MODULE = "stn_kernels._C"
 REBUILD = "pip install --no-build-isolation -e ."
 _MARKER = re.compile(rb"STN_KERNELS_BUILT_FOR_TORCH=([0-9A-Za-z.+_-]+);")
-
-_state: dict = {}
-
-
-def _find() -> Optional[str]:
-    """Path of the built extension's library file, or None when it is not built."""
-    try:
-        spec = importlib.util.find_spec(MODULE)
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec is not None and spec.origin else None
 
 
 def _built_for(path: str) -> Optional[str]:
@@ -45,66 +33,103 @@ def _built_for(path: str) -> Optional[str]:
     return found.group(1).decode() if found else None
 
 
-def _import():
-    return importlib.import_module(MODULE)
-
-
 def _release(version: str) -> str:
     return version.split("+")[0]
 
 
-def _mismatch(built_for: str, running: str, path: str) -> None:
-    _state["error"] = f"built for torch {built_for}, running torch {running}"
-    warnings.warn(f"stn_kernels: the compiled CUDA extension ({path}) was built for torch {built_for} but torch "
-                  f"{running} is running; it is not used, so the 'cuda' backend is unavailable (the 'reference' and "
-                  f"'triton' backends still work). Rebuild it with `{REBUILD}`.", RuntimeWarning, stacklevel=4)
+class GuardedExtension:
+    """One optional compiled module: ``loaded()``, ``load_error()``, ``module()`` (None unless loaded).
+
+    ``what``: how warnings name it; ``without``: what the user loses when it is not used; ``built_where``: where
+    ``pip install`` builds it (for the "not built" reason)."""
+
+    def __init__(self, module: str, what: str, without: str, built_where: str) -> None:
+        self.name, self.what, self.without, self.built_where = module, what, without, built_where
+        self._state: dict = {}
+
+    def _find(self) -> Optional[str]:
+        """Path of the built module's library file, or None when it is not built."""
+        try:
+            spec = importlib.util.find_spec(self.name)
+        except (ImportError, ValueError):
+            return None
+        return spec.origin if spec is not None and spec.origin else None
+
+    def _built_for(self, path: str) -> Optional[str]:
+        return _built_for(path)
+
+    def _import(self):
+        return importlib.import_module(self.name)
+
+    def _mismatch(self, built_for: str, running: str, path: str) -> None:
+        self._state["error"] = f"built for torch {built_for}, running torch {running}"
+        warnings.warn(f"stn_kernels: {self.what} ({path}) was built for torch {built_for} but torch {running} is "
+                      f"running; it is not used, so {self.without}. Rebuild it with `{REBUILD}`.", RuntimeWarning,
+                      stacklevel=5)
+
+    def _load(self) -> None:
+        state = self._state
+        if "loaded" in state:
+            return
+        state.update(loaded=False, error=None, module=None)
+        path = self._find()
+        if path is None:  # not built: the normal case where its compiler is missing
+            state["error"] = f"not built (no {self.name}; `{REBUILD}` builds it {self.built_where})"
+            return
+        import torch
+
+        running = torch.__version__
+        built_for = self._built_for(path)
+        if built_for is not None and built_for != _release(running):
+            self._mismatch(built_for, running, path)
+            return
+        try:
+            module = self._import()
+        except (ImportError, OSError) as exc:  # e.g. undefined symbols of another torch, or a missing library
+            state["error"] = (f"failed to load (built for torch {built_for or 'unknown'}, running torch {running}): "
+                              f"{exc}")
+            warnings.warn(f"stn_kernels: {self.what} ({path}), built for torch {built_for or 'unknown'}, could not be "
+                          f"loaded under torch {running}: {exc}. It is not used, so {self.without}. Rebuild it with "
+                          f"`{REBUILD}`.", RuntimeWarning, stacklevel=4)
+            return
+        module_built_for = getattr(module, "TORCH_VERSION", None)
+        if module_built_for is not None and module_built_for != _release(running):
+            self._mismatch(module_built_for, running, path)
+            return
+        state.update(loaded=True, path=path, module=module)
+
+    def loaded(self) -> bool:
+        self._load()
+        return self._state["loaded"]
+
+    def load_error(self) -> Optional[str]:
+        self._load()
+        return self._state["error"]
+
+    def module(self):
+        self._load()
+        return self._state["module"]
 
 
-def _load() -> None:
-    if "loaded" in _state:
-        return
-    _state["loaded"] = False
-    _state["error"] = None
-    path = _find()
-    if path is None:  # not built: the normal case on CPU-only machines
-        _state["error"] = (f"not built (no {MODULE}; `{REBUILD}` builds it where nvcc and a CUDA build of torch "
-                           "are present)")
-        return
-    import torch
-
-    running = torch.__version__
-    built_for = _built_for(path)
-    if built_for is not None and built_for != _release(running):
-        _mismatch(built_for, running, path)
-        return
-    try:
-        module = _import()
-    except (ImportError, OSError) as exc:  # e.g. undefined symbols of another torch, or a missing CUDA library
-        _state["error"] = f"failed to load (built for torch {built_for or 'unknown'}, running torch {running}): {exc}"
-        warnings.warn(f"stn_kernels: the compiled CUDA extension ({path}), built for torch {built_for or 'unknown'}, "
-                      f"could not be loaded under torch {running}: {exc}. The 'reference' and 'triton' backends "
-                      f"still work. Rebuild it with `{REBUILD}`.", RuntimeWarning, stacklevel=3)
-        return
-    module_built_for = getattr(module, "TORCH_VERSION", None)
-    if module_built_for is not None and module_built_for != _release(running):
-        _mismatch(module_built_for, running, path)
-        return
-    _state["loaded"] = True
-    _state["path"] = path
+CUDA = GuardedExtension("stn_kernels._C", "the compiled CUDA extension",
+                        "the 'cuda' backend is unavailable (the 'reference' and 'triton' backends still work)",
+                        "where nvcc and a CUDA build of torch are present")
 
 
 def loaded() -> bool:
-    _load()
-    return _state["loaded"]
+    return CUDA.loaded()
 
 
-def load_error():
-    _load()
-    return _state["error"]
+def load_error() -> Optional[str]:
+    return CUDA.load_error()
+
+
+def _find() -> Optional[str]:
+    return CUDA._find()
 
 
 def unavailable_reason(device) -> Optional[str]:
-    """Why the extension cannot run tensors on ``device`` (a torch.device), or None when it can."""
+    """Why the CUDA extension cannot run tensors on ``device`` (a torch.device), or None when it can."""
     if device.type != "cuda":
         return f"tensors are on {device}, the extension runs CUDA tensors only"
     if not loaded():
