@@ -45,18 +45,26 @@ A plain ``nn.LSTM`` becomes a :class:`TorchLayoutHyperLSTM` (a :class:`~stn_kern
 biases stay the nn.LSTM's own Parameters under their names (``weight_ih_l0``, ...), reordered from torch's gate
 order (i, f, g, o) to ours in each forward, so they too are shared, not copied (optimisers built before
 converting keep working); outputs, states and gradients are nn.LSTM's without λ, train-mode ``dropout`` between
-layers included. A bidirectional one or one with ``proj_size`` is left as it is (the report says why), and
-converting such an LSTM itself (``convert(lstm, ...)``) raises ValueError.
+layers included.
+
+A plain layer no Hyper layer can stand in for (a bidirectional ``nn.LSTM``, an ``nn.Embedding`` with ``max_norm``, a
+subclass, a parametrized or hooked layer, ...: see :func:`convert`) is left as it is and reported with the reason,
+the rest of the model converted; converting such a layer on its own (``convert(layer, num_hparams=H)``) raises
+ValueError. ``exclude=`` leaves modules by name or type on purpose. Without ``report=True``, one UserWarning lists
+the modules with parameters left for any other reason: nothing is skipped without a word.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from . import functional
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
@@ -457,7 +465,8 @@ def _check_num_hparams(found: int, expected: Optional[int], where: str) -> None:
 @dataclass
 class ConvertReport:
     """What :func:`convert` did: ``converted`` (name, from type, to type) and ``left`` (name, type, why) for the
-    modules with parameters of their own that it did not convert."""
+    modules with parameters that it did not convert (the excluded ones with the reason "excluded (by name 'x')" or
+    "excluded (by type T)"). The model itself, when converted or left, is named by its type."""
 
     converted: List[Tuple[str, str, str]] = field(default_factory=list)
     left: List[Tuple[str, str, str]] = field(default_factory=list)
@@ -468,8 +477,16 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-# The plain torch.nn layers convert() swaps when num_hparams is given (exact types: subclasses may differ).
+# The plain torch.nn layers convert() swaps when num_hparams is given: of exactly these types (a subclass's forward
+# may differ), with exactly their own Parameters and no hooks.
 _PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM)
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_EXCLUDED = "excluded"
+
+
+def _plain_base(module: nn.Module) -> Optional[type]:
+    """The one of ``_PLAIN_LAYERS`` that ``module`` is an instance of (its type or a base), else None."""
+    return next((base for base in _PLAIN_LAYERS if isinstance(module, base)), None)
 
 
 def _lstm_lacks(module: nn.Module) -> Optional[str]:
@@ -479,42 +496,124 @@ def _lstm_lacks(module: nn.Module) -> Optional[str]:
     return ", ".join(options) or None
 
 
-def _why_left(module: nn.Module, num_hparams: Optional[int]) -> str:
-    if type(module) in _PLAIN_LAYERS and num_hparams is None:
-        return "plain layers are converted only with num_hparams"
-    if type(module) is nn.LSTM:
+def _plain_lacks(module: nn.Module, base: type) -> Optional[str]:
+    """Why no Hyper layer can stand in for ``module`` (an instance of ``base``, one of ``_PLAIN_LAYERS``), or None
+    when one can (computing the same function over the same Parameters)."""
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return "an uninitialised lazy module: run one forward before convert"
+    if parametrize.is_parametrized(module):
+        return (f"parametrized {sorted(module.parametrizations)} (torch.nn.utils.parametrize), which the Hyper "
+                f"layer would drop")
+    if type(module) is not base:
+        return f"a subclass of nn.{base.__name__}, whose forward may differ"
+    hooks = [name[1:].replace("_", " ") for name in _HOOKS if getattr(module, name)]
+    if hooks:  # also torch.nn.utils.weight_norm / spectral_norm, which recompute the weight in a forward pre-hook
+        return f"has {', '.join(hooks)}, which the Hyper layer would not run"
+    own = [name for name, param in module._parameters.items() if param is not None]
+    if base is nn.LSTM:
+        expected = module._flat_weights_names
+        fits = sorted(own) == sorted(expected)
+    else:  # weight, and a bias unless bias=False (registered as None)
+        expected = ["weight"] if base is nn.Embedding else ["weight", "bias"]
+        fits = "weight" in own and set(own) <= set(expected)
+    if not fits:
+        return f"has the Parameters {own}, not nn.{base.__name__}'s {expected}"
+    weight = module._parameters[expected[0]]
+    if not weight.is_floating_point():
+        return f"{weight.dtype} weights (the Hyper layers take floating-point ones)"
+    if base is nn.LSTM and _lstm_lacks(module):
         return f"HyperLSTM has no {_lstm_lacks(module)}"
-    return "no hyper form in stn_kernels"
+    if base is nn.Embedding:
+        options = [f"{name}={getattr(module, name)}" for name in ("max_norm", "scale_grad_by_freq", "sparse")
+                   if getattr(module, name) not in (None, False)]
+        if options:
+            return f"HyperEmbedding has no {', '.join(options)}"
+    return None
 
 
-def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Iterable[str] = (),
+def _why_left(module: nn.Module, num_hparams: Optional[int]) -> str:
+    base = _plain_base(module)
+    if base is None:
+        return "no hyper form in stn_kernels"
+    # A plain layer no Hyper layer can stand in for says why, also without num_hparams (giving it would not help).
+    return _plain_lacks(module, base) or "plain layers are converted only with num_hparams"
+
+
+def _describe(item) -> str:
+    if isinstance(item, nn.Module):
+        cls = type(item).__name__
+        return f"a {cls} instance (exclude it by its name, or all like it by the class {cls})"
+    if isinstance(item, type):
+        return f"the class {item.__name__}, not an nn.Module subclass"
+    return f"{item!r} ({type(item).__name__})"
+
+
+def _exclusions(exclude) -> Tuple[set, tuple]:
+    """``exclude`` as (module names, module types). A single name or type counts as one, as ``isinstance`` takes one
+    class or a tuple of them: ``exclude="decoder"`` can only mean that module, never the letters d, e, c, ..."""
+    if exclude is None:  # as the default (): nothing excluded
+        exclude = ()
+    elif isinstance(exclude, (str, type)):
+        exclude = (exclude,)
+    if isinstance(exclude, nn.Module) or not hasattr(exclude, "__iter__"):
+        raise TypeError(f"exclude: expected a module name (str), an nn.Module subclass or an iterable of them, got "
+                        f"{_describe(exclude)}")
+    items = list(exclude)
+    for item in items:
+        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
+            raise TypeError(f"exclude: expected module names (str) or nn.Module subclasses, got {_describe(item)}")
+    return {item for item in items if isinstance(item, str)}, tuple(item for item in items if isinstance(item, type))
+
+
+def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
+            exclude: Union[None, str, Type[nn.Module], Iterable[Union[str, Type[nn.Module]]]] = (),
             report: bool = False):
     """Replaces, in place, every published STN / Delta-STN layer in ``model`` with the stn_kernels layer
     computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear``, ``nn.Conv2d``,
-    ``nn.Embedding`` and ``nn.LSTM`` (exact types) with a Hyper layer whose hyper path starts at zero (an
-    nn.LSTM's options HyperLSTM lacks, bidirectional and proj_size, leave it as it is; see the module docstring).
+    ``nn.Embedding`` and ``nn.LSTM`` with a Hyper layer whose hyper path starts at zero (see the module docstring).
 
-    ``exclude``: qualified names (as in ``model.named_modules()``) of modules to leave as they are,
-    together with their children. Modules shared between several places are converted once and stay
-    shared; train/eval mode is kept. Returns ``model``, or the new layer if ``model`` itself is one.
-    Published layers must agree with ``num_hparams`` when it is given. With ``report=True`` it returns
-    ``(model, ConvertReport)``: what was converted, and which modules with parameters were left, and why
-    (excluded; a plain layer without num_hparams; an nn.LSTM option HyperLSTM has no form of; no hyper form).
+    A plain layer no Hyper layer can stand in for is left as it is, with its children, and reported: a subclass
+    (``nn.LazyLinear`` not yet initialised, QAT or ``NonDynamicallyQuantizableLinear``, a parametrized layer, your
+    own), hooks (``torch.nn.utils.weight_norm``, ``spectral_norm``, yours), Parameters other than its own,
+    non-floating-point weights, an ``nn.Embedding`` with ``max_norm``, ``scale_grad_by_freq`` or ``sparse``, an
+    ``nn.LSTM`` bidirectional or with ``proj_size``. Converting such a layer itself (``model`` is that layer, with
+    ``num_hparams``) raises ValueError instead. Any ``padding``, ``padding_mode``, ``dilation`` and ``groups`` of
+    ``nn.Conv2d`` and ``padding_idx`` of ``nn.Embedding`` are converted.
+
+    ``exclude``: modules to leave as they are, together with their children: qualified names (as in
+    ``model.named_modules()``; a shared module is left everywhere it occurs) and module types (matched as
+    ``isinstance``, so subclasses too), in any iterable, or a single name or type (None: none), e.g.
+    ``exclude=("decoder", nn.Embedding)``. Modules shared between several places are converted once and stay
+    shared; train/eval mode is kept. Returns ``model``, or the new layer if ``model`` itself is one. Published
+    layers must agree with ``num_hparams`` when it is given.
+
+    With ``report=True`` it returns ``(model, ConvertReport)``: what was converted, and which modules with
+    parameters were left, and why (excluded by name or type; a plain layer without num_hparams; one no Hyper layer
+    can stand in for; no hyper form). With ``report=False``, modules with parameters left for any reason but
+    ``exclude`` give one UserWarning listing them, so that nothing is skipped without a word.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if num_hparams is not None and (isinstance(num_hparams, bool) or not isinstance(num_hparams, int)
                                     or num_hparams < 1):
         raise ValueError(f"num_hparams: expected an int >= 1 or None, got {num_hparams!r}")
-    if isinstance(exclude, str):
-        raise TypeError(f"exclude: expected an iterable of module names, got the str {exclude!r}")
-    excluded = set(exclude)
-    known = {name for name, _ in model.named_modules()}
-    unknown = sorted(excluded - known)
+    excluded_names, excluded_types = _exclusions(exclude)
+    # Each path of a shared module (remove_duplicate=False): it may be excluded by any of its names.
+    excluded_by_name = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name in excluded_names:
+            excluded_by_name.setdefault(id(module), name)
+    unknown = sorted(excluded_names - {name for name, _ in model.named_modules(remove_duplicate=False)})
     if unknown:
         raise ValueError(f"exclude: expected names of modules in the model, got unknown {unknown}")
     converted: Dict[int, nn.Module] = {}
     done = ConvertReport()
+
+    def exclusion(module: nn.Module) -> Optional[str]:
+        if id(module) in excluded_by_name:
+            return f"{_EXCLUDED} (by name {excluded_by_name[id(module)]!r})"
+        by_type = next((cls for cls in excluded_types if isinstance(module, cls)), None)
+        return None if by_type is None else f"{_EXCLUDED} (by type {by_type.__name__})"
 
     def replacement(module: nn.Module, where: str) -> Optional[nn.Module]:
         if id(module) in converted:
@@ -522,19 +621,17 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
         if isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding)):
             return None
         kind = published_layer_kind(module)
+        base = _plain_base(module)
         if kind is None and _is_published_lstm_cell(module):
             new = _convert_published_cell(module, num_hparams, where)
         elif kind is not None:
             new = _convert_published(module, kind, num_hparams, where)
-        elif num_hparams is not None and type(module) in _PLAIN_LAYERS:
-            if type(module) is nn.Embedding and (module.max_norm is not None or module.sparse
-                                                 or module.scale_grad_by_freq):
-                raise ValueError(f"{where}: expected an nn.Embedding without max_norm, sparse or "
-                                 f"scale_grad_by_freq (HyperEmbedding has none of them), got {module}")
-            if type(module) is nn.LSTM and _lstm_lacks(module):
-                if module is model:  # converting this very LSTM was asked for: an error, not a silent no-op
-                    raise ValueError(f"model: expected an nn.LSTM without bidirectional or proj_size (HyperLSTM "
-                                     f"has neither), got {module}")
+        elif num_hparams is not None and base is not None:
+            lacks = _plain_lacks(module, base)
+            if lacks is not None:
+                if module is model:  # converting this very layer was asked for: an error, not a silent no-op
+                    raise ValueError(f"model: expected an nn.{base.__name__} a Hyper layer can stand in for, got "
+                                     f"{type(module).__name__}: {lacks}")
                 return None  # left, with the reason in the report
             new = _convert_plain(module, num_hparams, where)
         else:
@@ -544,29 +641,37 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, exclude: Ite
         done.converted.append((where, type(module).__name__, type(new).__name__))
         return new
 
+    def leave(module: nn.Module, where: str) -> bool:
+        """Reports ``module`` as left when it has parameters and is not ours; True to look into its children (not
+        those of an excluded module or a plain layer left whole)."""
+        why = exclusion(module)
+        whole = why is not None or _plain_base(module) is not None
+        if (not isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell, HyperLSTM))
+                and any(True for _ in module.parameters(recurse=whole))):
+            done.left.append((where, type(module).__name__, why or _why_left(module, num_hparams)))
+        return not whole
+
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue
             where = f"{prefix}.{name}" if prefix else name
-            if where in excluded:
-                if any(True for _ in child.parameters()):
-                    done.left.append((where, type(child).__name__, "excluded"))
-                continue
-            new = replacement(child, where)
+            new = None if exclusion(child) else replacement(child, where)
             if new is not None:
                 parent._modules[name] = new
-            else:
-                if (not isinstance(child, (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell, HyperLSTM))
-                        and any(True for _ in child.parameters(recurse=False))):
-                    done.left.append((where, type(child).__name__, _why_left(child, num_hparams)))
+            elif leave(child, where):
                 visit(child, where)
 
-    if "" in excluded:
-        result = model
-    else:
-        top = replacement(model, type(model).__name__)
-        if top is None:
-            visit(model, "")
-        result = model if top is None else top
-    return (result, done) if report else result
+    top = None if exclusion(model) else replacement(model, type(model).__name__)
+    if top is None and leave(model, type(model).__name__):
+        visit(model, "")
+    result = model if top is None else top
+    if report:
+        return result, done
+    unasked = [f"{name} ({kind}: {why})" for name, kind, why in done.left if not why.startswith(_EXCLUDED)]
+    if unasked:
+        warnings.warn(f"stn_kernels.convert left {len(unasked)} module(s) with parameters as they were: "
+                      f"{'; '.join(unasked)}. Leave modules on purpose with exclude= (names or types), or pass "
+                      f"report=True to get this list in a ConvertReport instead of this warning",
+                      UserWarning, stacklevel=2)
+    return result

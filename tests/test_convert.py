@@ -80,7 +80,9 @@ def test_published_cnn_layers_convert_in_place_with_outputs_and_gradients_unchan
     (grad_before,) = torch.autograd.grad(before.sum(), h)
     kept = {name: model.delta_conv._parameters[name] for name in ("general_weight", "response_weight")}
 
-    assert stn_kernels.convert(model) is model
+    # Without num_hparams the plain head stays, with a warning naming it (nothing is left without a word).
+    with pytest.warns(UserWarning, match=r"left 1 module\(s\) .*: head \(Linear: plain layers are converted only"):
+        assert stn_kernels.convert(model) is model
     assert type(model.conv) is HyperConv2d and type(model.block["fc"]) is HyperLinear
     # Delta-STN layers: ours, and still instances of the published classes (Delta-STN's isinstance lists).
     assert type(model.delta_conv).__bases__ == (HyperConv2d, DeltaStnConv2d)
@@ -113,7 +115,8 @@ def test_published_lstm_parts_convert_and_keep_weight_tying():
     tokens = torch.randint(0, 11, (4, 3))
     h = torch.randn(3, H, dtype=F64)
     before = model(tokens, h)
-    stn_kernels.convert(model)
+    with pytest.warns(UserWarning, match=r"left 1 module\(s\) .*: decoder \(Linear: plain layers"):
+        stn_kernels.convert(model)
     assert type(model.encoder) is TimeMajorHyperEmbedding and type(model.i2h) is DropConnectHyperLinear
     assert model.decoder.weight is model.encoder.weight   # still tied
     torch.testing.assert_close(model(tokens, h), before, rtol=1e-12, atol=1e-12)
@@ -295,7 +298,8 @@ def test_official_baseline_rnn_model_converts_with_its_dropconnect_layers_left_a
     want_out, want_grads, want_rng = run()
     layers = [cell.h2h for cell in model.rnns] + [cell.i2h for cell in model.rnns]
     assert published_layer_kind(layers[0]) is None
-    assert stn_kernels.convert(model, num_hparams=num_hparams) is model
+    with pytest.warns(UserWarning, match=r"rnns.0.i2h \(DropconnectLinear: no hyper form in stn_kernels\)"):
+        assert stn_kernels.convert(model, num_hparams=num_hparams) is model
     assert [cell.h2h for cell in model.rnns] + [cell.i2h for cell in model.rnns] == layers
     assert all(type(layer) is DropconnectLinear for layer in layers)
     assert type(model.decoder) is (nn.Linear if num_hparams is None else HyperLinear)

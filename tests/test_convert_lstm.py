@@ -161,12 +161,12 @@ def test_options_hyper_lstm_lacks_are_left_with_the_reason_or_refused_when_asked
     assert model["ok"].dropout == 0.0  # ... and nothing here either
     assert report.left == [("bi", "LSTM", "HyperLSTM has no bidirectional=True"),
                            ("proj", "LSTM", "HyperLSTM has no proj_size=2"),
-                           ("mine", "MyLSTM", "no hyper form in stn_kernels")]
+                           ("mine", "MyLSTM", "a subclass of nn.LSTM, whose forward may differ")]
     assert type(model["bi"]) is nn.LSTM and type(model["proj"]) is nn.LSTM
     _, report = stn_kernels.convert(nn.Sequential(nn.LSTM(3, 4)), report=True)
     assert report.left == [("0", "LSTM", "plain layers are converted only with num_hparams")]
-    with pytest.raises(ValueError, match=r"model: expected an nn.LSTM without bidirectional or proj_size "
-                                         r"\(HyperLSTM has neither\), got LSTM\(3, 4, bidirectional=True\)"):
+    with pytest.raises(ValueError, match=r"model: expected an nn.LSTM a Hyper layer can stand in for, got LSTM: "
+                                         r"HyperLSTM has no bidirectional=True"):
         stn_kernels.convert(nn.LSTM(3, 4, bidirectional=True), num_hparams=H)
     # Converting again changes nothing and reports nothing left.
     _, report = stn_kernels.convert(nn.Sequential(model["ok"]), num_hparams=H, report=True)

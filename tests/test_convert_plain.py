@@ -1,6 +1,9 @@
 """convert(model, num_hparams=H) of a model written with plain torch.nn, λ fed by ``stn_kernels.hparams(...)``
 without touching its forward, trained as an STN, compiled, and reverted."""
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from torch import nn
 
 import stn_kernels
 from stn_kernels import stn
+from stn_kernels.convert import TorchLayoutHyperLSTM
 
 H = 2
 D64 = torch.float64
@@ -132,9 +136,128 @@ def test_revert_restores_the_original_modules_with_their_parameters():
     assert stn_kernels.revert(stn_kernels.convert(nn.Linear(2, 3), num_hparams=H)).__class__ is nn.Linear
 
 
-def test_embedding_options_hyper_embedding_lacks_are_refused():
-    with pytest.raises(ValueError, match="expected an nn.Embedding without max_norm"):
-        stn_kernels.convert(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), num_hparams=H)
+def test_hparams_rejects_a_lam_that_is_not_a_tensor():
     with pytest.raises(TypeError, match=r"lam: expected a torch.Tensor of shape \[B, H\] or \[H\], got list"):
         with stn_kernels.hparams([1.0]):
             pass
+
+
+class _Tied(nn.Module):
+    """An embedding, an LSTM and a decoder tied to the embedding, plus a shared linear under two names."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(4, 4)
+        self.embed, self.lstm, self.decoder = nn.Embedding(7, 4), nn.LSTM(4, 4), nn.Linear(4, 7)
+        self.first, self.second, self.head = shared, shared, nn.Sequential(nn.Conv2d(2, 3, 1), nn.Linear(3, 3))
+
+
+def test_exclude_by_name_and_by_type_leaves_them_quietly_and_reports_them():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded modules give no warning
+        model, report = stn_kernels.convert(_Tied(), num_hparams=H, exclude=("decoder", nn.Embedding), report=True)
+        assert stn_kernels.convert(_Tied(), num_hparams=H, exclude=("decoder", nn.Embedding)) is not None
+    assert type(model.embed) is nn.Embedding and type(model.decoder) is nn.Linear
+    assert type(model.lstm) is TorchLayoutHyperLSTM and type(model.first) is stn_kernels.HyperLinear
+    assert report.left == [("embed", "Embedding", "excluded (by type Embedding)"),
+                           ("decoder", "Linear", "excluded (by name 'decoder')")]
+    # A shared module excluded by either of its names is left under both (it stays shared); a type matches its
+    # subclasses (isinstance: nn.Conv2d is a _ConvNd); a single name or type is one, not an iterable of letters.
+    model, report = stn_kernels.convert(_Tied(), num_hparams=H, exclude=["second", nn.modules.conv._ConvNd],
+                                        report=True)
+    assert model.first is model.second and type(model.first) is nn.Linear
+    assert ("head.0", "Conv2d", "excluded (by type _ConvNd)") in report.left
+    assert type(model.head[1]) is stn_kernels.HyperLinear
+    assert [name for name, _, _ in report.left] == ["first", "second", "head.0"]
+    for single, left in (("decoder", "decoder"), (nn.LSTM, "lstm"), (_Tied, "_Tied")):
+        model, report = stn_kernels.convert(_Tied(), num_hparams=H, exclude=single, report=True)
+        assert [name for name, _, _ in report.left] == [left]
+    assert type(model) is _Tied and report.converted == []  # the model itself excluded by its type
+    assert stn_kernels.convert(_Tied(), num_hparams=H, exclude=None, report=True)[1].left == []
+
+
+@pytest.mark.parametrize("exclude, message", [
+    (3, r"expected a module name \(str\), an nn.Module subclass or an iterable of them, got 3 \(int\)"),
+    (nn.Linear(2, 2), r"expected a module name .* got a Linear instance \(exclude it by its name"),
+    (["lstm", nn.Linear(2, 2)], r"expected module names \(str\) or nn.Module subclasses, got a Linear instance"),
+    ([int], r"expected module names \(str\) or nn.Module subclasses, got the class int, not an nn.Module"),
+    ([None], r"expected module names \(str\) or nn.Module subclasses, got None \(NoneType\)"),
+])
+def test_exclude_of_anything_but_names_and_module_types_is_refused(exclude, message):
+    with pytest.raises(TypeError, match="exclude: " + message):
+        stn_kernels.convert(_Tied(), num_hparams=H, exclude=exclude)
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+def _unconvertible():
+    """Plain layers no Hyper layer can stand in for, by name, with the reason convert gives."""
+    hooked = nn.Linear(3, 4)
+    hooked.register_forward_hook(lambda module, args, out: 2 * out)
+    extra = nn.Linear(3, 4)
+    extra.scale = nn.Parameter(torch.ones(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated, still used
+        old_norm = torch.nn.utils.weight_norm(nn.Linear(3, 4))
+    return {
+        "max_norm": (nn.Embedding(5, 3, max_norm=1.0), "HyperEmbedding has no max_norm=1.0"),
+        "sparse": (nn.Embedding(5, 3, sparse=True, scale_grad_by_freq=True),
+                   "HyperEmbedding has no scale_grad_by_freq=True, sparse=True"),
+        "bi": (nn.LSTM(3, 4, bidirectional=True), "HyperLSTM has no bidirectional=True"),
+        "lazy": (nn.LazyLinear(4), "an uninitialised lazy module: run one forward before convert"),
+        # bias=False: no Parameter of its own left (the weight's is under parametrizations), reported all the same
+        "parametrized": (torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4, bias=False)),
+                         "parametrized ['weight'] (torch.nn.utils.parametrize), which the Hyper layer would drop"),
+        "subclass": (_MyLinear(3, 4), "a subclass of nn.Linear, whose forward may differ"),
+        "attention_out": (nn.MultiheadAttention(4, 2).out_proj, "a subclass of nn.Linear, whose forward may differ"),
+        "hooked": (hooked, "has forward hooks, which the Hyper layer would not run"),
+        "old_norm": (old_norm, "has forward pre hooks, which the Hyper layer would not run"),
+        "extra": (extra, "has the Parameters ['weight', 'bias', 'scale'], not nn.Linear's ['weight', 'bias']"),
+        "complex": (nn.Conv2d(2, 2, 1, dtype=torch.complex64),
+                    "torch.complex64 weights (the Hyper layers take floating-point ones)"),
+    }
+
+
+def test_plain_layers_no_hyper_layer_can_stand_in_for_are_left_and_reported_in_a_model_refused_alone():
+    cases = _unconvertible()
+    # Options the Hyper layers do take, converted with the function unchanged.
+    conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False, padding_mode="circular", dtype=D64)
+    embed = nn.Embedding(5, 3, padding_idx=2, dtype=D64)
+    model = nn.ModuleDict({name: module for name, (module, _) in cases.items()} | {"conv": conv, "embed": embed})
+    x, tokens = torch.randn(2, 4, 5, 7, dtype=D64), torch.tensor([[0, 2, 4]])
+    expected = conv(x), embed(tokens)
+    with pytest.warns(UserWarning) as warned:
+        out = stn_kernels.convert(model, num_hparams=H)
+    assert out is model and type(model["conv"]) is stn_kernels.HyperConv2d
+    assert type(model["embed"]) is stn_kernels.HyperEmbedding
+    with stn_kernels.hparams(torch.randn(H, dtype=D64)):  # V, C = 0: the function is the plain layers'
+        torch.testing.assert_close((model["conv"](x), model["embed"](tokens)), expected, rtol=1e-13, atol=1e-13)
+    for name, (module, _) in cases.items():
+        assert model[name] is module, name  # left as it was, children included
+    # One warning, listing each with its reason.
+    assert len(warned) == 1
+    assert str(warned[0].message).startswith(f"stn_kernels.convert left {len(cases)} module(s) with parameters")
+    for name, (module, why) in cases.items():
+        assert f"{name} ({type(module).__name__}: {why})" in str(warned[0].message)
+    # The same with report=True, and without num_hparams each says the same (num_hparams would not help).
+    for hparams in (H, None):
+        _, report = stn_kernels.convert(nn.ModuleDict({name: m for name, (m, _) in cases.items()}),
+                                        num_hparams=hparams, report=True)
+        assert report.left == [(name, type(m).__name__, why) for name, (m, why) in cases.items()]
+    # Converting one of them itself is an error naming it.
+    for name, (module, why) in cases.items():
+        with pytest.raises(ValueError, match=rf"model: expected an nn.\w+ a Hyper layer can stand in for, got "
+                                             rf"{type(module).__name__}: {re.escape(why)}"):
+            stn_kernels.convert(module, num_hparams=H)
+
+
+def test_a_model_with_parameters_of_its_own_and_no_hyper_form_is_reported_and_warned_about():
+    gru = nn.GRU(3, 4)
+    assert stn_kernels.convert(gru, num_hparams=H, report=True)[1].left == [
+        ("GRU", "GRU", "no hyper form in stn_kernels")]
+    with pytest.warns(UserWarning, match=r"left 1 module\(s\) with parameters as they were: GRU \(GRU: no hyper"):
+        assert stn_kernels.convert(gru, num_hparams=H) is gru
+    with pytest.warns(UserWarning, match=r"Linear \(Linear: plain layers are converted only with num_hparams\)"):
+        stn_kernels.convert(nn.Linear(2, 3))

@@ -6,6 +6,7 @@ are built before ``convert``, as the published scripts build theirs, and keep tr
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,7 +75,8 @@ def test_official_cnn_training_with_elem_scalar_follows_the_published_trajectory
         state.optimizers = (torch.optim.SGD(state.cnn.parameters(), lr=0.05, momentum=0.9),
                             torch.optim.Adam([state.htensor], lr=0.05), torch.optim.Adam([state.hscale], lr=0.05))
     scalars = [conv.elem_scalar for conv in converted.cnn.convs]
-    stn_kernels.convert(converted.cnn)
+    with pytest.warns(UserWarning, match=r"fc \(Linear: plain layers are converted only with num_hparams\)"):
+        stn_kernels.convert(converted.cnn)  # the published model's plain fc stays, as published
     assert all(type(conv) is HyperConv2d and conv.elem_scalar is a for conv, a in zip(converted.cnn.convs, scalars))
     assert {id(p) for p in converted.cnn.parameters()} == {id(p) for p in _optimised(converted.optimizers[:1])}
     batches = [(torch.randn(4, 3, 8, 8, dtype=F64), torch.randint(0, 3, (4,))) for _ in range(STEPS)]
@@ -101,7 +103,8 @@ def test_official_lstm_language_model_training_follows_the_published_trajectory_
         state.optimizers = (torch.optim.SGD(state.model.parameters(), lr=1.0),
                             torch.optim.Adam([state.htensor], lr=0.05))
         state.train_hidden, state.val_hidden = state.model.init_hidden(B), state.model.init_hidden(B)
-    stn_kernels.convert(converted.model)
+    with pytest.warns(UserWarning, match=r"decoder \(Linear: plain layers are converted only with num_hparams\)"):
+        stn_kernels.convert(converted.model)  # the published model's plain decoder stays, as published
     assert type(converted.model.encoder) is TimeMajorHyperEmbedding
     assert all(type(rnn) is HyperLSTMCell for rnn in converted.model.rnns)
     assert converted.model.decoder.weight is converted.model.encoder.weight
