@@ -157,7 +157,7 @@ def cuda_extensions():
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     cxx = ["-O3", "-g0"]  # no debug info: Python's own -g makes the torch headers slower to compile
     wheel_include = _nvidia_wheel_include(torch)
@@ -172,14 +172,29 @@ def cuda_extensions():
             ("TORCH_CUDA_VERSION_STRING", f'"{torch.version.cuda}"'),
         ],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+    return [ext], {"build_ext": build_ext_class()}
+
+
+def build_ext_class():
+    """torch's BuildExtension, where an extension marked ``optional`` that fails to build (no compiler, a compiler
+    error: torch's ninja build raises RuntimeError, which setuptools' own ``optional`` handling does not catch)
+    is reported and left out instead of failing the install."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class OptionalBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any build failure of an optional extension
+                if not getattr(ext, "optional", False):
+                    raise
+                print(f"stn_kernels: the optional extension {ext.name} was not built ({type(exc).__name__}: {exc}); "
+                      "the Python path is used instead")
+
+    return OptionalBuildExtension.with_options(no_python_abi_suffix=True)
 
 
 if __name__ == "__main__":
-    ext_modules, cmdclass = cuda_extensions()
+    ext_modules, _ = cuda_extensions()
     ext_modules = host_extensions() + ext_modules
-    if ext_modules and not cmdclass:
-        from torch.utils.cpp_extension import BuildExtension
-
-        cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext_class()} if ext_modules else {})

@@ -51,7 +51,9 @@ A plain layer no Hyper layer can stand in for (a bidirectional ``nn.LSTM``, an `
 subclass, a parametrized or hooked layer, ...: see :func:`convert`) is left as it is and reported with the reason,
 the rest of the model converted; converting such a layer on its own (``convert(layer, num_hparams=H)``) raises
 ValueError. ``exclude=`` leaves modules by name or type on purpose. Without ``report=True``, one UserWarning lists
-the modules with parameters left for any other reason: nothing is skipped without a word.
+the layers of a kind convert takes that it could not take, and every module left when nothing at all was
+converted: nothing is skipped without a word (a BatchNorm, or a published model's plain decoder next to
+converted layers, is only in the report).
 """
 
 from __future__ import annotations
@@ -531,12 +533,18 @@ def _plain_lacks(module: nn.Module, base: type) -> Optional[str]:
     return None
 
 
+# Why a module is left when it is nothing convert takes: reported, never warned about (a BatchNorm, the plain
+# decoder of a published model converted without num_hparams).
+NO_HYPER_FORM = "no hyper form in stn_kernels"
+NEEDS_NUM_HPARAMS = "plain layers are converted only with num_hparams"
+
+
 def _why_left(module: nn.Module, num_hparams: Optional[int]) -> str:
     base = _plain_base(module)
     if base is None:
-        return "no hyper form in stn_kernels"
+        return NO_HYPER_FORM
     # A plain layer no Hyper layer can stand in for says why, also without num_hparams (giving it would not help).
-    return _plain_lacks(module, base) or "plain layers are converted only with num_hparams"
+    return _plain_lacks(module, base) or NEEDS_NUM_HPARAMS
 
 
 def _describe(item) -> str:
@@ -589,8 +597,8 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
 
     With ``report=True`` it returns ``(model, ConvertReport)``: what was converted, and which modules with
     parameters were left, and why (excluded by name or type; a plain layer without num_hparams; one no Hyper layer
-    can stand in for; no hyper form). With ``report=False``, modules with parameters left for any reason but
-    ``exclude`` give one UserWarning listing them, so that nothing is skipped without a word.
+    can stand in for; no hyper form). With ``report=False``, one UserWarning lists the plain layers no Hyper layer
+    can stand in for, and every module left (but excluded ones) when nothing was converted.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -668,9 +676,16 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
     result = model if top is None else top
     if report:
         return result, done
-    unasked = [f"{name} ({kind}: {why})" for name, kind, why in done.left if not why.startswith(_EXCLUDED)]
+    # Warned about, so that nothing is skipped silently: the layers of a kind convert takes that it could not take
+    # (an nn.Embedding with max_norm, a bidirectional nn.LSTM, a hooked or parametrized layer, ...), and every
+    # module left when convert changed nothing at all. Not: a BatchNorm or a published model's plain decoder
+    # next to converted layers (the report lists them).
+    left = [(name, kind, why) for name, kind, why in done.left if not why.startswith(_EXCLUDED)]
+    unasked = [f"{name} ({kind}: {why})" for name, kind, why in left
+               if not done.converted or why not in (NO_HYPER_FORM, NEEDS_NUM_HPARAMS)]
     if unasked:
-        warnings.warn(f"stn_kernels.convert left {len(unasked)} module(s) with parameters as they were: "
+        what = "converted nothing and left" if not done.converted else "left"
+        warnings.warn(f"stn_kernels.convert {what} {len(unasked)} module(s) with parameters as they were: "
                       f"{'; '.join(unasked)}. Leave modules on purpose with exclude= (names or types), or pass "
                       f"report=True to get this list in a ConvertReport instead of this warning",
                       UserWarning, stacklevel=2)

@@ -18,6 +18,7 @@ batch) or None (the elementary path only).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import pytest
@@ -362,6 +363,14 @@ def hl_deterministic_runs(kernels, inputs, g, runs: int = 2) -> list:
 def nan_empty(shape, dtype, device, memory_format=torch.contiguous_format) -> Tensor:
     """A buffer full of NaN: any part a kernel leaves unwritten shows in its result."""
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def no_warnings() -> Iterator[None]:
+    """Any warning inside the block fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 @contextlib.contextmanager

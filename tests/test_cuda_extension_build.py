@@ -45,13 +45,15 @@ def _load_setup():
 
 
 def test_setup_skips_the_build_when_disabled():
-    """`python setup.py` with STN_KERNELS_BUILD_CUDA=0 decides not to build (and imports no torch)."""
-    env = {**os.environ, "STN_KERNELS_BUILD_CUDA": "0"}
+    """`python setup.py` with STN_KERNELS_BUILD_CUDA=0 and STN_KERNELS_BUILD_HOST=0 decides not to build either
+    extension (and imports no torch)."""
+    env = {**os.environ, "STN_KERNELS_BUILD_CUDA": "0", "STN_KERNELS_BUILD_HOST": "0"}
     code = ("import runpy, sys; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__'); "
             "print('torch imported:', 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "not building the CUDA extension (STN_KERNELS_BUILD_CUDA=0)" in proc.stdout
+    assert "not building the host extension (STN_KERNELS_BUILD_HOST=0)" in proc.stdout
     assert "torch imported: False" in proc.stdout
 
 

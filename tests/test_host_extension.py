@@ -293,3 +293,19 @@ def test_build_decision():
     assert build and torch.__version__ in reason
     assert build_script.host_sources() and all(s.endswith(".cpp") for s in build_script.host_sources())
 
+
+
+def test_a_failed_build_does_not_fail_the_install(tmp_path):
+    """A compiler error in csrc/host/ is reported and the extension left out (the Python path then runs)."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "csrc" / "host").mkdir(parents=True)
+    (tmp_path / "csrc" / "host" / "broken.cpp").write_text("#error broken on purpose\n")
+    (tmp_path / "stn_kernels").mkdir()
+    (tmp_path / "stn_kernels" / "__init__.py").write_text("")
+    (tmp_path / "setup.py").write_text((root / "setup.py").read_text())
+    env = dict(os.environ, STN_KERNELS_BUILD_CUDA="0")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the optional extension stn_kernels._host was not built" in proc.stdout
+    assert not list((tmp_path / "stn_kernels").glob("_host*"))
