@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_kernels
+from stn_kernels.backends import host
 
 from .report import machine_info
 
@@ -315,6 +316,10 @@ def run(gpu: bool = False, threads: int = 1, quick: bool = False, out: Optional[
     finally:
         torch.set_num_threads(threads_before)
     backend = "triton" if gpu else "auto (reference)"
+    if not gpu:  # the reference's ops issued from C++ (stn_kernels/backends/host.py), or why not
+        used = host.host_ops(device, torch.float32, torch.float32) is not None
+        backend += (", compiled host path" if used else
+                    f", Python path (host extension: {host.HOST.load_error() or 'off: STN_KERNELS_HOST=0'})")
     lines = (["# stn_kernels host overhead", ""] + [f"- {line}" for line in info]
              + [f"- run: device {device}, {threads} thread(s), ours on backend {backend}, float32, {rounds} "
                 f"interleaved rounds (median per-call µs; ratio: median of the per-round ratios)"
