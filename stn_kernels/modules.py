@@ -101,11 +101,18 @@ def _checked_with_host(check: Callable[..., Optional[tuple]], *args) -> Optional
 
 
 class _ParamChecksCache(nn.Module):
-    """Drops the cache of :func:`_cached` when ``_apply`` changes the parameters in place."""
+    """Drops the cache of :func:`_cached` when ``_apply`` changes the parameters in place, and leaves it out of
+    pickles and deep copies (``torch.save(model)``, ``copy.deepcopy``): it is keyed on the identity of these
+    parameters and may hold the compiled host module, neither of which a copy can use."""
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_param_cache", None)
         return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_param_cache", None)
+        return state
 
 
 def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -309,3 +309,32 @@ def test_a_failed_build_does_not_fail_the_install(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "the optional extension stn_kernels._host was not built" in proc.stdout
     assert not list((tmp_path / "stn_kernels").glob("_host*"))
+
+
+def _module_cases():
+    torch.manual_seed(3)
+    lam = torch.randn(3, 2)
+    return [
+        ("linear", stn_kernels.HyperLinear(4, 5, num_hparams=2), (torch.randn(3, 4), lam)),
+        ("conv2d", stn_kernels.HyperConv2d(2, 3, 3, padding=1, num_hparams=2), (torch.randn(3, 2, 5, 5), lam)),
+        ("embedding", stn_kernels.HyperEmbedding(7, 4, num_hparams=2), (torch.randint(0, 7, (3, 2)), lam)),
+        ("lstm_cell", stn_kernels.HyperLSTMCell(4, 5, num_hparams=2), (torch.randn(1, 3, 4), None, lam)),
+        ("lstm", stn_kernels.HyperLSTM(4, 5, 2, num_hparams=2), (torch.randn(2, 3, 4), None, lam)),
+    ]
+
+
+@pytest.mark.parametrize("name, module, args", _module_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_modules_copy_and_pickle_after_a_call(name, module, args, tmp_path):
+    """The per-module cache of the parameter checks (which may hold the compiled host module) is left out of deep
+    copies and pickles: copy.deepcopy and torch.save of a model that has run work, and the copies compute the same."""
+    import copy
+
+    first = module(*args)
+    first = first[0] if isinstance(first, tuple) else first
+    copied = copy.deepcopy(module)
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (copied, loaded):
+        out = other(*args)
+        _same((out[0] if isinstance(out, tuple) else out), first, name)
+        assert all(p is not q for p, q in zip(other.parameters(), module.parameters()))
