@@ -146,15 +146,12 @@ def cuda_extensions():
     build, reason = cuda_build_decision()
     if not build:
         print(f"stn_kernels: not building the CUDA extension ({reason})")
-        return [], {}
+        return []
     print(f"stn_kernels: building the CUDA extension stn_kernels._C ({reason})")
     home = find_cuda_home()
     if home and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = home  # read when torch.utils.cpp_extension is imported
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    bindir = os.path.dirname(sys.executable)  # ninja installed in this environment, not yet on the PATH
-    if os.path.exists(os.path.join(bindir, "ninja")):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     import torch
     from torch.utils.cpp_extension import CUDAExtension
@@ -172,7 +169,7 @@ def cuda_extensions():
             ("TORCH_CUDA_VERSION_STRING", f'"{torch.version.cuda}"'),
         ],
     )
-    return [ext], {"build_ext": build_ext_class()}
+    return [ext]
 
 
 def build_ext_class():
@@ -195,6 +192,9 @@ def build_ext_class():
 
 
 if __name__ == "__main__":
-    ext_modules, _ = cuda_extensions()
-    ext_modules = host_extensions() + ext_modules
+    bindir = os.path.dirname(sys.executable)  # ninja installed in this environment, not yet on the PATH: both
+    if os.path.exists(os.path.join(bindir, "ninja")):  # extensions build with it (parallel, incremental)
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    cuda = cuda_extensions()  # first: it sets CUDA_HOME, read when torch.utils.cpp_extension is imported
+    ext_modules = host_extensions() + cuda
     setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext_class()} if ext_modules else {})
