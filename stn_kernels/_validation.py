@@ -255,17 +255,24 @@ def check_rates(rates, x: Tensor) -> Tensor:
         raise TypeError(f"rates: expected a float or a torch.Tensor of shape [{batch}], got {type(rates).__name__}")
     if not rates.is_floating_point():
         raise TypeError(f"rates: expected a floating-point tensor, got dtype {rates.dtype}")
-    if rates.device != x.device:
-        raise ValueError(f"rates: expected device {x.device} (the device of x), got {rates.device}")
-    if rates.dim() == 0:
-        rates = rates.expand(batch)
-    elif tuple(rates.shape) != (batch,):
-        raise ValueError(f"rates: expected shape [{batch}] (one rate per example, x's first dim) or [], "
-                         f"got {tuple(rates.shape)}")
-    rates = rates.detach()
+    rates = _one_per_example(rates, "rates", "rate", x, "x", "x's").detach()
     if not torch.compiler.is_compiling():
         _require_in_range(rates, (rates >= 0) & (rates < 1), "rates", "[0, 1)")
     return rates
+
+
+def _one_per_example(value: Tensor, name: str, noun: str, data: Tensor, data_name: str, possessive: str) -> Tensor:
+    """``value`` (a tensor on ``data``'s device) as one entry per example of ``data`` [B]: a 0-d tensor
+    expanded, else exactly [B]; a ValueError naming ``name`` otherwise (check_rates, check_strength)."""
+    batch = data.shape[0]
+    if value.device != data.device:
+        raise ValueError(f"{name}: expected device {data.device} (the device of {data_name}), got {value.device}")
+    if value.dim() == 0:
+        return value.expand(batch)
+    if tuple(value.shape) != (batch,):
+        raise ValueError(f"{name}: expected shape [{batch}] (one {noun} per example, {possessive} first dim) or [], "
+                         f"got {tuple(value.shape)}")
+    return value
 
 
 def _require_in_range(values: Tensor, in_range: Tensor, name: str, expected: str) -> None:
@@ -338,14 +345,7 @@ def check_strength(value, name: str, images: Tensor, low: float, high: float) ->
         raise TypeError(f"{name}: expected a number or a torch.Tensor of shape [{batch}], got {type(value).__name__}")
     if value.dtype == torch.bool or value.is_complex():
         raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
-    if value.device != images.device:
-        raise ValueError(f"{name}: expected device {images.device} (the device of images), got {value.device}")
-    if value.dim() == 0:
-        value = value.expand(batch)
-    elif tuple(value.shape) != (batch,):
-        raise ValueError(f"{name}: expected shape [{batch}] (one value per example, images' first dim) or [], "
-                         f"got {tuple(value.shape)}")
-    value = value.detach().to(torch.float32)
+    value = _one_per_example(value, name, "value", images, "images", "images'").detach().to(torch.float32)
     if not torch.compiler.is_compiling():
         _require_in_range(value, (value >= low) & (value <= high), name, f"[{low}, {high}]")
     return value
