@@ -25,8 +25,6 @@ from stn_kernels.backends import extension, host
 
 from _naive import assert_close_rel, naive_hyper_embedding, naive_hyper_linear, randomize_module_
 
-HOST_OFF = {"STN_KERNELS_HOST": "0"}
-
 
 def _host_expected() -> bool:
     return os.environ.get("STN_KERNELS_BUILD_HOST", "").strip() != "0"
@@ -40,23 +38,20 @@ def built():
         pytest.skip("STN_KERNELS_BUILD_HOST=0: the host extension is not built")
 
 
-def _run(module, args, grads_of, g, env=None):
-    """(output, gradients of ``grads_of``) of ``module(*args)`` with g as the output gradient, in a fresh copy of
-    the module's parameter checks (the host path is decided when they are cached)."""
+def _use_host(monkeypatch, module, on: bool) -> None:
+    """The compiled host path on or off (STN_KERNELS_HOST) for ``module``'s next call: its cached parameter
+    checks, where that is decided, are dropped."""
+    monkeypatch.setenv("STN_KERNELS_HOST", "1" if on else "0")
     module.__dict__.pop("_param_cache", None)
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        out = module(*args)
-        first = out[0] if isinstance(out, tuple) else out
-        grads = torch.autograd.grad(first, grads_of, g, allow_unused=True) if first.requires_grad else ()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        module.__dict__.pop("_param_cache", None)
+
+
+def _run(module, args, grads_of, g, monkeypatch, host=True):
+    """(output, gradients of ``grads_of``) of ``module(*args)`` with g as the output gradient, the host path on
+    or off."""
+    _use_host(monkeypatch, module, host)
+    out = module(*args)
+    first = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(first, grads_of, g, allow_unused=True) if first.requires_grad else ()
     return out, grads
 
 
@@ -92,15 +87,15 @@ LINEAR_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", LINEAR_CASES)
-def test_hyper_linear_equals_python_path_and_naive(dtype, case):
+def test_hyper_linear_equals_python_path_and_naive(dtype, case, monkeypatch):
     m, x, hp = _linear_case(dtype, **case)
     inputs = [t for t in (x, hp, *m.parameters()) if t is not None]
     wanted = [t for t in inputs if t.requires_grad]
     g = torch.randn(x.shape[0], m.out_features, dtype=dtype)
-    out, grads = _run(m, (x, hp), wanted, g)
+    out, grads = _run(m, (x, hp), wanted, g, monkeypatch)
     if hp is not None and wanted:
         assert type(out.grad_fn).__name__ == "CppFunction"  # the host path ran
-    ref, ref_grads = _run(m, (x, hp), wanted, g, HOST_OFF)
+    ref, ref_grads = _run(m, (x, hp), wanted, g, monkeypatch, host=False)
     _same(out, ref, "out")
     for a, b, t in zip(grads, ref_grads, wanted):
         _same(a, b, f"grad {tuple(t.shape)}")
@@ -121,24 +116,19 @@ def test_hyper_linear_equals_python_path_and_naive(dtype, case):
                 assert_close_rel(a, e, dtype, "grad")
 
 
-def test_hyper_linear_non_contiguous_input_and_expanded_grad():
+def test_hyper_linear_non_contiguous_input_and_expanded_grad(monkeypatch):
     m, x, hp = _linear_case(torch.float64, M=6, K=9)
     xt = torch.randn(9, 6, dtype=torch.float64).t().requires_grad_()   # transposed layout
     hps = torch.randn(6, 6, dtype=torch.float64)[:, ::2].requires_grad_()  # strided λ
     out = m(xt, hps)
     assert type(out.grad_fn).__name__ == "CppFunction"
     out.sum().backward()  # an expanded (stride 0) output gradient
-    m.__dict__.pop("_param_cache", None)
-    os.environ["STN_KERNELS_HOST"] = "0"
-    try:
-        grads = [t.grad.clone() for t in (xt, hps, *m.parameters())]
-        for t in (xt, hps, *m.parameters()):
-            t.grad = None
-        ref = m(xt, hps)
-        ref.sum().backward()
-    finally:
-        del os.environ["STN_KERNELS_HOST"]
-        m.__dict__.pop("_param_cache", None)
+    grads = [t.grad.clone() for t in (xt, hps, *m.parameters())]
+    for t in (xt, hps, *m.parameters()):
+        t.grad = None
+    _use_host(monkeypatch, m, False)
+    ref = m(xt, hps)
+    ref.sum().backward()
     _same(out, ref, "out")
     for a, t in zip(grads, (xt, hps, *m.parameters())):
         _same(a, t.grad, "grad")
@@ -179,7 +169,7 @@ def test_hyper_linear_in_place_change_of_a_saved_input_raises():
 
 @pytest.mark.parametrize("batch_dim, shape", [(0, (4, 5)), (1, (5, 4)), (0, (4,)), (0, (4, 2, 3))])
 @pytest.mark.parametrize("lam", [True, False])
-def test_hyper_embedding_equals_python_path_and_naive(batch_dim, shape, lam):
+def test_hyper_embedding_equals_python_path_and_naive(batch_dim, shape, lam, monkeypatch):
     torch.manual_seed(1)
     m = randomize_module_(stn_kernels.HyperEmbedding(17, 6, num_hparams=3, dtype=torch.float64))
     idx = torch.randint(0, 17, shape)
@@ -187,8 +177,8 @@ def test_hyper_embedding_equals_python_path_and_naive(batch_dim, shape, lam):
     hp = torch.randn(B, 3, dtype=torch.float64, requires_grad=True) if lam else None
     wanted = [t for t in (hp, *m.parameters()) if t is not None]
     g = torch.randn(*shape, 6, dtype=torch.float64)
-    out, grads = _run(m, (idx, hp, batch_dim), wanted, g)
-    ref, ref_grads = _run(m, (idx, hp, batch_dim), wanted, g, HOST_OFF)
+    out, grads = _run(m, (idx, hp, batch_dim), wanted, g, monkeypatch)
+    ref, ref_grads = _run(m, (idx, hp, batch_dim), wanted, g, monkeypatch, host=False)
     _same(out, ref, "out")
     for a, b in zip(grads, ref_grads):
         _same(a, b, "grad")
@@ -206,7 +196,7 @@ def test_hyper_embedding_out_of_range_index_still_names_it():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lam", [True, False])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_hyper_lstm_cell_step_equals_python_path(bias, lam, batch_first):
+def test_hyper_lstm_cell_step_equals_python_path(bias, lam, batch_first, monkeypatch):
     torch.manual_seed(2)
     cell = randomize_module_(stn_kernels.HyperLSTMCell(5, 4, bias, batch_first=batch_first, num_hparams=3,
                                                        dtype=torch.float64))
@@ -218,15 +208,15 @@ def test_hyper_lstm_cell_step_equals_python_path(bias, lam, batch_first):
         x = x.detach().transpose(0, 1).contiguous().requires_grad_()
     wanted = [t for t in (x, h0, c0, hp, *cell.parameters()) if t is not None]
     g = torch.randn(x.shape, dtype=torch.float64)[..., :4].contiguous()
-    out, grads = _run(cell, (x, (h0, c0), hp), wanted, g)
-    ref, ref_grads = _run(cell, (x, (h0, c0), hp), wanted, g, HOST_OFF)
+    out, grads = _run(cell, (x, (h0, c0), hp), wanted, g, monkeypatch)
+    ref, ref_grads = _run(cell, (x, (h0, c0), hp), wanted, g, monkeypatch, host=False)
     _same(out[0], ref[0], "out")
     _same(out[1][1], ref[1][1], "c")
     for a, b in zip(grads, ref_grads):
         _same(a, b, "grad")
     with torch.no_grad():  # no_grad: addcmul where autograd records a product and a sum; the same numbers
-        plain, _ = _run(cell, (x, (h0, c0), hp), wanted, g)
-        plain_ref, _ = _run(cell, (x, (h0, c0), hp), wanted, g, HOST_OFF)
+        plain, _ = _run(cell, (x, (h0, c0), hp), wanted, g, monkeypatch)
+        plain_ref, _ = _run(cell, (x, (h0, c0), hp), wanted, g, monkeypatch, host=False)
     _same(plain[0], plain_ref[0], "no_grad out")
     assert_close_rel(plain[0], out[0], torch.float64)
 
@@ -236,11 +226,9 @@ def test_hyper_lstm_cell_step_equals_python_path(bias, lam, batch_first):
 def test_used_only_where_it_can_run(monkeypatch):
     m, x, hp = _linear_case(torch.float32)
     assert type(m(x, hp).grad_fn).__name__ == "CppFunction"
-    m.__dict__.pop("_param_cache", None)
-    monkeypatch.setenv("STN_KERNELS_HOST", "0")
+    _use_host(monkeypatch, m, False)
     assert type(m(x, hp).grad_fn).__name__ != "CppFunction"
-    monkeypatch.delenv("STN_KERNELS_HOST")
-    m.__dict__.pop("_param_cache", None)
+    _use_host(monkeypatch, m, True)
     # half inputs (float32 λ), and a module converted to float64 afterwards (the cache is reset by .to())
     half = randomize_module_(stn_kernels.HyperLinear(13, 11, num_hparams=3)).to(torch.bfloat16)
     assert type(half(x.to(torch.bfloat16), hp.to(torch.bfloat16)).grad_fn).__name__ != "CppFunction"
