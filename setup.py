@@ -237,7 +237,7 @@ def build_ext_class():
                     if not all(getattr(ext, "optional", False) for ext in failed):
                         raise
                     for ext in failed:
-                        self._leave_out(ext, exc)
+                        self._leave_out(ext, exc, "torch's check of the compilers, before any build, failed: ")
                     self.extensions = [ext for ext in self.extensions if ext not in failed]
 
         def build_extension(self, ext):
@@ -249,9 +249,9 @@ def build_ext_class():
                     raise
                 self._leave_out(ext, exc)
 
-        def _leave_out(self, ext, exc: BaseException) -> None:
+        def _leave_out(self, ext, exc: BaseException, where: str = "") -> None:
             self._left_out.append(ext)
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            reason = where + " ".join(f"{type(exc).__name__}: {exc}".split())
             tell_user(f"stn_kernels: the optional extension {ext.name} was not built ({reason}); "
                       f"{WITHOUT.get(ext.name, 'it is left out')}. The install goes on without it; "
                       "`pip install -v --no-build-isolation .` shows the compiler's output.")
