@@ -172,8 +172,8 @@ def show_config() -> str:
     :func:`stn_kernels.backends.resolve_backend` for the request in force, and for ``"auto"`` when another
     is requested.
 
-    Calling it loads the compiled extensions that are built (``import stn_kernels`` never does) and asks torch
-    for its CUDA devices. Returns a str.
+    Calling it loads the compiled extensions that are built (``import stn_kernels`` never does), asks torch for
+    its CUDA devices, and where there is one imports triton (to resolve the backends on it). Returns a str.
     """
     cuda_ok, cuda_line = _cuda_devices()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda_ok else [])
