@@ -2,9 +2,13 @@
 
 * ``stn_kernels._host`` (csrc/host/): the modules' eager calls on CPU tensors issued from C++ (the reference's
   ATen ops with a C++ autograd Function; less host time per call). Built wherever torch is installed, never
-  when STN_KERNELS_BUILD_HOST=0; a failed build is a warning, not an error (the Python path is used instead).
-  :func:`host_build_decision` makes that choice.
+  when STN_KERNELS_BUILD_HOST=0. :func:`host_build_decision` makes that choice.
 * ``stn_kernels._C`` (csrc/*.cpp, csrc/*.cu): the CUDA kernels of the ``cuda`` backend, as follows.
+
+A build of either that fails (no compiler, a compiler that fails, a compiler error, an nvcc that does not match
+torch's CUDA) is reported and left out, and the install goes on (:func:`build_ext_class`); only with FORCE_CUDA=1
+does a failed CUDA build fail the install. pip shows a successful build's output only with ``-v``, so the report
+is also written to the terminal (:func:`tell_user`).
 
 It is built when csrc/ has sources and a CUDA toolkit (nvcc) plus a CUDA build of torch
 are present, or when FORCE_CUDA=1; never when STN_KERNELS_BUILD_CUDA=0. On a machine
@@ -14,7 +18,7 @@ choice (importable: ``setup()`` runs only when this file is executed).
 Knobs (environment variables):
 
 * ``STN_KERNELS_BUILD_CUDA=0``: never build the extension.
-* ``FORCE_CUDA=1``: build it even where torch or the toolkit are not detected.
+* ``FORCE_CUDA=1``: build it even where torch or the toolkit are not detected; a failed build then fails the install.
 * ``CUDA_HOME`` / ``CUDA_PATH``: the toolkit folder. When unset, it is found from the nvcc on
   the PATH, following symlinks and wrapper scripts that ``exec`` the toolkit's own nvcc.
 * ``TORCH_CUDA_ARCH_LIST``: target GPUs; default ``8.0;9.0+PTX`` (sm_80, sm_90 and PTX for
@@ -32,6 +36,11 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# What the user loses when an optional extension is left out (the report of a failed build says it).
+WITHOUT = {
+    "stn_kernels._host": "the modules take their Python path instead (same numbers, more host time per call)",
+    "stn_kernels._C": "the 'cuda' backend is unavailable (the 'reference' and 'triton' backends still work)",
+}
 
 
 def cuda_sources(root: str = HERE) -> list:
@@ -168,25 +177,92 @@ def cuda_extensions():
             ("TORCH_VERSION_STRING", f'"{torch.__version__.split("+")[0]}"'),
             ("TORCH_CUDA_VERSION_STRING", f'"{torch.version.cuda}"'),
         ],
+        # a failed build leaves the 'cuda' backend out, not a failed install; unless it was asked for by name
+        optional=os.environ.get("FORCE_CUDA", "").strip() != "1",
     )
     return [ext]
 
 
+def tell_user(message: str) -> None:
+    """``message`` in the build's output, and on the terminal where the output is captured: pip shows a
+    successful build's output only with ``-v``, but the build runs in the user's terminal session."""
+    print(message, flush=True)
+    if sys.stdout.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:  # no terminal (CI, a detached session): the build log has it
+            tty.write(f"\n{message}\n")
+    except OSError:
+        pass
+
+
+def _has_cuda_sources(ext) -> bool:
+    return any(source.endswith(".cu") for source in ext.sources)
+
+
 def build_ext_class():
-    """torch's BuildExtension, where an extension marked ``optional`` that fails to build (no compiler, a compiler
-    error: torch's ninja build raises RuntimeError, which setuptools' own ``optional`` handling does not catch)
-    is reported and left out instead of failing the install."""
+    """torch's BuildExtension, where an extension marked ``optional`` that fails to build is reported and left
+    out instead of failing the install:
+
+    * its compiler fails on its sources (torch's ninja build raises RuntimeError, which setuptools' own
+      ``optional`` handling does not catch), or there is no compiler;
+    * torch's checks before any extension is built fail: the C++ compiler (``CXX=/bin/false``: every extension
+      needs it) or nvcc against torch's CUDA (the CUDA extensions). They are checked for all extensions at once,
+      so the CUDA extensions are left out first and the others tried again.
+
+    A copy that an earlier build left in the source tree (editable installs, ``build_ext --inplace``) is removed
+    with the extension left out: it would otherwise be loaded, built from other sources."""
     from torch.utils.cpp_extension import BuildExtension
 
     class OptionalBuildExtension(BuildExtension):
+        def run(self):
+            self._left_out = []
+            inplace = self.inplace  # setuptools builds in build/ and then copies in place; it clears the flag
+            super().run()
+            if inplace:
+                for ext in self._left_out:
+                    self._remove_inplace_copy(ext)
+
+        def build_extensions(self):
+            while self.extensions:
+                self._building = False
+                try:
+                    super().build_extensions()
+                    return
+                except Exception as exc:  # noqa: BLE001 - any failure of torch's checks before the builds
+                    if self._building:
+                        raise  # a required extension's own build failed (build_extension lets it through)
+                    cuda = [ext for ext in self.extensions if _has_cuda_sources(ext)]
+                    failed = cuda if cuda and len(cuda) < len(self.extensions) else list(self.extensions)
+                    if not all(getattr(ext, "optional", False) for ext in failed):
+                        raise
+                    for ext in failed:
+                        self._leave_out(ext, exc, "torch's check of the compilers, before any build, failed: ")
+                    self.extensions = [ext for ext in self.extensions if ext not in failed]
+
         def build_extension(self, ext):
+            self._building = True
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any build failure of an optional extension
                 if not getattr(ext, "optional", False):
                     raise
-                print(f"stn_kernels: the optional extension {ext.name} was not built ({type(exc).__name__}: {exc}); "
-                      "the Python path is used instead")
+                self._leave_out(ext, exc)
+
+        def _leave_out(self, ext, exc: BaseException, where: str = "") -> None:
+            self._left_out.append(ext)
+            reason = where + " ".join(f"{type(exc).__name__}: {exc}".split())
+            tell_user(f"stn_kernels: the optional extension {ext.name} was not built ({reason}); "
+                      f"{WITHOUT.get(ext.name, 'it is left out')}. The install goes on without it; "
+                      "`pip install -v --no-build-isolation .` shows the compiler's output.")
+
+        def _remove_inplace_copy(self, ext) -> None:
+            package = ".".join(ext.name.split(".")[:-1])
+            package_dir = self.get_finalized_command("build_py").get_package_dir(package)
+            stale = os.path.join(package_dir, os.path.basename(self.get_ext_filename(ext.name)))
+            if os.path.exists(stale):
+                os.remove(stale)
+                tell_user(f"stn_kernels: removed {stale}, left by an earlier build of {ext.name}")
 
     return OptionalBuildExtension.with_options(no_python_abi_suffix=True)
 

@@ -10,6 +10,7 @@ from . import (
                          stn,
 )
 from .backends import BACKENDS, BackendUnavailableError, requested_backend, use_backend
+from .config import show_config
 from .convert import convert, revert
 from .functional import (
                          affine,
@@ -30,13 +31,13 @@ from .functional import (
 from .hparams_context import hparams
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
 from .modules_lstm import HyperLSTM, HyperLSTMCell
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "HyperConv2d", "HyperEmbedding", "HyperLSTM", "HyperLSTMCell",
     "HyperLinear", "affine", "affine_draws", "augment_draws", "augment_images", "color_jitter", "convert", "cutout",
     "hparams", "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
-    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "stn", "use_backend",
+    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "show_config", "stn",
+    "use_backend",
 ]

@@ -84,6 +84,22 @@ def test_bad_arguments_exit_with_a_message():
         main(["--shape", "1,2,3"])
 
 
+@pytest.mark.parametrize("value", ["-3", "0", "two", "1.5"])
+def test_threads_must_be_a_positive_whole_number(value, capsys):
+    """A usage error naming --threads, the range and the value (it was a raw traceback from torch for -3, and 0
+    was silently ignored)."""
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["--threads", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m stn_kernels.bench" in err
+    assert f"argument --threads: expected a whole number of threads, 1 or more, got '{value}'" in err
+
+
+def test_threads_accepts_a_count():
+    assert cli.parse_args(["--threads", "3"]).threads == 3 and cli.parse_args([]).threads is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_gpu_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as info:

@@ -23,6 +23,11 @@ REBUILD = "pip install --no-build-isolation -e ."
 _MARKER = re.compile(rb"STN_KERNELS_BUILT_FOR_TORCH=([0-9A-Za-z.+_-]+);")
 
 
+# What loading an extension found (GuardedExtension.status()).
+LOADED, NOT_BUILT, OTHER_TORCH, LOAD_FAILED = "loaded", "not built", "built for another torch", "failed to load"
+STATUSES = (LOADED, NOT_BUILT, OTHER_TORCH, LOAD_FAILED)
+
+
 def _built_for(path: str) -> Optional[str]:
     """The torch version the library at ``path`` was built against (from its marker), or None."""
     try:
@@ -38,7 +43,7 @@ def _release(version: str) -> str:
 
 
 class GuardedExtension:
-    """One optional compiled module: ``loaded()``, ``load_error()``, ``module()`` (None unless loaded).
+    """One optional compiled module: ``loaded()``, ``load_error()``, ``module()`` (None unless loaded), ``status()``.
 
     ``what``: how warnings name it; ``without``: what the user loses when it is not used; ``built_where``: where
     ``pip install`` builds it (for the "not built" reason)."""
@@ -62,7 +67,8 @@ class GuardedExtension:
         return importlib.import_module(self.name)
 
     def _mismatch(self, built_for: str, running: str, path: str) -> None:
-        self._state["error"] = f"built for torch {built_for}, running torch {running}"
+        self._state.update(status=OTHER_TORCH, built_for=built_for,
+                           error=f"built for torch {built_for}, running torch {running}")
         warnings.warn(f"stn_kernels: {self.what} ({path}) was built for torch {built_for} but torch {running} is "
                       f"running; it is not used, so {self.without}. Rebuild it with `{REBUILD}`.", RuntimeWarning,
                       stacklevel=5)
@@ -71,11 +77,12 @@ class GuardedExtension:
         state = self._state
         if "loaded" in state:
             return
-        state.update(loaded=False, error=None, module=None)
+        state.update(loaded=False, error=None, module=None, status=NOT_BUILT, path=None, built_for=None)
         path = self._find()
         if path is None:  # not built: the normal case where its compiler is missing
             state["error"] = f"not built (no {self.name}; `{REBUILD}` builds it {self.built_where})"
             return
+        state["path"] = path
         import torch
 
         running = torch.__version__
@@ -86,6 +93,7 @@ class GuardedExtension:
         try:
             module = self._import()
         except (ImportError, OSError) as exc:  # e.g. undefined symbols of another torch, or a missing library
+            state.update(status=LOAD_FAILED, built_for=built_for)
             state["error"] = (f"failed to load (built for torch {built_for or 'unknown'}, running torch {running}): "
                               f"{exc}")
             warnings.warn(f"stn_kernels: {self.what} ({path}), built for torch {built_for or 'unknown'}, could not be "
@@ -96,7 +104,7 @@ class GuardedExtension:
         if module_built_for is not None and module_built_for != _release(running):
             self._mismatch(module_built_for, running, path)
             return
-        state.update(loaded=True, path=path, module=module)
+        state.update(loaded=True, module=module, status=LOADED, built_for=module_built_for or built_for)
 
     def loaded(self) -> bool:
         self._load()
@@ -109,6 +117,13 @@ class GuardedExtension:
     def module(self):
         self._load()
         return self._state["module"]
+
+    def status(self) -> dict:
+        """What loading found (loads it first): ``status`` (one of :data:`STATUSES`), ``path`` of the library
+        file (None when not built), ``built_for`` (the torch release it was built for, when known) and ``error``
+        (why it is not used; None when loaded)."""
+        self._load()
+        return {key: self._state[key] for key in ("status", "path", "built_for", "error")}
 
 
 CUDA = GuardedExtension("stn_kernels._C", "the compiled CUDA extension",

@@ -22,12 +22,18 @@ HOST = GuardedExtension("stn_kernels._host", "the compiled host extension",
                         "wherever torch is installed (a C++ compiler is needed)")
 
 HOST_DTYPES = (torch.float32, torch.float64)
+OFF_VAR = "STN_KERNELS_HOST"
+
+
+def switched_off() -> bool:
+    """True where ``STN_KERNELS_HOST=0`` switches the host paths off (read now; a module reads it when it first
+    checks its parameters)."""
+    return os.environ.get(OFF_VAR, "").strip() == "0"
 
 
 def host_ops(device: torch.device, dtype: torch.dtype, hparams_dtype: torch.dtype):
     """The loaded ``stn_kernels._host`` module when a module's calls with parameters of this device and dtypes
     can run through it, else None."""
-    if (device.type != "cpu" or dtype not in HOST_DTYPES or hparams_dtype != dtype
-            or os.environ.get("STN_KERNELS_HOST", "").strip() == "0"):
+    if device.type != "cpu" or dtype not in HOST_DTYPES or hparams_dtype != dtype or switched_off():
         return None
     return HOST.module()

@@ -55,6 +55,14 @@ def requested_backend() -> str:
     return "auto"
 
 
+def request_source() -> str:
+    """Where the request of :func:`requested_backend` comes from: ``"use_backend"`` (an enclosing block),
+    ``"STN_KERNELS_BACKEND"`` (the environment variable) or ``"default"``."""
+    if _override_stack:
+        return "use_backend"
+    return ENV_VAR if _env_value() else "default"
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Run the ops inside the block on backend ``name``.

@@ -57,6 +57,17 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+def _thread_count(text: str) -> int:
+    """``--threads``: a whole number of threads, 1 or more (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, 1 or more, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m stn_kernels.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
@@ -79,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                     help="stop adding published+compile to new cases once its compile time exceeds this")
     ap.add_argument("--out", help="write results.csv, results.md and speedup.png into this folder")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (CPU timings)")
+    ap.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                    help="torch.set_num_threads(N) first, N >= 1 (CPU timings)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke tests)")
     ap.add_argument("--lstm", nargs="?", const="lstm-ptb", default=None, metavar="SHAPES",
                     help="the same as --layer lstm --shapes SHAPES: a comma list of lstm-ptb (B=40, T=70, 2x650, "
@@ -157,7 +169,7 @@ def main(argv=None) -> List[Row]:
     else:
         device = torch.device("cpu")
     gpu = device.type == "cuda"
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.stn_step is not None:
         return _run_stn_step(args, device)
