@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_tensor
+from .hparams_context import _check_rates
 
 __all__ = ["freeze"]
 
@@ -49,27 +50,18 @@ def check_shared_hparams(hparams, num_hparams: Optional[int], owner: str = "the 
     return hparams
 
 
-def check_fold_rates(rates) -> Dict[str, float]:
-    """``rates`` (None or a mapping from hyperparameter names to one rate each) as a dict of floats in [0, 1)."""
-    if rates is None:
-        return {}
-    if not isinstance(rates, Mapping):
-        raise TypeError(f"rates: expected None or a mapping from hyperparameter names to rates in [0, 1), got "
-                        f"{type(rates).__name__}")
+def check_fold_rates(rates, hparams: Tensor) -> Dict[str, float]:
+    """``rates`` (None or a mapping from hyperparameter names to one rate each) as a dict of floats in [0, 1): the
+    checks of ``stn_kernels.hparams(..., rates=)``, and one rate per name (no per-example rates)."""
     checked = {}
-    for name, rate in rates.items():
-        if not isinstance(name, str):
-            raise TypeError(f"rates: expected hyperparameter names (str) as keys, got {name!r} "
-                            f"({type(name).__name__})")
+    for name, rate in _check_rates(rates, hparams).items():
         if isinstance(rate, Tensor):
-            if rate.numel() != 1 or not rate.is_floating_point():
+            if rate.numel() != 1:
                 raise ValueError(f"rates[{name!r}]: expected one rate for the frozen model (a float or a "
-                                 f"one-element floating-point tensor), got {rate.dtype} of shape {tuple(rate.shape)}")
+                                 f"one-element tensor), got shape {tuple(rate.shape)}")
             rate = float(rate.detach())
-        elif isinstance(rate, bool) or not isinstance(rate, (int, float)):
-            raise TypeError(f"rates[{name!r}]: expected a rate in [0, 1) (a float), got {type(rate).__name__}")
-        if math.isnan(rate) or not 0.0 <= rate < 1.0:
-            raise ValueError(f"rates[{name!r}]: expected a rate in [0, 1), got {rate!r}")
+            if math.isnan(rate) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"rates[{name!r}]: expected a rate in [0, 1), got {rate!r}")
         checked[name] = float(rate)
     return checked
 
@@ -186,7 +178,7 @@ def freeze(model: nn.Module, hparams: Tensor, *, rates: Optional[Mapping[str, fl
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_shared_hparams(hparams, None)
-    rates = check_fold_rates(rates)
+    rates = check_fold_rates(rates, hparams)
     folded: Dict[int, nn.Module] = {}
 
     def fold(module: nn.Module, where: str) -> None:

@@ -521,16 +521,20 @@ def test_freeze_refuses_other_arguments():
     model = _small_model()
     with pytest.raises(TypeError, match="model: expected an nn.Module, got function"):
         stn_kernels.freeze(lambda x: x, torch.zeros(H))
-    with pytest.raises(TypeError, match="rates: expected None or a mapping .*got list"):
+    with pytest.raises(TypeError, match="rates: expected a mapping from hyperparameter names .*got list"):
         stn_kernels.freeze(model, torch.zeros(H), rates=[0.1])
     with pytest.raises(TypeError, match="rates: expected hyperparameter names"):
         stn_kernels.freeze(model, torch.zeros(H), rates={0: 0.1})
     with pytest.raises(ValueError, match=r"rates\['dropout'\]: expected one rate for the frozen model .*shape \(4,\)"):
         stn_kernels.freeze(model, torch.zeros(H), rates={"dropout": torch.full((4,), 0.1)})
-    with pytest.raises(ValueError, match=r"rates\['dropout'\]: expected a rate in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"rates\['dropout'\]: expected a rate in \[0, 1\)"):
         stn_kernels.freeze(model, torch.zeros(H), rates={"dropout": 1.5})
-    with pytest.raises(TypeError, match=r"rates\['dropout'\]: expected a rate in \[0, 1\) \(a float\), got str"):
+    with pytest.raises(ValueError, match=r"rates\['dropout'\]: expected a rate in \[0, 1\), got 1.5"):
+        stn_kernels.freeze(model, torch.zeros(H), rates={"dropout": torch.tensor(1.5)})
+    with pytest.raises(ValueError, match=r"rates\['dropout'\]: expected a rate in \[0, 1\)"):
         stn_kernels.freeze(model, torch.zeros(H), rates={"dropout": "0.1"})
+    with pytest.raises(TypeError, match=r"rates\['dropout'\]: expected a floating-point tensor"):
+        stn_kernels.freeze(model, torch.zeros(H), rates={"dropout": torch.tensor(0)})
     model[2].register_forward_hook(lambda *args: None)
     with pytest.raises(ValueError, match=r"the layer 2 \(HyperLinear\) has forward hooks"):
         stn_kernels.freeze(model, torch.zeros(H))
@@ -564,3 +568,17 @@ def test_freeze_passes_rates_to_every_fold_and_refuses_a_converted_module_withou
     with pytest.raises(ValueError, match=r"the layer drop \(_TunedLike\) takes λ from stn_kernels.hparams but has no "
                                          r"fold method"):
         stn_kernels.freeze(model, lam)
+
+
+@pytest.mark.gpu
+def test_freeze_on_cuda_with_lambda_on_the_cpu():
+    """A model on the GPU folds with λ given on the CPU (moved to each layer's device); the folded nn.LSTM's
+    weights are cuDNN's flattened ones."""
+    model, expected_types, (images, tokens) = _mixed()
+    model = model.cuda().eval()
+    inputs = (images.cuda(), tokens.cuda())
+    lam = _lam()
+    frozen = stn_kernels.freeze(model, lam)
+    _assert_plain(frozen, expected_types)
+    assert all(p.device.type == "cuda" for p in frozen.parameters())
+    _check_equal_at_lam(model, frozen, inputs, lam.cuda())
