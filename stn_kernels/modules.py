@@ -229,6 +229,23 @@ class _HyperLayer(_ParamChecksCache):
         _rename_published(state_dict, prefix, _DELTA_STN_NAMES, fold)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _folded(self, hparams: Tensor) -> dict:
+        """{"weight": (W', weight), "bias": (b', bias)} at the shared λ ``hparams`` [H]: W' = a·W + diag(V·λ)·W_hyper
+        and b' = a·b + (C·λ) ⊙ b_hyper along the output rows / channels (a: ``elem_scalar``, else 1), in float64
+        rounded once to the dtype of weight and bias (:mod:`stn_kernels.freeze`); for the ``fold`` methods."""
+        from .freeze import check_shared_hparams, fold_scaled, refuse_dropconnect
+
+        name = type(self).__name__
+        check_shared_hparams(hparams, self.num_hparams, f"this {name}")
+        if self.weight is None:
+            raise TypeError(f"{name}: holds only the hyper path (its weights are those of an nn.LSTM converted by "
+                            f"stn_kernels.convert): fold the whole TorchLayoutHyperLSTM")
+        refuse_dropconnect(self, (getattr(self, "weight_mask", None),), None, name)
+        weight_scale, bias_scale = self._scales()
+        scalar = self._parameters.get("elem_scalar")
+        return {"weight": (fold_scaled(self.weight, self.hyper_weight, weight_scale, hparams, 0, scalar), self.weight),
+                "bias": (fold_scaled(self.bias, self.hyper_bias, bias_scale, hparams, 0, scalar), self.bias)}
+
 
 class HyperLinear(_HyperLayer):
     """out = W·x + (V·λ) ⊙ (W_hyper·x) + b + (C·λ) ⊙ b_hyper, with λ per example.
@@ -277,6 +294,19 @@ class HyperLinear(_HyperLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, num_hparams={self.num_hparams}{self._scalar_repr()}")
+
+    def fold(self, hparams: Tensor, rates=None) -> nn.Linear:
+        """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layer): an
+        ``nn.Linear`` with weight a·W + diag(V·λ)·W_hyper and bias a·b + (C·λ) ⊙ b_hyper (none without bias; a:
+        ``elem_scalar``, else 1), computed in float64 and rounded once to the weight's dtype. New Parameters
+        (``requires_grad`` as ``weight``'s and ``bias``'s), in this layer's train/eval mode; this layer is left
+        as it is. A DropConnect layer converted from the published LSTM folds in eval mode only (no torch.nn layer
+        has DropConnect). ``rates`` is ignored (for :func:`stn_kernels.freeze`, which passes it to every layer)."""
+        from .freeze import plain_layer
+
+        values = self._folded(hparams)
+        layer = plain_layer(nn.Linear, self.in_features, self.out_features, self.bias is not None, values=values)
+        return layer.train(self.training)
 
 
 class HyperConv2d(_HyperLayer):
@@ -355,6 +385,20 @@ class HyperConv2d(_HyperLayer):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", num_hparams={self.num_hparams}{self._scalar_repr()}"
+
+    def fold(self, hparams: Tensor, rates=None) -> nn.Conv2d:
+        """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layer): an
+        ``nn.Conv2d`` with the same kernel_size, stride, padding ("same"/"valid" included), dilation, groups and
+        padding_mode, weight a·W + (V·λ)[c]·W_hyper[c] and bias a·b + (C·λ) ⊙ b_hyper per output channel c (none
+        without bias; a: ``elem_scalar``, else 1), computed in float64 and rounded once to the weight's dtype. New
+        Parameters (``requires_grad`` as ``weight``'s and ``bias``'s), in this layer's train/eval mode; this layer
+        is left as it is. ``rates`` is ignored (for :func:`stn_kernels.freeze`)."""
+        from .freeze import plain_layer
+
+        layer = plain_layer(nn.Conv2d, self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                            padding=self.padding, dilation=self.dilation, groups=self.groups,
+                            bias=self.bias is not None, padding_mode=self.padding_mode, values=self._folded(hparams))
+        return layer.train(self.training)
 
 
 class HyperEmbedding(_ParamChecksCache):
@@ -466,6 +510,22 @@ class HyperEmbedding(_ParamChecksCache):
     def extra_repr(self) -> str:
         padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return f"{self.num_embeddings}, {self.embedding_dim}{padding}, num_hparams={self.num_hparams}"
+
+    def fold(self, hparams: Tensor, rates=None) -> nn.Embedding:
+        """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layer): an
+        ``nn.Embedding`` with the same ``padding_idx`` and table E + E_hyper·diag(V·λ) (column d scaled by
+        (V·λ)[d]), computed in float64 and rounded once to the table's dtype. A new Parameter (``requires_grad`` as
+        ``weight``'s), in this layer's train/eval mode; this layer is left as it is. The row ``padding_idx`` keeps
+        its folded value (looked up as here) and gets no gradient, as nn.Embedding's. ``rates`` is ignored (for
+        :func:`stn_kernels.freeze`); a published layer's ``dropoute`` (a forward argument) has no nn.Embedding
+        form."""
+        from .freeze import check_shared_hparams, fold_scaled, plain_layer
+
+        check_shared_hparams(hparams, self.num_hparams, f"this {type(self).__name__}")
+        table = fold_scaled(self.weight, self.hyper_weight, self.hparam_weight, hparams, dim=1)
+        layer = plain_layer(nn.Embedding, self.num_embeddings, self.embedding_dim, self.padding_idx,
+                            values={"weight": (table, self.weight)})
+        return layer.train(self.training)
 
 
 class _NoGradRow(torch.autograd.Function):

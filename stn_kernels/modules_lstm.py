@@ -206,6 +206,29 @@ class HyperLSTMCell(_ParamChecksCache):
             s += ", batch_first=True"
         return s
 
+    # As _HyperLayer's: a HyperLSTMCell is never made by convert() from a plain layer (its forward takes λ from its
+    # caller), so stn_kernels.freeze refuses it and points to its fold.
+    context_hparams = False
+
+    def fold(self, hparams: Tensor, rates=None) -> nn.LSTM:
+        """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layer): a one-layer
+        ``nn.LSTM`` (same sizes, bias and batch_first) whose gate rows are W' = W + diag(V·λ)·W_hyper and
+        b' = b + (C·λ) ⊙ b_hyper of i2h and h2h, in torch's gate order (i, f, g, o; ours is f, i, o, g), computed in
+        float64 and rounded once to the weights' dtype. New Parameters (``requires_grad`` as the weights' and
+        biases'), in this layer's train/eval mode; this layer is left as it is. nn.LSTM takes states
+        [1, B, hidden_size] only (this cell also takes [B, hidden_size]). DropConnect has no torch.nn form: a cell
+        with it folds in eval mode only. ``rates`` is ignored (for :func:`stn_kernels.freeze`)."""
+        from .freeze import check_shared_hparams, lstm_layer_values, plain_layer, refuse_dropconnect
+
+        name = type(self).__name__
+        check_shared_hparams(hparams, self.num_hparams, f"this {name}")
+        masks = (getattr(self.i2h, "weight_mask", None), getattr(self.h2h, "weight_mask", None))
+        refuse_dropconnect(self, masks, self.dropconnect, name)
+        values = lstm_layer_values(*self._params(None), hparams, 0, name)
+        lstm = plain_layer(nn.LSTM, self.input_size, self.hidden_size, 1, bias="bias_ih_l0" in values,
+                           batch_first=self.batch_first, values=values)
+        return lstm.train(self.training)
+
 
 def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
     """Per-example dropout of x [T, B, N] with one mask per (b, n) for all T (variational / locked):
@@ -382,3 +405,31 @@ class HyperLSTM(nn.Module):
         if self.dropconnect:
             s += f", dropconnect={self.dropconnect}"
         return s + f", num_hparams={self.num_hparams}"
+
+    def fold(self, hparams: Tensor, rates=None) -> nn.LSTM:
+        """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layers): an
+        ``nn.LSTM`` with the same input_size, hidden_size, num_layers, bias, batch_first and ``dropout`` between
+        layers, whose gate rows are W' = W + diag(V·λ)·W_hyper and b' = b + (C·λ) ⊙ b_hyper of each layer's i2h and
+        h2h, in torch's gate order (i, f, g, o; ours is f, i, o, g), computed in float64 and rounded once to the
+        weights' dtype. New Parameters (``requires_grad`` as the weights' and biases'; for an nn.LSTM converted by
+        :func:`stn_kernels.convert`, its own ``weight_ih_l0``, ...), in this layer's train/eval mode; this layer is
+        left as it is. Raises ValueError for per-layer hidden sizes that differ (nn.LSTM has one: fold each layer,
+        ``cells[l].fold(hparams)``, instead) and, in training mode, for DropConnect (no torch.nn form: fold in eval
+        mode). ``layer_dropout`` is a forward argument and has no nn.LSTM form either. ``rates`` is ignored (for
+        :func:`stn_kernels.freeze`)."""
+        from .freeze import check_shared_hparams, lstm_layer_values, plain_layer, refuse_dropconnect
+
+        name = type(self).__name__
+        if len(set(self.hidden_sizes)) != 1:
+            raise ValueError(f"hidden_size: nn.LSTM has one hidden size for all layers, this {name} has "
+                             f"{list(self.hidden_sizes)}; fold each layer on its own (cells[l].fold(hparams))")
+        check_shared_hparams(hparams, self.num_hparams, f"this {name}")
+        values = {}
+        for layer, cell in enumerate(self.cells):
+            masks = (getattr(cell.i2h, "weight_mask", None), getattr(cell.h2h, "weight_mask", None))
+            refuse_dropconnect(cell, masks, cell.dropconnect, f"{name} layer {layer}")
+            values.update(lstm_layer_values(*self._layer_params(layer, None), hparams, layer, f"{name} layer {layer}"))
+        dropout = self.dropout if self.num_layers > 1 else 0.0  # nn.LSTM warns about (and ignores) it for one layer
+        lstm = plain_layer(nn.LSTM, self.input_size, self.hidden_sizes[0], self.num_layers, bias="bias_ih_l0" in values,
+                           batch_first=self.batch_first, dropout=dropout, values=values)
+        return lstm.train(self.training)

@@ -90,6 +90,16 @@ def _check_backends(scope):
     assert_close_rel(scope["y"].detach(), naive, torch.float32)
 
 
+def _check_freeze(scope):
+    net, plain, lam, x, stn_kernels = (scope[name] for name in ("net", "plain", "lam", "x", "stn_kernels"))
+    assert [type(m) for m in plain] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.Flatten,
+                                        torch.nn.Linear]
+    assert lam.shape == (1,) and isinstance(net[0], stn_kernels.HyperConv2d)  # the converted model is left as it was
+    with torch.no_grad(), stn_kernels.hparams(torch.zeros(1)):
+        at_zero = net(x)
+    assert (plain(x) - at_zero).abs().max() > 1e-4  # λ was folded in: the trained hyper path counts
+
+
 def _run_torchrun_script(block, tmp_path):
     script = tmp_path / "stn_ddp.py"
     script.write_text(block, encoding="utf-8")
@@ -116,6 +126,7 @@ CHECKS = {
     "stn.STNTrainer(net,": _check_stn_loop,
     "stn.augment(images": _check_augment,
     'use_backend("reference")': _check_backends,
+    "stn_kernels.freeze(net, lam)": _check_freeze,
     "dist.init_process_group": "torchrun",
 }
 
