@@ -29,6 +29,7 @@ from .functional import (
 )
 from .hparams_context import hparams
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules_dropout import TunedDropout, TunedDropout1d, TunedDropout2d, TunedDropout3d
 from .modules_lstm import HyperLSTM, HyperLSTMCell
 
 __version__ = "0.1.0"
@@ -38,5 +39,6 @@ __all__ = [
     "HyperLinear", "affine", "affine_draws", "augment_draws", "augment_images", "color_jitter", "convert", "cutout",
     "hparams", "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
-    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "stn", "use_backend",
+    "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "stn", "TunedDropout",
+    "TunedDropout1d", "TunedDropout2d", "TunedDropout3d", "use_backend",
 ]
