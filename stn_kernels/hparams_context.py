@@ -10,12 +10,14 @@ Two more things travel with λ:
 
 * ``batch_dim``: the dimension of a sequence layer's input that holds the examples (λ's rows). None (the
   default) lets each converted layer use the one ``convert`` stated for it (``batch_first``: 0, or 1 for
-  time-major ``[T, B, ...]`` input as ``nn.LSTM``'s default layout); 0 or 1 states it for every converted
-  linear and embedding layer in the block. Layers whose layout is fixed ignore it: convolutions (``[B, C, H,
-  W]``), and ``nn.LSTM`` / ``nn.MultiheadAttention`` conversions, which follow their own ``batch_first``.
-  A layer's input without a sequence dimension (a linear layer's ``[B, K]``, an embedding's ``[B]``) has the
-  examples along dim 0 whatever the stated dimension. Nothing is guessed from sizes: λ's rows must match the
-  stated dimension, also when it happens to equal another one.
+  time-major ``[T, B, ...]`` input as ``nn.LSTM``'s default layout; their ``hparams_batch_dim``); 0 or 1 states
+  it for every converted linear and embedding layer and :class:`~stn_kernels.TunedDropout` in the block. Layers
+  whose layout is fixed ignore it: convolutions and channel dropouts (``[B, C, H, W]``), and ``nn.LSTM`` /
+  ``nn.MultiheadAttention`` conversions, which follow their own ``batch_first``. A layer's input without a
+  sequence dimension (a linear layer's or dropout's ``[B, K]``, an embedding's ``[B]``) has the examples along
+  dim 0 whatever the stated dimension. Nothing is guessed from sizes: λ's rows must match the stated dimension,
+  also when it happens to equal another one (T == B); otherwise a ValueError names ``hparams``
+  (:func:`check_rows`). docs/time-major.md has the table.
 * ``rates``: per-example rates by hyperparameter name (``{"dropout": [B] tensor}``, or a float for every
   example), read by the dropout that ``convert(..., rates=...)`` tuned (:class:`stn_kernels.TunedDropout`, a
   converted attention's dropout). A tuned dropout with no rate in the block uses its own ``p``.

@@ -48,6 +48,11 @@ class _Tuned:
     # convert(..., batch_first=False); the block's batch_dim overrides it). Channel dropouts are batch first.
     hparams_batch_dim = 0
 
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str) -> None:
+        """The torch.nn dropout's ``p`` and ``inplace``, and ``hparam``: the name of the rate in the block."""
+        super().__init__(p, inplace)
+        self.hparam = _check_hparam(hparam)
+
     def forward(self, input: Tensor) -> Tensor:
         """In training mode with a rate named ``hparam`` in the enclosing ``stn_kernels.hparams`` block: dropout
         with that rate per example; else the torch.nn dropout's forward with ``p`` (identity in eval mode)."""
@@ -76,9 +81,9 @@ class _Tuned:
         plain.train(self.training)
         return plain
 
-    def _tuned_repr(self) -> str:
+    def extra_repr(self) -> str:
         layout = f", hparams_batch_dim={self.hparams_batch_dim}" if self.hparams_batch_dim else ""
-        return f", hparam={self.hparam!r}{layout}"
+        return f"{super().extra_repr()}, hparam={self.hparam!r}{layout}"
 
 
 def _one_rate(rate, hparam: str) -> float:
@@ -100,10 +105,6 @@ class TunedDropout(_Tuned, nn.Dropout):
     1 (inputs of 3 or more dims; [B, N] inputs are batch first): r [B] must match them (ValueError naming the rate
     otherwise). A float or 0-dim rate is the same for every example."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str) -> None:
-        super().__init__(p, inplace)
-        self.hparam = _check_hparam(hparam)
-
     def _per_example(self, input: Tensor, rate: Union[Tensor, float]) -> Tensor:
         if not (isinstance(rate, Tensor) and rate.dim() == 1):
             return per_example_dropout(input, rate)  # one rate for all: any layout
@@ -114,9 +115,6 @@ class TunedDropout(_Tuned, nn.Dropout):
         steps, batch = input.shape[:2]
         rows = rate.expand(steps, batch).reshape(-1)  # aligned with input.flatten(0, 1)
         return per_example_dropout(input.flatten(0, 1), rows).unflatten(0, (steps, batch))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._tuned_repr()
 
 
 class _TunedChannels(_Tuned):
@@ -133,19 +131,12 @@ class _TunedChannels(_Tuned):
             check_rows(rate, input, 0, type(self).__name__, f"rates[{self.hparam!r}]")
         return per_example_channel_dropout(input, rate)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._tuned_repr()
-
 
 class TunedDropout1d(_TunedChannels, nn.Dropout1d):
     """``nn.Dropout1d`` with per-example rates (as :class:`TunedDropout`): whole channels of [N, C, L] (batched
     input only, while a rate is set)."""
 
     _batched_dims = 3
-
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str) -> None:
-        super().__init__(p, inplace)
-        self.hparam = _check_hparam(hparam)
 
 
 class TunedDropout2d(_TunedChannels, nn.Dropout2d):
@@ -154,20 +145,12 @@ class TunedDropout2d(_TunedChannels, nn.Dropout2d):
 
     _batched_dims = 4
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str) -> None:
-        super().__init__(p, inplace)
-        self.hparam = _check_hparam(hparam)
-
 
 class TunedDropout3d(_TunedChannels, nn.Dropout3d):
     """``nn.Dropout3d`` with per-example rates (as :class:`TunedDropout`): whole channels of [N, C, D, H, W]
     (batched input only, while a rate is set)."""
 
     _batched_dims = 5
-
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str) -> None:
-        super().__init__(p, inplace)
-        self.hparam = _check_hparam(hparam)
 
 
 _PLAIN = {TunedDropout: nn.Dropout, TunedDropout1d: nn.Dropout1d, TunedDropout2d: nn.Dropout2d,

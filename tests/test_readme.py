@@ -90,6 +90,13 @@ def _check_backends(scope):
     assert_close_rel(scope["y"].detach(), naive, torch.float32)
 
 
+def _check_time_major(scope):
+    lm, report = scope["lm"], scope["report"]
+    assert report.batch_first is False and lm.decoder.hparams_batch_dim == 1
+    assert sorted(report.tuned) == [("drop", "Dropout", "dropout"), ("embed_drop", "Dropout", "emb_dropout")]
+    assert scope["logits"].shape == (35, 4, 50) and lm.decoder.hparam_weight.grad.abs().sum() > 0
+
+
 def _run_torchrun_script(block, tmp_path):
     script = tmp_path / "stn_ddp.py"
     script.write_text(block, encoding="utf-8")
@@ -117,6 +124,7 @@ CHECKS = {
     "stn.augment(images": _check_augment,
     'use_backend("reference")': _check_backends,
     "dist.init_process_group": "torchrun",
+    "class WordLM": _check_time_major,
 }
 
 
