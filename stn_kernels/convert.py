@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,7 @@ from .convert_published import (
     _take,
     published_layer_kind,
 )
+from .convert_tuning import RatePlan, infer_batch_first
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
 from .modules_lstm import HyperLSTM, HyperLSTMCell
 
@@ -150,11 +151,13 @@ class TorchLayoutHyperLSTM(HyperLSTM):
                     getattr(self, name).uniform_(-bound, bound)
 
 
-def _convert_plain(module: nn.Module, num_hparams: int, where: str) -> nn.Module:
+def _convert_plain(module: nn.Module, num_hparams: int, where: str, batch_dim: int = 0) -> nn.Module:
     if isinstance(module, nn.LSTM):
         new = TorchLayoutHyperLSTM(module, num_hparams=num_hparams)
     else:
         new = _convert_plain_layer(module, num_hparams)
+        if isinstance(new, (HyperLinear, HyperEmbedding)):  # convolutions are batch first
+            new.hparams_batch_dim = batch_dim  # λ's rows along dim 1 of a time-major [T, B, ...] input when 1
     with torch.no_grad():  # the hyper path adds (V·λ)⊙(W_h x) + (C·λ)⊙b_h = 0 until V, C learn
         for name, param in new.named_parameters():
             if name.rpartition(".")[2] == "hparam_weight":
@@ -215,15 +218,23 @@ def revert(model: nn.Module) -> nn.Module:
 class ConvertReport:
     """What :func:`convert` did: ``converted`` (name, from type, to type) and ``left`` (name, type, why) for the
     modules with parameters that it did not convert (the excluded ones with the reason "excluded (by name 'x')" or
-    "excluded (by type T)"). The model itself, when converted or left, is named by its type."""
+    "excluded (by type T)"); ``tuned`` (name, type, hyperparameter) for the modules that ``rates=`` tuned (a
+    dropout made a TunedDropout is also in ``converted``); ``batch_first`` (the layout stated to the converted
+    linear and embedding layers) and ``layout`` (where it came from: "stated", "from lstm (LSTM)", "no sequence
+    layer"). The model itself, when converted or left, is named by its type."""
 
     converted: List[Tuple[str, str, str]] = field(default_factory=list)
     left: List[Tuple[str, str, str]] = field(default_factory=list)
+    tuned: List[Tuple[str, str, str]] = field(default_factory=list)
+    batch_first: bool = True
+    layout: str = "no sequence layer"
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)}:"] + [f"  {n}: {a} -> {b}" for n, a, b in self.converted]
         lines += [f"left {len(self.left)}:"] + [f"  {n}: {t} ({why})" for n, t, why in self.left]
-        return "\n".join(lines)
+        if self.tuned:
+            lines += [f"tuned {len(self.tuned)}:"] + [f"  {n}: {t} by the rate {h!r}" for n, t, h in self.tuned]
+        return "\n".join(lines + [f"batch_first={self.batch_first} ({self.layout})"])
 
 
 # The plain torch.nn layers convert() swaps when num_hparams is given: of exactly these types (a subclass's forward
@@ -320,9 +331,11 @@ def _exclusions(exclude) -> Tuple[set, tuple]:
     return {item for item in items if isinstance(item, str)}, tuple(item for item in items if isinstance(item, type))
 
 
-def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
-            exclude: Union[None, str, Type[nn.Module], Iterable[Union[str, Type[nn.Module]]]] = (),
-            report: bool = False):
+_Matches = Union[None, str, Type[nn.Module], Iterable[Union[str, Type[nn.Module]]]]
+
+
+def convert(model: nn.Module, num_hparams: Optional[int] = None, *, batch_first: Optional[bool] = None,
+            rates: Optional[Mapping[str, _Matches]] = None, exclude: _Matches = (), report: bool = False):
     """Replaces, in place, every published STN / Delta-STN layer in ``model`` with the stn_kernels layer
     computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear``, ``nn.Conv2d``,
     ``nn.Embedding`` and ``nn.LSTM`` with a Hyper layer whose hyper path starts at zero (see the module docstring).
@@ -342,6 +355,20 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
     shared; train/eval mode is kept. Returns ``model``, or the new layer if ``model`` itself is one. Published
     layers must agree with ``num_hparams`` when it is given.
 
+    ``batch_first``: the layout of the sequences the converted ``nn.Linear`` and ``nn.Embedding`` layers see, for
+    the rows of λ from ``stn_kernels.hparams`` (their ``hparams_batch_dim``: 0, or 1 for time-major ``[T, B, ...]``
+    input). None reads it from the model's ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, ``nn.MultiheadAttention`` and
+    ``nn.Transformer*`` layers (ValueError when they disagree; batch first when there are none); True or False
+    states it. Convolutions are batch first; a converted nn.LSTM follows its own ``batch_first``.
+
+    ``rates``: ``{hyperparameter name: module names or types}`` (one name or type, or an iterable, as ``exclude``)
+    whose rates an STN tunes per example through ``stn_kernels.hparams(lam, rates={name: [B] rates})``: matched
+    ``nn.Dropout`` (and ``nn.Dropout1d/2d/3d``) become :class:`~stn_kernels.TunedDropout` (``1d/2d/3d``); a converted
+    layer with a ``dropout_hparam`` (an attention) reads the rate of that name. A module's name beats its type
+    (``{"dropout": nn.Dropout, "emb_dropout": "embed_drop"}``). Anything else matched, a module matched by two
+    hyperparameters, or one matching nothing raises ValueError naming ``rates`` before the model changes. See
+    :mod:`stn_kernels.convert_tuning`; ``report.tuned`` lists what reads which rate.
+
     With ``report=True`` it returns ``(model, ConvertReport)``: what was converted, and which modules with
     parameters were left, and why (excluded by name or type; a plain layer without num_hparams; one no Hyper layer
     can stand in for; no hyper form). With ``report=False``, one UserWarning lists the plain layers no Hyper layer
@@ -353,6 +380,8 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
                                     or num_hparams < 1):
         raise ValueError(f"num_hparams: expected an int >= 1 or None, got {num_hparams!r}")
     excluded_names, excluded_types = _exclusions(exclude)
+    batch_first, layout = infer_batch_first(model, batch_first)
+    batch_dim = 0 if batch_first else 1
     # Each path of a shared module (remove_duplicate=False): it may be excluded by any of its names.
     excluded_by_name = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -362,13 +391,15 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
     if unknown:
         raise ValueError(f"exclude: expected names of modules in the model, got unknown {unknown}")
     converted: Dict[int, nn.Module] = {}
-    done = ConvertReport()
+    done = ConvertReport(batch_first=batch_first, layout=layout)
 
     def exclusion(module: nn.Module) -> Optional[str]:
         if id(module) in excluded_by_name:
             return f"{_EXCLUDED} (by name {excluded_by_name[id(module)]!r})"
         by_type = next((cls for cls in excluded_types if isinstance(module, cls)), None)
         return None if by_type is None else f"{_EXCLUDED} (by type {by_type.__name__})"
+
+    plan = None if rates is None else RatePlan(model, rates, lambda module: exclusion(module) is not None)
 
     def replacement(module: nn.Module, where: str) -> Optional[nn.Module]:
         if id(module) in converted:
@@ -388,7 +419,7 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
                     raise ValueError(f"model: expected an nn.{base.__name__} a Hyper layer can stand in for, got "
                                      f"{type(module).__name__}: {lacks}")
                 return None  # left, with the reason in the report
-            new = _convert_plain(module, num_hparams, where)
+            new = _convert_plain(module, num_hparams, where, batch_dim)
         else:
             return None
         new.train(module.training)
@@ -406,6 +437,10 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
             done.left.append((where, type(module).__name__, why or _why_left(module, num_hparams)))
         return not whole
 
+    # (parent, name, new module): made once the whole model is converted and the rates plan checked, so that an
+    # error leaves the model as it was.
+    swaps: List[Tuple[nn.Module, str, nn.Module]] = []
+
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent._modules.items()):
             if child is None:
@@ -413,7 +448,7 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
             where = f"{prefix}.{name}" if prefix else name
             new = None if exclusion(child) else replacement(child, where)
             if new is not None:
-                parent._modules[name] = new
+                swaps.append((parent, name, new))
             elif leave(child, where):
                 visit(child, where)
 
@@ -421,6 +456,16 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *,
     if top is None and leave(model, type(model).__name__):
         visit(model, "")
     result = model if top is None else top
+    tuning = None
+    if plan is not None:
+        tuning = plan.changes(result, lambda child: None if exclusion(child) else converted.get(id(child), child),
+                              batch_dim)
+    for parent, name, new in swaps:
+        parent._modules[name] = new
+    if tuning is not None:
+        result = tuning.apply(result)
+        done.converted += tuning.converted
+        done.tuned += tuning.tuned
     if report:
         return result, done
     # Warned about, so that nothing is skipped silently: the layers of a kind convert takes that it could not take

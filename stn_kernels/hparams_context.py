@@ -10,12 +10,14 @@ Two more things travel with λ:
 
 * ``batch_dim``: the dimension of a sequence layer's input that holds the examples (λ's rows). None (the
   default) lets each converted layer use the one ``convert`` stated for it (``batch_first``: 0, or 1 for
-  time-major ``[T, B, ...]`` input as ``nn.LSTM``'s default layout); 0 or 1 states it for every converted
-  linear and embedding layer in the block. Layers whose layout is fixed ignore it: convolutions (``[B, C, H,
-  W]``), and ``nn.LSTM`` / ``nn.MultiheadAttention`` conversions, which follow their own ``batch_first``.
-  A layer's input without a sequence dimension (a linear layer's ``[B, K]``, an embedding's ``[B]``) has the
-  examples along dim 0 whatever the stated dimension. Nothing is guessed from sizes: λ's rows must match the
-  stated dimension, also when it happens to equal another one.
+  time-major ``[T, B, ...]`` input as ``nn.LSTM``'s default layout; their ``hparams_batch_dim``); 0 or 1 states
+  it for every converted linear and embedding layer and :class:`~stn_kernels.TunedDropout` in the block. Layers
+  whose layout is fixed ignore it: convolutions and channel dropouts (``[B, C, H, W]``), and ``nn.LSTM`` /
+  ``nn.MultiheadAttention`` conversions, which follow their own ``batch_first``. A layer's input without a
+  sequence dimension (a linear layer's or dropout's ``[B, K]``, an embedding's ``[B]``) has the examples along
+  dim 0 whatever the stated dimension. Nothing is guessed from sizes: λ's rows must match the stated dimension,
+  also when it happens to equal another one (T == B); otherwise a ValueError names ``hparams``
+  (:func:`check_rows`). docs/time-major.md has the table.
 * ``rates``: per-example rates by hyperparameter name (``{"dropout": [B] tensor}``, or a float for every
   example), read by the dropout that ``convert(..., rates=...)`` tuned (:class:`stn_kernels.TunedDropout`, a
   converted attention's dropout). A tuned dropout with no rate in the block uses its own ``p``.
@@ -108,21 +110,44 @@ def current_rate(name: str) -> Optional[Union[Tensor, float]]:
     return _STACK[-1][2].get(name) if _STACK else None
 
 
+def context_layout(input, batch_dim: int, sequence_dims: int) -> Tuple[Optional[Tensor], int]:
+    """(λ of the innermost block or None, the dim of ``input`` that holds λ's rows) for a converted layer whose own
+    batch dimension is ``batch_dim`` (its ``hparams_batch_dim``): the block's ``batch_dim`` if it states one, else
+    the layer's, for an input of at least ``sequence_dims`` dims (a sequence: a linear layer's ``[T, B, K]``, an
+    embedding's ``[T, B]``); 0 for λ [H] and for inputs without a sequence dim. Checks nothing: the common
+    batch-first call pays for one list read and a few comparisons here."""
+    if not _STACK:
+        return None, 0
+    lam, stated, _ = _STACK[-1]
+    if stated is not None:
+        batch_dim = stated
+    if batch_dim and lam.dim() == 2 and isinstance(input, Tensor) and input.dim() >= sequence_dims:
+        return lam, 1
+    return lam, 0
+
+
+def check_rows(value: Tensor, input, dim: int, what: str, name: str = "hparams") -> None:
+    """ValueError naming ``name`` (``hparams``, or ``rates['dropout']``) unless the rows of ``value`` (λ [B, H],
+    rates [B]) are the examples along ``dim`` of ``input`` (the input of ``what``, a layer). A 0-dim input or a
+    non-tensor is left to the layer, whose own check names ``input``."""
+    if not isinstance(input, Tensor) or input.dim() <= dim or value.shape[0] == input.shape[dim]:
+        return
+    layout = "time-major [T, B, ...], batch_dim=1" if dim == 1 else "batch first, batch_dim=0"
+    raise ValueError(f"{name}: expected {input.shape[dim]} rows (one per example along dim {dim} of {what}'s "
+                     f"input of shape {tuple(input.shape)}, {layout}), got shape {tuple(value.shape)}; state the "
+                     f"layout with convert(..., batch_first=...) or stn_kernels.hparams(lam, batch_dim=...)")
+
+
 def hparams_rows(lam: Tensor, input: Tensor, batch_dim: int, sequence_dims: int, what: str) -> Tensor:
     """λ [B, H] from the context laid out for ``input``, whose examples lie along ``batch_dim`` when the input
-    has more than ``sequence_dims - 1`` dims (a sequence), else along dim 0: returned as the [rows, H] that
-    aligns with dim 0 of ``input.flatten(0, batch_dim)`` (λ itself for batch_dim 0; each row repeated over the
-    leading time dim for batch_dim 1). λ [H] (shared) is returned as it is. Raises ValueError naming ``hparams``
-    when λ's rows do not match the examples of ``input`` along the stated dimension (``what``: the layer)."""
+    has at least ``sequence_dims`` dims (a sequence), else along dim 0: returned as the [rows, H] that aligns
+    with dim 0 of ``input.flatten(0, batch_dim)`` (λ itself for batch_dim 0; each row repeated over the leading
+    time dim for batch_dim 1). λ [H] (shared) is returned as it is. Raises ValueError naming ``hparams`` when λ's
+    rows do not match the examples of ``input`` along the stated dimension (``what``: the layer)."""
     if lam.dim() != 2 or not isinstance(input, Tensor):
         return lam
     dim = batch_dim if input.dim() >= sequence_dims else 0
-    if input.dim() <= dim or lam.shape[0] != input.shape[dim]:
-        layout = "time-major [T, B, ...], batch_dim=1" if dim == 1 else "batch first, batch_dim=0"
-        raise ValueError(f"hparams: expected {input.shape[dim] if input.dim() > dim else '?'} rows (one per example "
-                         f"along dim {dim} of {what}'s input of shape {tuple(input.shape)}, {layout}), got shape "
-                         f"{tuple(lam.shape)}; state the layout with convert(..., batch_first=...) or "
-                         f"stn_kernels.hparams(lam, batch_dim=...)")
+    check_rows(lam, input, dim, what)
     if dim == 0:
         return lam
     return lam.unsqueeze(0).expand(input.shape[0], *lam.shape).reshape(-1, lam.shape[1])

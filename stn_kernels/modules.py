@@ -36,7 +36,7 @@ from ._validation import (
 )
 from .backends import kernels
 from .backends.host import host_ops
-from .hparams_context import current_hparams
+from .hparams_context import check_rows, context_layout, current_hparams, hparams_rows
 from .ops import apply_hyper_conv2d_stacked, apply_hyper_linear_stacked, eager
 
 # Published name -> ours. The official CNN layers also carry ``elem_scalar`` a, which multiplies the
@@ -269,9 +269,20 @@ class HyperLinear(_HyperLayer):
                                 {"device": device, "dtype": dtype})
         self.reset_parameters()
 
+    # The dim of a sequence input [T, B, K] that holds the examples when λ comes from an hparams block: 0, or 1
+    # for time-major input (set by convert(..., batch_first=False); the block's batch_dim overrides it).
+    hparams_batch_dim = 0
+
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
-        if hparams is None and self.context_hparams:
-            hparams = current_hparams()
+        """``input`` [B, in_features] or [B, *, in_features]; ``hparams`` [B, num_hparams] (row b for example b),
+        [num_hparams] (shared) or None. A layer made by :func:`stn_kernels.convert` takes λ from an enclosing
+        ``stn_kernels.hparams`` block when ``hparams`` is None, its rows along dim 1 of a time-major [T, B, K]
+        input when the layer's ``hparams_batch_dim`` or the block's ``batch_dim`` is 1."""
+        from_context = hparams is None and self.context_hparams
+        if from_context:
+            hparams, dim = context_layout(input, self.hparams_batch_dim, 3)
+            if dim:
+                return self._time_major(input, hparams)
         fast = self._fast_call("hyper_linear", input, hparams)
         if fast is not None and input.dim() == 2 and input.shape[1] == fast[1][0].shape[1]:
             weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
@@ -282,10 +293,20 @@ class HyperLinear(_HyperLayer):
                 return host.hyper_linear(input, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
             return apply_hyper_linear_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
                                               hparam_weight)
+        if from_context and hparams is not None and hparams.dim() == 2:
+            check_rows(hparams, input, 0, type(self).__name__)  # names hparams, with the layout hint
         weight_scale, bias_scale = self._scales()
         weight, bias = self._elementary(self.weight, self.bias)
         return functional.hyper_linear(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
                                        weight_scale, bias_scale)
+
+    def _time_major(self, input: Tensor, lam: Tensor) -> Tensor:
+        """The forward of a time-major input [T, B, ..., K] with λ [B, H] from the block: λ's rows repeated over T,
+        aligned with ``input.flatten(0, 1)`` (as the batch-first [B, T, K] path repeats them over T)."""
+        rows = hparams_rows(lam, input, 1, 3, type(self).__name__)
+        if input.shape[-1] != self.in_features:  # the error with the input's own shape, not the flattened one
+            return functional.hyper_linear(input, None, self.weight, self.hyper_weight)
+        return self.forward(input.flatten(0, 1), rows).unflatten(0, input.shape[:2])
 
     def _facts(self, weight: Tensor, extra) -> Optional[tuple]:
         # (the compiled host path for these parameters, or None: stn_kernels/backends/host.py)
@@ -293,7 +314,8 @@ class HyperLinear(_HyperLayer):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, num_hparams={self.num_hparams}{self._scalar_repr()}")
+                f"bias={self.bias is not None}, num_hparams={self.num_hparams}{self._scalar_repr()}"
+                + (f", hparams_batch_dim={self.hparams_batch_dim}" if self.hparams_batch_dim else ""))
 
     def fold(self, hparams: Tensor, rates=None) -> nn.Linear:
         """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layer): an
@@ -416,6 +438,7 @@ class HyperEmbedding(_ParamChecksCache):
     """
 
     context_hparams = False  # as _HyperLayer's: set by convert() for a converted nn.Embedding
+    hparams_batch_dim = 0  # as HyperLinear's: 1 for time-major [T, B] indices (convert(..., batch_first=False))
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
                  num_hparams: int = REQUIRED, device=None, dtype=None) -> None:
@@ -486,14 +509,26 @@ class HyperEmbedding(_ParamChecksCache):
         except IndexError:
             return None
 
-    def forward(self, input: Tensor, hparams: Optional[Tensor] = None, batch_dim: int = 0) -> Tensor:
-        if batch_dim not in (0, 1):
-            raise ValueError(f"batch_dim: expected 0 or 1, got {batch_dim!r}")
-        if hparams is None and self.context_hparams:
-            hparams = current_hparams()
+    def forward(self, input: Tensor, hparams: Optional[Tensor] = None, batch_dim: Optional[int] = None) -> Tensor:
+        """``input`` integer indices [B, *]; ``hparams`` [B, num_hparams] (row b for the indices of example b),
+        [num_hparams] (shared) or None. ``batch_dim``: the dim of ``input`` that holds the examples, 0 (None: the
+        default) or 1 for time-major [T, B] indices. A layer made by :func:`stn_kernels.convert` takes λ from an
+        enclosing ``stn_kernels.hparams`` block when ``hparams`` is None, along its ``hparams_batch_dim`` (or the
+        block's ``batch_dim``) for indices of 2 or more dims, unless ``batch_dim`` is given."""
+        from_context = hparams is None and self.context_hparams
+        if from_context:
+            hparams, dim = context_layout(input, self.hparams_batch_dim, 2)
+            if batch_dim is None:
+                batch_dim = dim
+        if batch_dim is None:
+            batch_dim = 0
+        elif batch_dim is True or batch_dim is False or batch_dim not in (0, 1):
+            raise ValueError(f"batch_dim: expected None, 0 or 1, got {batch_dim!r}")
         out = self._fast(input, hparams, batch_dim) if self.padding_idx is None else None
         if out is not None:
             return out
+        if from_context and hparams is not None and hparams.dim() == 2:
+            check_rows(hparams, input, batch_dim, type(self).__name__)  # names hparams, with the layout hint
         weight, hyper_weight = self._tables()
         if batch_dim == 1:
             if input.dim() < 2:
@@ -509,7 +544,8 @@ class HyperEmbedding(_ParamChecksCache):
 
     def extra_repr(self) -> str:
         padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return f"{self.num_embeddings}, {self.embedding_dim}{padding}, num_hparams={self.num_hparams}"
+        layout = f", hparams_batch_dim={self.hparams_batch_dim}" if self.hparams_batch_dim else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{padding}, num_hparams={self.num_hparams}{layout}"
 
     def fold(self, hparams: Tensor, rates=None) -> nn.Embedding:
         """The torch.nn layer this layer computes at the shared λ ``hparams`` [H] (as fed to the layer): an

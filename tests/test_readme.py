@@ -100,6 +100,13 @@ def _check_freeze(scope):
     assert (plain(x) - at_zero).abs().max() > 1e-4  # λ was folded in: the trained hyper path counts
 
 
+def _check_time_major(scope):
+    lm, report = scope["lm"], scope["report"]
+    assert report.batch_first is False and lm.decoder.hparams_batch_dim == 1
+    assert sorted(report.tuned) == [("drop", "Dropout", "dropout"), ("embed_drop", "Dropout", "emb_dropout")]
+    assert scope["logits"].shape == (35, 4, 50) and lm.decoder.hparam_weight.grad.abs().sum() > 0
+
+
 def _run_torchrun_script(block, tmp_path):
     script = tmp_path / "stn_ddp.py"
     script.write_text(block, encoding="utf-8")
@@ -128,6 +135,7 @@ CHECKS = {
     'use_backend("reference")': _check_backends,
     "stn_kernels.freeze(net, lam)": _check_freeze,
     "dist.init_process_group": "torchrun",
+    "class WordLM": _check_time_major,
 }
 
 
