@@ -17,7 +17,7 @@ from torch import nn
 
 import stn_kernels
 from stn_kernels import stn
-from stn_kernels.hparams_context import current_batch_dim, current_hparams, hparams_rows
+from stn_kernels.hparams_context import current_batch_dim, current_hparams, current_rate, hparams_rows
 from stn_kernels.stn import Hyperparameter, HyperparameterSet
 
 from _naive import assert_close_rel, naive_hyper_embedding, naive_hyper_linear, no_warnings
@@ -137,6 +137,51 @@ def test_the_trainer_leaves_an_eval_mode_model_in_eval_mode():
     trainer.step(lambda: (x, y), lambda: (x, y))
     assert seen == [True, True, True, True, False, False]   # 2 training steps, 1 validation step
     assert not any(m.training for m in model.modules())
+
+
+class _RateProbe(nn.Module):
+    """Records the λ, batch dimension and rates of the hparams block it runs in (what a tuned dropout reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        rates = {name: current_rate(name) for name in ("dropout", "noise", "other")}
+        self.seen.append((current_hparams().detach().clone(), current_batch_dim(-1), rates))
+        return x
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta_stn"])
+def test_the_block_carries_lambda_and_the_per_example_rates_in_training_steps_only(delta):
+    torch.manual_seed(0)
+    hp = _hparams()
+    probe = _RateProbe()
+    model = nn.Sequential(_converted(nn.Linear(5, 3)), probe)
+    general, response = stn.split_stn_parameters(model)
+    extra = dict(delta_stn=True, response_optimizer=_sgd(response)) if delta else {}
+    trainer = _trainer(model, hp, general if delta else model.parameters(), **extra)
+    x, y = torch.randn(B, 5, dtype=F64), torch.randint(0, 3, (B,))
+    epsilon = torch.randn(B, H, dtype=F64, generator=torch.Generator().manual_seed(5))
+    lam = (hp.unconstrained + hp.scale * epsilon).detach()
+    trainer.train_step(x, y)
+    # The constrained values of λ_b by name: 0.9·sigmoid(u) for the dropout, softplus(u) for the noise.
+    expected = {"dropout": 0.9 / (1 + torch.exp(-lam[:, 0])), "noise": torch.log1p(torch.exp(lam[:, 1]))}
+    steps = probe.seen
+    if delta:   # the general step at λ itself (centred input 0, rates at λ), then the response step at λ_b
+        (lam_in, dim, rates), steps = steps[0], steps[1:]
+        assert torch.equal(lam_in, torch.zeros(B, H, dtype=F64)) and dim == 0
+        at_lambda = hp.constrain(hp.unconstrained.detach().expand(B, H))
+        torch.testing.assert_close(rates["dropout"], at_lambda[:, 0], rtol=1e-13, atol=0)
+    ((lam_in, dim, rates),) = steps
+    torch.testing.assert_close(lam_in, lam - hp.unconstrained.detach() if delta else lam, rtol=1e-13, atol=1e-15)
+    assert dim == 0 and rates["other"] is None
+    for name, want in expected.items():
+        torch.testing.assert_close(rates[name], want, rtol=1e-13, atol=0)
+    probe.seen.clear()
+    trainer.valid_step(x, y)
+    ((_, _, rates),) = probe.seen
+    assert rates == {"dropout": None, "noise": None, "other": None}   # regularisers off: no rates
 
 
 # --------------------------------------------------------------------------- a function that hides its module
