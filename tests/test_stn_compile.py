@@ -159,20 +159,23 @@ def test_compiled_trainer_follows_the_eager_trajectory(variant):
         assert_close_rel(states[True][name], expected, torch.float32, name)
 
 
-def test_compiled_module_path_follows_the_eager_trajectory():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_module_path_follows_the_eager_trajectory(device):
     """A converted plain model given to the trainer itself: called as model(inputs) inside the hparams block (in
-    the compiled graph), nn.Dropout and BatchNorm1d switched between train and eval mode around every step."""
+    the compiled graph), nn.Dropout and BatchNorm1d switched between train and eval mode around every step. On
+    CUDA the compiled run uses CUDA graphs (the default mode)."""
     torch.manual_seed(0)
-    data = (torch.randn(B, 64), torch.randint(0, 10, (B,)))
+    data = (torch.randn(B, 64, device=device), torch.randint(0, 10, (B,), device=device))
     states, losses = {}, {}
     for compiled in (False, True):
         torch.manual_seed(1)
-        hp = HyperparameterSet([Hyperparameter("dropout", 0.05, 0.0, 0.9), Hyperparameter("noise", 0.05, 0.0, 1.0)])
-        net = _converted_plain_model(len(hp))
+        hp = HyperparameterSet([Hyperparameter("dropout", 0.05, 0.0, 0.9), Hyperparameter("noise", 0.05, 0.0, 1.0)],
+                               device=device)
+        net = _converted_plain_model(len(hp)).to(device)
         # SGD, not Adam: the gradient of the bias before the batch norm is 0 in exact arithmetic, and Adam would
         # turn its rounding noise (another in each graph) into steps of ±lr.
         trainer = stn.STNTrainer(net, F.cross_entropy, hp, torch.optim.SGD(net.parameters(), 1e-2), warmup_steps=1,
-                                 generator=torch.Generator().manual_seed(3),
+                                 generator=torch.Generator(device).manual_seed(3),
                                  compile={"fullgraph": True} if compiled else False)
         with torch._inductor.config.patch(fallback_random=True):
             results = _run(trainer, data, cycles=3)
@@ -183,7 +186,7 @@ def test_compiled_module_path_follows_the_eager_trajectory():
     assert_close_rel(losses[True], losses[False], torch.float32, "losses")
     for name, expected in states[False].items():
         assert_close_rel(states[True][name], expected, torch.float32, name)
-    assert not torch.equal(states[False]["lambda"], HyperparameterSet(
+    assert not torch.equal(states[False]["lambda"].cpu(), HyperparameterSet(
         [Hyperparameter("dropout", 0.05, 0.0, 0.9), Hyperparameter("noise", 0.05, 0.0, 1.0)]).unconstrained)
 
 
