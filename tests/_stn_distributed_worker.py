@@ -79,10 +79,13 @@ def snapshot(model, hp, full=lambda t: t):
             "values": dict(hp.values()), "scales": dict(hp.scales())}
 
 
-def stn_loop(rank, wrap, *, delta=False, linearize=False, cycles=4, **trainer_kwargs):
-    """The README loop: Adam on weights, λ and ρ; 2 training steps and 1 validation step per cycle."""
+def stn_loop(rank, wrap, *, delta=False, linearize=False, cycles=4, make=None, freeze=None, **trainer_kwargs):
+    """The README loop: Adam on weights, λ and ρ; 2 training steps and 1 validation step per cycle. ``make``: another
+    model; ``freeze(model)``: parameters to freeze before wrapping (the optimizer still holds them)."""
     torch.manual_seed(0)  # every rank seeded alike: the trainer must still give each its own draws
-    model = make_model()
+    model = (make or make_model)()
+    if freeze is not None:
+        freeze(model)
     net = wrap(model)
     hp = make_hparams()
     start = snapshot(model, hp, full=_full)
@@ -98,8 +101,25 @@ def stn_loop(rank, wrap, *, delta=False, linearize=False, cycles=4, **trainer_kw
     next_train, next_valid = batches(rank, 0), batches(rank, 10)
     for _ in range(cycles):
         trainer.step(next_train, next_valid)
-    return {"start": start, "end": snapshot(model, hp, full=_full), "perturbed": model.perturbed[0],
-            "probe": model.probes[0] if model.probes else None}
+    return {"start": start, "end": snapshot(model, hp, full=_full), "takes_sample": trainer.takes_sample,
+            "perturbed": model.perturbed[0] if hasattr(model, "perturbed") else None,
+            "probe": model.probes[0] if getattr(model, "probes", None) else None}
+
+
+def make_converted_model():
+    """A plain torch.nn MLP with dropout, converted: given to the trainer (under DDP) as the model itself."""
+    torch.manual_seed(0)
+    model = stn_kernels.convert(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                                    torch.nn.Linear(8, 3)), num_hparams=2)
+    with torch.no_grad():  # a visible hyper path (convert starts it at zero)
+        for m in model.modules():
+            if getattr(m, "context_hparams", False):
+                m.hparam_weight.normal_(0.0, 0.5)
+    return model
+
+
+def freeze_first_layer(model):
+    model.fc1.requires_grad_(False)
 
 
 def _full(t):
@@ -220,6 +240,11 @@ def main(rank, world, init_file, out_dir):
         # The valid step's forward builds no weight gradient: DDP must not wait for one in these modes either.
         "delta_ddp_find_unused": lambda: stn_loop(rank, lambda m: ddp(m, find_unused_parameters=True), delta=True),
         "ddp_static_graph": lambda: stn_loop(rank, lambda m: ddp(m, static_graph=True)),
+        # Frozen parameters held by the optimizers: the whole-model backward under DDP skips them.
+        "ddp_frozen": lambda: stn_loop(rank, ddp, freeze=freeze_first_layer),
+        "delta_ddp_frozen": lambda: stn_loop(rank, ddp, delta=True, freeze=freeze_first_layer),
+        # A converted plain model, the trainer calling DDP(model)(inputs) inside the hparams block.
+        "ddp_module_path": lambda: stn_loop(rank, ddp, make=make_converted_model),
         "equivalence": lambda: equivalence_run([equivalence_batches(rank)], wrap=ddp),
         "helpers": lambda: helpers(rank, world),
         "hparams_block_ddp": lambda: hparams_block_run([hparams_block_data(rank)], wrap=ddp),

@@ -259,7 +259,7 @@ def test_lm_trains_as_an_stn_with_the_trainer():
 
     trainer = stn.STNTrainer(model_fn, _lm_loss, hp, torch.optim.Adam(model.parameters(), 1e-2),
                              hparam_optimizer=torch.optim.Adam([hp.unconstrained], 0.1),
-                             generator=torch.Generator().manual_seed(3))
+                             generator=torch.Generator().manual_seed(3), module=model)
     data = _tokens(batch=4)
     lam0 = hp.unconstrained.detach().clone()
     v0 = model.lstm.cells[1].h2h.hparam_weight.detach().clone()

@@ -102,7 +102,7 @@ def test_trains_as_an_stn_with_the_trainer():
 
     trainer = stn.STNTrainer(model_fn, F.cross_entropy, hp, torch.optim.Adam(model.parameters(), 1e-2),
                              hparam_optimizer=torch.optim.Adam([hp.unconstrained], 0.1),
-                             generator=torch.Generator().manual_seed(3))
+                             generator=torch.Generator().manual_seed(3), module=model)
     data = (_inputs(dtype=torch.float32), torch.tensor([0, 1, 2, 3]))
     lam0 = hp.unconstrained.detach().clone()
     v0 = model.classifier[1].hparam_weight.detach().clone()

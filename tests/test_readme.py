@@ -123,6 +123,17 @@ def _run_torchrun_script(block, tmp_path):
     assert lines["0"] != "{'dropout': 0.1}", lines             # and tuned: it moved from its start
 
 
+def _check_trainer_page(scope):
+    model, hp = scope["model"], scope["hp"]
+    assert scope["augmented_trainer"].module is model and scope["trainer"].takes_sample is False
+    # 4 training steps updated the batch norm's running statistics, the 2 validation steps did not.
+    assert model[1].num_batches_tracked == 4
+    assert not model.training                                     # the block's own eval(), kept by no step
+    assert scope["tuned"].shape == (2,) and torch.equal(scope["tuned"], hp.unconstrained.detach())
+    assert scope["logits"].shape == (32, 10) and torch.isfinite(scope["logits"]).all()
+    assert hp.unconstrained.grad is not None and hp.unconstrained.grad.abs().sum() > 0   # λ got a hypergradient
+
+
 # A string only its block has -> the check of what it built; "torchrun" blocks run as a script on 2 processes.
 CHECKS = {
     "class HyperMLP": _check_first_model,
@@ -136,6 +147,7 @@ CHECKS = {
     "stn_kernels.freeze(net, lam)": _check_freeze,
     "dist.init_process_group": "torchrun",
     "class WordLM": _check_time_major,
+    "augmented_trainer": _check_trainer_page,
 }
 
 

@@ -1,5 +1,6 @@
-"""STNTrainer(compile=...): each step's forward half is one graph (no graph break) for the README's MLP and the CNN
-and LSTM language model of docs/layers.md, and compiled training follows the eager trajectory."""
+"""STNTrainer(compile=...): each step's forward half is one graph (no graph break) for the README's MLP, the CNN
+and LSTM language model of docs/layers.md and a converted plain model given to the trainer itself, and compiled
+training follows the eager trajectory."""
 
 import copy
 import re
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_readme import ROOT, _block_after
 
+import stn_kernels
 from stn_kernels import stn
 from stn_kernels.stn import Hyperparameter, HyperparameterSet
 
@@ -55,7 +57,8 @@ def _problems():
         def model_fn(x, sample):
             return net(x, sample.layer_input, sample["dropout"] if sample.regularize else None)
 
-        return stn.STNTrainer(model_fn, F.cross_entropy, hp, torch.optim.Adam(net.parameters(), 1e-3), **kwargs)
+        return stn.STNTrainer(model_fn, F.cross_entropy, hp, torch.optim.Adam(net.parameters(), 1e-3), module=net,
+                              **kwargs)
 
     vocab, steps = 30, 5
     lm_data = (torch.randint(0, vocab, (steps, B)), torch.randint(0, vocab, (B, steps)))
@@ -70,9 +73,31 @@ def _problems():
             return logits.permute(1, 2, 0)
 
         return stn.STNTrainer(model_fn, F.cross_entropy, hp, torch.optim.Adam(model.parameters(), 1e-3),
-                              constrained_layer_input=True, **kwargs)
+                              constrained_layer_input=True, module=model, **kwargs)
 
-    return [("mlp", mlp, mlp_data), ("cnn", cnn, cnn_data), ("lm", lm, lm_data)]
+    converted_data = (torch.randn(B, 64), torch.randint(0, 10, (B,)))
+
+    def converted(**kwargs):
+        torch.manual_seed(4)
+        hp = copy.deepcopy(scope["hp"])
+        net = _converted_plain_model(len(hp))
+        return stn.STNTrainer(net, F.cross_entropy, hp, torch.optim.Adam(net.parameters(), 1e-3), **kwargs)
+
+    return [("mlp", mlp, mlp_data), ("cnn", cnn, cnn_data), ("lm", lm, lm_data),
+            ("converted", converted, converted_data)]
+
+
+def _converted_plain_model(num_hparams):
+    """A plain torch.nn MLP with dropout and batch norm, converted: the trainer calls it as model(inputs) inside
+    stn_kernels.hparams and switches its train/eval mode."""
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(32, 10))
+    net = stn_kernels.convert(plain, num_hparams=num_hparams)
+    with torch.no_grad():   # a visible hyper path (convert starts it at zero), so that λ moves
+        for m in net.modules():
+            if getattr(m, "context_hparams", False):
+                m.hparam_weight.normal_(0.0, 0.5)
+    return net
 
 
 PROBLEMS = {name: (factory, data) for name, factory, data in _problems()}
@@ -85,8 +110,8 @@ def test_readme_models_train_and_valid_steps_are_one_graph(name):
     noise = trainer._noise(targets.shape[0])
     # The function compile=True hands to torch.compile, with the arguments of a training and a validation step.
     for training, args in ((True, (noise, True, False, False)), (False, (noise, False, True, True))):
-        trainer._set_mode(training)
-        explained = torch._dynamo.explain(trainer._loss)(inputs, targets, *args)
+        with trainer._mode(training):
+            explained = torch._dynamo.explain(trainer._loss)(inputs, targets, *args)
         reasons = [str(r.reason) for r in explained.break_reasons]
         assert explained.graph_break_count == 0 and explained.graph_count == 1, (name, training, reasons)
 
@@ -132,6 +157,37 @@ def test_compiled_trainer_follows_the_eager_trajectory(variant):
     assert_close_rel(losses[True], losses[False], torch.float32, "losses")
     for name, expected in states[False].items():
         assert_close_rel(states[True][name], expected, torch.float32, name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_module_path_follows_the_eager_trajectory(device):
+    """A converted plain model given to the trainer itself: called as model(inputs) inside the hparams block (in
+    the compiled graph), nn.Dropout and BatchNorm1d switched between train and eval mode around every step. On
+    CUDA the compiled run uses CUDA graphs (the default mode)."""
+    torch.manual_seed(0)
+    data = (torch.randn(B, 64, device=device), torch.randint(0, 10, (B,), device=device))
+    states, losses = {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        hp = HyperparameterSet([Hyperparameter("dropout", 0.05, 0.0, 0.9), Hyperparameter("noise", 0.05, 0.0, 1.0)],
+                               device=device)
+        net = _converted_plain_model(len(hp)).to(device)
+        # SGD, not Adam: the gradient of the bias before the batch norm is 0 in exact arithmetic, and Adam would
+        # turn its rounding noise (another in each graph) into steps of ±lr.
+        trainer = stn.STNTrainer(net, F.cross_entropy, hp, torch.optim.SGD(net.parameters(), 1e-2), warmup_steps=1,
+                                 generator=torch.Generator(device).manual_seed(3),
+                                 compile={"fullgraph": True} if compiled else False)
+        with torch._inductor.config.patch(fallback_random=True):
+            results = _run(trainer, data, cycles=3)
+        states[compiled] = {**{n: t.detach().clone() for n, t in net.state_dict().items()},
+                            "lambda": hp.unconstrained.detach().clone(), "rho": hp.raw_scale.detach().clone()}
+        losses[compiled] = torch.stack([r.loss_tensor for r in results])
+        assert net[1].num_batches_tracked == 6   # 6 training steps updated the running statistics, 3 valid did not
+    assert_close_rel(losses[True], losses[False], torch.float32, "losses")
+    for name, expected in states[False].items():
+        assert_close_rel(states[True][name], expected, torch.float32, name)
+    assert not torch.equal(states[False]["lambda"].cpu(), HyperparameterSet(
+        [Hyperparameter("dropout", 0.05, 0.0, 0.9), Hyperparameter("noise", 0.05, 0.0, 1.0)]).unconstrained)
 
 
 def test_step_result_reads_the_loss_only_when_asked():

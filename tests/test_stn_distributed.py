@@ -87,6 +87,23 @@ def test_weights_lambda_and_sigma_are_identical_on_every_rank(ranks, scenario):
         assert not torch.equal(first["end"]["rho"], first["start"]["rho"])   # σ was tuned too
 
 
+@pytest.mark.parametrize("scenario", ["ddp_frozen", "delta_ddp_frozen"])
+def test_frozen_parameters_stay_and_the_rest_trains_identically_on_every_rank(ranks, scenario):
+    first, second = _scenario(ranks, scenario)
+    assert _same(first["end"], second["end"])
+    for name, value in first["start"]["weights"].items():
+        assert torch.equal(value, first["end"]["weights"][name]) == name.startswith("fc1."), name
+    assert bool((first["start"]["lam"] != first["end"]["lam"]).all())
+
+
+def test_a_converted_model_given_as_the_model_trains_identically_on_every_rank(ranks):
+    """DDP(converted plain model): the trainer looks through DDP's forward(*inputs) to the model's forward(x) and
+    calls it inside the hparams block."""
+    first, second = _scenario(ranks, "ddp_module_path")
+    assert first["takes_sample"] is False
+    assert _moved(first["start"], first["end"]) and _same(first["end"], second["end"])
+
+
 def test_each_rank_draws_its_own_perturbations_and_dropout_masks(ranks):
     first, second = _scenario(ranks, "ddp")
     # Same λ on both ranks at the first training step, so a difference is ε's.

@@ -15,6 +15,10 @@ A self-tuning loop in a few lines (see ``examples/stn_digits.py`` for a complete
     for _ in range(cycles):
         trainer.step(next_train_batch, next_valid_batch)   # T_train weight steps, T_valid λ/σ steps
 
+A model :func:`stn_kernels.convert` made from a plain torch.nn one is given as it is:
+``stn.STNTrainer(model, ...)`` calls ``model(inputs)`` inside ``with sample.hparams():`` (λ for its converted
+layers) and switches it between train and eval mode around every step (docs/trainer.md).
+
 Data parallel (DDP, FSDP2): the trainer keeps λ and σ identical on every rank and gives each rank its
 own random streams; ``sync_hyperparameters``, ``average_hyperparameter_grads`` and ``seed_rank_streams``
 do the same in a loop of your own (``stn/distributed.py``).

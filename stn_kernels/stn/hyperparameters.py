@@ -38,6 +38,8 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..hparams_context import hparams as hparams_block
+
 TRANSFORMS = ("auto", "sigmoid", "softplus", "identity")
 
 # log(σ·√(2πe)) is the entropy of N(0, σ²); this is the constant part.
@@ -209,6 +211,18 @@ class HyperparameterSample:
     @property
     def batch_size(self) -> int:
         return self.values.shape[0]
+
+    def rates(self) -> "OrderedDict[str, Tensor]":
+        """Every hyperparameter's [B] constrained values by name: the per-example rates that the dropouts
+        :func:`stn_kernels.convert` tuned read from ``stn_kernels.hparams(..., rates=...)``."""
+        return OrderedDict((name, self.values[:, i]) for i, name in enumerate(self.names))
+
+    def hparams(self, *, batch_dim: Optional[int] = None):
+        """``with sample.hparams(): out = model(x)``: the :func:`stn_kernels.hparams` block of this batch, for a
+        model :func:`stn_kernels.convert` made from a plain one: λ = ``layer_input`` and, when ``regularize``
+        (training steps), :meth:`rates`; ``batch_dim`` as the block takes it (1: time-major ``[T, B, ...]``).
+        What :class:`~stn_kernels.stn.STNTrainer` does around ``model(inputs)``."""
+        return hparams_block(self.layer_input, batch_dim=batch_dim, rates=self.rates() if self.regularize else None)
 
 
 # --------------------------------------------------------------------------- the container

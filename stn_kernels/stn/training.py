@@ -1,9 +1,13 @@
 """Algorithm 1 of the STN paper (and the Delta-STN variant) as steps for your own loop.
 
-The model is any callable ``model_fn(inputs, sample) -> output`` where ``sample`` is a
+The model is either a model :func:`stn_kernels.convert` made from a plain one, called as ``model(inputs)``
+inside ``with sample.hparams():`` (λ for its converted layers, per-example rates for the dropouts it tuned),
+or any callable ``model_fn(inputs, sample) -> output`` where ``sample`` is a
 :class:`~stn_kernels.stn.HyperparameterSample`: feed ``sample.layer_input`` to the hyper
 layers, use ``sample[name]`` for the regularisers and apply them only when
-``sample.regularize`` is True. ``criterion(output, targets)`` gives the loss.
+``sample.regularize`` is True (``stn/model_call.py`` tells the two apart). ``criterion(output, targets)``
+gives the loss. The module the trainer can see is in train mode for training steps and in eval mode for
+validation steps (dropout off, batch-norm statistics left alone), and back in its own modes after each step.
 
 Training step (T_train of them per cycle)
     λ_b = λ + σ ⊙ ε_b (detached), regularisers on, one step of the weight optimiser on the
@@ -23,16 +27,18 @@ Delta-STN (``delta_stn=True``)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..modules import HyperConv2d, HyperEmbedding, HyperLinear
-from . import distributed
+from . import distributed, model_call
 from .hyperparameters import HyperparameterSample, HyperparameterSet
 
 # Parameters of our layers that make up the response (the part that depends on λ).
@@ -95,9 +101,37 @@ class StepResult:
     def loss(self) -> float:
         return float(self.loss_tensor)
 
+    def __repr__(self) -> str:
+        # The loss as a number and the output's shape, never whole tensors (a batch of logits would fill a screen).
+        output = self.output
+        if isinstance(output, Tensor):
+            output = f"Tensor(shape={tuple(output.shape)}, dtype={output.dtype})"
+        return f"StepResult(kind={self.kind!r}, loss={self.loss:.6g}, output={output})"
+
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> List[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _trainable(params: Iterable[Tensor]) -> List[Tensor]:
+    """The parameters a step differentiates: frozen ones (``requires_grad=False``) get no gradient, as with a plain
+    ``loss.backward()``."""
+    return [p for p in params if p.requires_grad]
+
+
+def _describe_batch(batch) -> str:
+    if isinstance(batch, Tensor):
+        return f"a Tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} item(s)"
+    return f"a {type(batch).__name__}"
+
+
+def _next_batch(next_batch: Callable[[], tuple], name: str) -> tuple:
+    batch = next_batch()
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{name}: expected it to return an (inputs, targets) pair, got {_describe_batch(batch)}")
+    return batch
 
 
 def _check_optimizer(value, name: str, required: bool = True) -> None:
@@ -132,13 +166,31 @@ def _check_count(value, name: str, minimum: int) -> int:
     return value
 
 
+def _batch_tensor(inputs, targets):
+    """What the batch size is read from: the inputs if a tensor, else the first item of a tuple or list of
+    inputs if a tensor, else the targets."""
+    if isinstance(inputs, Tensor):
+        return inputs, "inputs"
+    if isinstance(inputs, (tuple, list)) and inputs and isinstance(inputs[0], Tensor):
+        return inputs[0], "inputs[0]"
+    return targets, "targets"
+
+
 class STNTrainer:
     """The steps of Algorithm 1 around your model, data and optimisers.
 
     Arguments:
-        model_fn: ``model_fn(inputs, sample) -> output``. If it is an ``nn.Module`` the trainer puts
-            it in train mode for training steps and eval mode for validation steps (so dropout
-            modules and batch norm follow the published code).
+        model_fn: the model. A model :func:`stn_kernels.convert` made from a plain one (its forward takes the
+            inputs only) is called as ``model(inputs)`` inside ``with sample.hparams(batch_dim=...):``, i.e.
+            ``stn_kernels.hparams(sample.layer_input, batch_dim=..., rates=...)`` (the rates: every
+            hyperparameter's per-example constrained values by name, in training steps only, read by the
+            dropouts ``convert`` tuned). A model or function taking ``(inputs, sample)`` is called as
+            ``model_fn(inputs, sample)`` and feeds λ to its layers itself. Which one is read from the signature
+            (see ``takes_sample``). The module the trainer can see (``model_fn`` if it is an ``nn.Module``,
+            else ``module``) is put in train mode for training steps and in eval mode for validation steps
+            (dropout off, batch-norm running statistics untouched, as in the published code), and every
+            submodule is back in its own mode after the step. A function that uses a module it does not name
+            (a lambda over the model) gets one warning: pass the module itself, or ``module=``.
         criterion: ``criterion(output, targets) -> scalar loss``.
         hparams: the :class:`HyperparameterSet` being tuned.
         weight_optimizer: the model's weights (for Delta-STN: the general weights only, see
@@ -172,6 +224,21 @@ class STNTrainer:
             ``randn``), so it is the same draw as in eager mode; dropout seeds drawn inside the graph come
             from the compiled RNG unless ``torch._inductor.config.fallback_random`` is set. Delta-STN's
             linearised response step (``linearize=True``) differentiates inside its forward and stays eager.
+        takes_sample: the call convention. None (default) reads it from the signature (of the forward for a
+            module; DDP, DataParallel and ``torch.compile`` wrappers are looked through): two required
+            positional arguments, or a second one named ``sample`` (or annotated ``HyperparameterSample``),
+            mean ``model_fn(inputs, sample)``; one positional argument (the rest optional) means
+            ``model(inputs)`` in the hparams block; ``*args`` alone, or a signature that cannot be read, keeps
+            ``(inputs, sample)``. True or False states it (ValueError if the signature cannot take that call).
+        module: the ``nn.Module`` to switch between train and eval mode when ``model_fn`` is a function that
+            uses it (and whose converted layers state the batch dimension). Default: ``model_fn`` if it is one.
+        batch_dim: where the examples lie in the inputs: 0 (``[B, ...]``) or 1 (time-major ``[T, B, ...]``,
+            ``nn.LSTM``'s default layout). The batch size B (the rows of λ_b) is the inputs' size along it (the
+            first item of a tuple or list of inputs; the targets when the inputs hold no tensor first), and the
+            hparams block gets it. None (default): for a model called as ``model(inputs)``, the dimension its
+            converted layers state (``hparams_batch_dim``, set by ``convert``; 0 if none states one; ValueError
+            if they differ); for ``model_fn(inputs, sample)``, B is the targets' first dim, as before this
+            option existed. Time-major models with ``[T, B]`` or flattened ``[T·B]`` targets need it.
     """
 
     def __init__(self, model_fn: Callable, criterion: Callable, hparams: HyperparameterSet,
@@ -184,9 +251,11 @@ class STNTrainer:
                  delta_stn: bool = False, linearize: bool = False,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                  sync_hyperparameters: bool = True, process_group=None,
-                 compile=False) -> None:
+                 compile=False, takes_sample: Optional[bool] = None, module: Optional[nn.Module] = None,
+                 batch_dim: Optional[int] = None) -> None:
         if not callable(model_fn):
-            raise TypeError(f"model_fn: expected a callable (inputs, sample) -> output, got {type(model_fn).__name__}")
+            raise TypeError(f"model_fn: expected an nn.Module or a callable (inputs, sample) -> output, "
+                            f"got {type(model_fn).__name__}")
         if not callable(criterion):
             raise TypeError(f"criterion: expected a callable (output, targets) -> loss, got {type(criterion).__name__}")
         if not isinstance(hparams, HyperparameterSet):
@@ -208,7 +277,13 @@ class STNTrainer:
         if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) \
                 or not math.isfinite(entropy_weight) or entropy_weight < 0:
             raise ValueError(f"entropy_weight: expected a finite float >= 0, got {entropy_weight!r}")
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected the nn.Module whose train/eval mode the trainer switches, "
+                            f"got {type(module).__name__}")
+        if batch_dim is not None and (isinstance(batch_dim, bool) or batch_dim not in (0, 1)):
+            raise ValueError(f"batch_dim: expected None, 0 or 1 (1: time-major [T, B, ...] inputs), got {batch_dim!r}")
         self.model_fn = model_fn
+        self._take_model(model_fn, takes_sample, module, batch_dim)
         self.criterion = criterion
         self.hparams = hparams
         self.weight_optimizer = weight_optimizer
@@ -252,37 +327,95 @@ class STNTrainer:
     def in_warmup(self) -> bool:
         return self.train_steps_done < self.warmup_steps
 
-    def _set_mode(self, training: bool) -> None:
-        if isinstance(self.model_fn, nn.Module):
-            self.model_fn.train(training)
+    def _take_model(self, model_fn, takes_sample: Optional[bool], module: Optional[nn.Module],
+                    batch_dim: Optional[int]) -> None:
+        """The call convention, the module to switch between train and eval mode, and the batch dimension (None:
+        the targets' first dim, the (inputs, sample) call's rule before ``batch_dim`` existed); warns (stack level
+        of the user's ``STNTrainer(...)``) where the trainer cannot do what the user most likely expects."""
+        self.takes_sample = model_call.takes_sample(model_fn, takes_sample)
+        self.module = module if module is not None else model_fn if isinstance(model_fn, nn.Module) else None
+        hidden = model_call.modules_behind(model_fn) if self.module is None else []
+        if hidden:
+            found = ", ".join(f"{type(m).__name__} ({where})" for where, m in hidden[:3])
+            warnings.warn(f"STNTrainer: model_fn is not an nn.Module, so the trainer cannot switch train/eval mode "
+                          f"for the module(s) it uses: {found}; validation steps would run with dropout on and update "
+                          f"batch-norm statistics. Pass the module itself as model_fn (a converted model is called as "
+                          f"model(inputs) inside stn_kernels.hparams), or name it: STNTrainer(..., module=model)",
+                          stacklevel=3)
+        self.batch_dim = batch_dim
+        if self.takes_sample:
+            return
+        if batch_dim is None:
+            self.batch_dim = 0 if self.module is None else model_call.layers_batch_dim(self.module)
+        if self.module is not None and not model_call.reads_hparams(self.module):
+            warnings.warn(f"STNTrainer: {model_call.describe(model_fn)} is called as model(inputs) inside "
+                          f"stn_kernels.hparams(...), but no layer of {type(self.module).__name__} takes λ from that "
+                          f"block (none was converted by stn_kernels.convert(model, num_hparams=H)), so λ gets no "
+                          f"gradient; convert the model first, or pass a model_fn(inputs, sample)", stacklevel=3)
+
+    @contextlib.contextmanager
+    def _mode(self, training: bool) -> Iterator[None]:
+        """The module in train (training steps) or eval mode (validation steps) for the block, then every
+        submodule back in the mode it had (a batch norm kept in eval mode by the user stays so)."""
+        if self.module is None:
+            yield
+            return
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.train(training)
+        try:
+            yield
+        finally:
+            for m, was_training in modes:
+                m.training = was_training
 
     def _sample(self, batch: Tensor, regularize: bool) -> HyperparameterSample:
         return self.hparams.make_sample(batch, regularize=regularize, constrained=self.constrained_layer_input,
                                         centre=self.delta_stn)
 
-    def _backward_inputs(self, optimizer: torch.optim.Optimizer) -> Optional[List[Tensor]]:
-        return _optimizer_params(optimizer) if self._restrict_backward else None
+    def _call_model(self, inputs, sample: HyperparameterSample):
+        """The model's output on ``inputs`` under ``sample``, in the model's call convention."""
+        if self.takes_sample:
+            return self.model_fn(inputs, sample)
+        with sample.hparams(batch_dim=self.batch_dim):
+            return self.model_fn(inputs)
 
-    def _batch_size(self, targets) -> int:
-        if isinstance(targets, Tensor) and targets.dim() > 0:
-            return targets.shape[0]
-        shape = f" of shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else ""
-        raise TypeError(f"targets: expected a tensor whose first dim is the batch, got {type(targets).__name__}{shape}")
+    def _batch_size(self, inputs, targets) -> int:
+        if self.batch_dim is None:
+            if isinstance(targets, Tensor) and targets.dim() > 0:
+                return targets.shape[0]
+            shape = f" of shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else ""
+            raise TypeError(f"targets: expected a tensor whose first dim is the batch (or state where the examples "
+                            f"lie in the inputs with STNTrainer(..., batch_dim=0 or 1)), got "
+                            f"{type(targets).__name__}{shape}")
+        source, name = _batch_tensor(inputs, targets)
+        if not isinstance(source, Tensor) or source.dim() <= self.batch_dim:
+            shape = f" of shape {tuple(source.shape)}" if isinstance(source, Tensor) else ""
+            raise ValueError(f"{name}: expected a tensor with the examples along dim {self.batch_dim} "
+                             f"(batch_dim={self.batch_dim}), got {type(source).__name__}{shape}")
+        return source.shape[self.batch_dim]
 
     def evaluation_sample(self, batch_size: int) -> HyperparameterSample:
         """The current λ for every example, regularisers off: what evaluation uses."""
         with torch.no_grad():
             return self._sample(self.hparams.repeat(batch_size).detach(), regularize=False)
 
+    def tuned_layer_input(self) -> Tensor:
+        """The [H] layer input at the current λ, unperturbed, as this trainer feeds the layers: λ itself,
+        T(λ) with ``constrained_layer_input=True``, zeros with ``delta_stn=True`` (the centred input λ − λ).
+        Detached. ``with stn_kernels.hparams(trainer.tuned_layer_input()): model(x)`` is the model at the tuned
+        λ (every example alike, as :meth:`evaluation_sample`), and :func:`stn_kernels.freeze` folds it in."""
+        with torch.no_grad():
+            return self.evaluation_sample(1).layer_input[0].clone()
+
     def _loss(self, inputs, targets, noise: Optional[Tensor], regularize: bool, differentiate_hparams: bool,
               entropy_term: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """(objective, loss, output) at λ_b = λ + σ ⊙ noise (λ itself if noise is None); what ``compile``
         turns into one graph. Training steps do not differentiate the hyperparameters."""
-        batch_size = targets.shape[0]
+        batch_size = self._batch_size(inputs, targets)
         batch = self.hparams.repeat(batch_size) if noise is None else self.hparams.perturb(batch_size, noise=noise)
         if not differentiate_hparams:
             batch = batch.detach()
-        out = self.model_fn(inputs, self._sample(batch, regularize=regularize))
+        out = self._call_model(inputs, self._sample(batch, regularize=regularize))
         loss = self.criterion(out, targets)
         objective = loss - self.entropy_weight * self.hparams.entropy() if entropy_term else loss
         return objective, loss, out
@@ -312,54 +445,64 @@ class STNTrainer:
             return self.hparams.noise(batch_size, generator=self.generator)
 
     def _update(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-        loss.backward(inputs=self._backward_inputs(optimizer))
+        """``loss.backward(); optimizer.step()`` for the optimizer's trainable parameters: frozen ones
+        (``requires_grad=False``) get no gradient and do not move, as with a plain loop; with every one frozen
+        there is nothing to differentiate."""
+        trainable = _trainable(_optimizer_params(optimizer))
+        if self._restrict_backward:
+            if trainable:
+                loss.backward(inputs=trainable)
+        elif trainable or loss.requires_grad:
+            loss.backward()
         optimizer.step()
 
     # -- the steps
 
     def train_step(self, inputs, targets) -> List[StepResult]:
         """One training step on perturbed λ_b (two updates, general then response, for Delta-STN)."""
-        batch_size = self._batch_size(targets)
-        kind = "warmup" if self.in_warmup else "train"
-        self._set_mode(True)
-        results = []
-        noise = self._noise(batch_size)
-        if self.delta_stn:
-            # General weights at the current λ: centred input 0, regularisers at λ itself.
-            self.weight_optimizer.zero_grad()
-            loss, _, out = self._run_loss(inputs, targets, None, True, False, False)
-            self._update(self.weight_optimizer, loss)
-            results.append(StepResult(kind, loss.detach(), out.detach()))
-            # Response parameters on perturbed λ_b.
-            self.response_optimizer.zero_grad()
-            if self.linearize:
-                with torch.no_grad():
-                    perturbed = self.hparams.perturb(batch_size, noise=noise)
-                sample = self._sample(perturbed, regularize=True)
-                out = linearized_output(self.model_fn, inputs, sample, sample.layer_input.detach())
-                loss = self.criterion(out, targets)
-            else:
-                loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
-            self._update(self.response_optimizer, loss)
-            results.append(StepResult("response", loss.detach(), out.detach()))
-        else:
-            self.weight_optimizer.zero_grad()
-            loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
-            self._update(self.weight_optimizer, loss)
-            results.append(StepResult(kind, loss.detach(), out.detach()))
+        batch_size = self._batch_size(inputs, targets)
+        with self._mode(True):
+            results = self._train_step(inputs, targets, batch_size)
         self.train_steps_done += 1
         return results
 
+    def _train_step(self, inputs, targets, batch_size: int) -> List[StepResult]:
+        kind = "warmup" if self.in_warmup else "train"
+        noise = self._noise(batch_size)
+        self.weight_optimizer.zero_grad()
+        if not self.delta_stn:
+            loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
+            self._update(self.weight_optimizer, loss)
+            return [StepResult(kind, loss.detach(), out.detach())]
+        # Delta-STN. General weights at the current λ: centred input 0, regularisers at λ itself.
+        loss, _, out = self._run_loss(inputs, targets, None, True, False, False)
+        self._update(self.weight_optimizer, loss)
+        results = [StepResult(kind, loss.detach(), out.detach())]
+        # Response parameters on perturbed λ_b.
+        self.response_optimizer.zero_grad()
+        if self.linearize:
+            with torch.no_grad():
+                perturbed = self.hparams.perturb(batch_size, noise=noise)
+            sample = self._sample(perturbed, regularize=True)
+            out = linearized_output(self._call_model, inputs, sample, sample.layer_input.detach())
+            loss = self.criterion(out, targets)
+        else:
+            loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
+        self._update(self.response_optimizer, loss)
+        results.append(StepResult("response", loss.detach(), out.detach()))
+        return results
+
     def valid_step(self, inputs, targets) -> StepResult:
-        """One hyperparameter step: validation loss − τ·entropy, regularisers off."""
-        batch_size = self._batch_size(targets)
-        self._set_mode(False)
-        noise = self._noise(batch_size) if self.tune_scales else None
-        objective, loss, out = self._run_loss(inputs, targets, noise, False, True, self.tune_scales)
+        """One hyperparameter step: validation loss − τ·entropy, regularisers off, the module in eval mode."""
+        batch_size = self._batch_size(inputs, targets)
+        with self._mode(False):
+            noise = self._noise(batch_size) if self.tune_scales else None
+            objective, loss, out = self._run_loss(inputs, targets, noise, False, True, self.tune_scales)
         optimizers = [self.hparam_optimizer] + ([self.scale_optimizer] if self.tune_scales else [])
-        params = [p for opt in optimizers for p in _optimizer_params(opt)]
-        # Only the hyperparameters are differentiated: no weight gradient is formed or accumulated.
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        # Only the (trainable) hyperparameters are differentiated: no weight gradient is formed or accumulated.
+        params = _trainable(p for opt in optimizers for p in _optimizer_params(opt))
+        grads = torch.autograd.grad(objective, params, allow_unused=True) if params and objective.requires_grad \
+            else [None] * len(params)
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
         if self.world_size > 1 and self.sync_hyperparameters:
@@ -373,13 +516,17 @@ class STNTrainer:
 
     def step(self, next_train_batch: Callable[[], tuple], next_valid_batch: Callable[[], tuple]) -> List[StepResult]:
         """One cycle of Algorithm 1: T_train training steps, then T_valid validation steps once the warm-up
-        is over. ``next_*_batch()`` return ``(inputs, targets)``."""
+        is over. ``next_*_batch()`` return ``(inputs, targets)`` (e.g. :func:`cycle_batches` of a DataLoader)."""
+        for source, name in ((next_train_batch, "next_train_batch"), (next_valid_batch, "next_valid_batch")):
+            if not callable(source):
+                raise TypeError(f"{name}: expected a callable returning (inputs, targets), e.g. "
+                                f"stn.cycle_batches(loader), got {type(source).__name__}")
         results = []
         for _ in range(self.train_steps):
-            results += self.train_step(*next_train_batch())
+            results += self.train_step(*_next_batch(next_train_batch, "next_train_batch"))
         if not self.in_warmup:
             for _ in range(self.valid_steps):
-                results.append(self.valid_step(*next_valid_batch()))
+                results.append(self.valid_step(*_next_batch(next_valid_batch, "next_valid_batch")))
         return results
 
 
