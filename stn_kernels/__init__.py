@@ -29,6 +29,7 @@ from .functional import (
 )
 from .hparams_context import hparams
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules_attention import HyperMultiheadAttention
 from .modules_lstm import HyperLSTM, HyperLSTMCell
 
 __version__ = "0.1.0"
@@ -39,4 +40,5 @@ __all__ = [
     "hparams", "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
     "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "stn", "use_backend",
+    "HyperMultiheadAttention",
 ]
