@@ -236,7 +236,7 @@ class HyperMultiheadAttention(nn.Module):
                              f"{0 if self.batch_first else 1} of query of shape {query_shape}, batch_first="
                              f"{self.batch_first}), got shape {tuple(hparams.shape)}")
 
-    def _check_masks(self, key_padding_mask, attn_mask, query: Tensor, batched: bool, batch: int, tgt_len: int,
+    def _check_masks(self, key_padding_mask, attn_mask, batched: bool, batch: int, tgt_len: int,
                      src_len: int) -> None:
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is None:
@@ -244,9 +244,6 @@ class HyperMultiheadAttention(nn.Module):
             check_tensor(mask, name, floating=False)
             if mask.dtype != torch.bool and not mask.is_floating_point():
                 raise TypeError(f"{name}: expected a bool or floating-point tensor, got dtype {mask.dtype}")
-            if mask.is_floating_point() and mask.dtype != query.dtype and not any_autocast():
-                raise TypeError(f"{name}: expected dtype torch.bool or {query.dtype} (the dtype of query), got "
-                                f"{mask.dtype}")
         if key_padding_mask is not None:
             expected = (batch, src_len) if batched else (src_len,)
             if tuple(key_padding_mask.shape) != expected:
@@ -316,7 +313,7 @@ class HyperMultiheadAttention(nn.Module):
         batch, tgt_len = query.shape[:2]
         src_len = key.shape[1]
         self._check_hparams(hparams, query_shape, batched, batch)
-        self._check_masks(key_padding_mask, attn_mask, query, batched, batch, tgt_len, src_len)
+        self._check_masks(key_padding_mask, attn_mask, batched, batch, tgt_len, src_len)
         if is_causal and attn_mask is None:
             raise ValueError("is_causal: True needs attn_mask (the causal mask, as nn.MultiheadAttention: "
                              "nn.Transformer.generate_square_subsequent_mask makes one), got attn_mask=None")
@@ -332,6 +329,8 @@ class HyperMultiheadAttention(nn.Module):
                                           target_type=query.dtype, check_other=False)
             if key_padding_mask is not None:
                 is_causal = False
+        # A float mask of another dtype is added in the query's (as F.scaled_dot_product_attention does).
+        key_padding_mask, attn_mask = (None if m is None else m.to(query.dtype) for m in (key_padding_mask, attn_mask))
         rates = self._dropout_rates(batch)
         q, k, v = self._in_projection(query, key, value, hparams)
         if self.bias_k is not None and self.bias_v is not None:

@@ -278,6 +278,16 @@ def test_gradcheck_in_float64_lambda_and_query(config):
                                         (lam, x))
 
 
+def test_a_float_mask_of_another_dtype_is_added_in_the_querys_as_sdpa_does():
+    plain, hyper = _pair()
+    inputs = _inputs(plain, False)
+    mask = torch.randn(L, S, dtype=torch.float32)
+    want = plain(*inputs, attn_mask=mask, need_weights=False)[0]   # (with weights nn.MultiheadAttention raises)
+    _assert_same(hyper(*inputs, attn_mask=mask, need_weights=False)[0], want, "SDPA path")
+    _assert_same(hyper(*inputs, attn_mask=mask)[0], want, "explicit path")
+    _assert_same(hyper(*inputs, attn_mask=mask.double())[0], want, "float64 mask")
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_training_mode_dropout_draws_what_nn_multihead_attention_draws(need_weights):
     plain, hyper = _pair(dropout=0.4)
@@ -491,8 +501,8 @@ def _bad_calls():
          r"key_padding_mask: expected a bool or floating-point tensor, got dtype torch.int64"),
         ((q, k, k), {"attn_mask": torch.zeros(L, L, dtype=torch.bool)}, ValueError,
          r"attn_mask: expected shape \(5, 7\) \(\[L, S\]\) or \(9, 5, 7\)"),
-        ((q, k, k), {"attn_mask": torch.zeros(L, S)}, TypeError,
-         r"attn_mask: expected dtype torch.bool or torch.float64"),
+        ((q, k, k), {"attn_mask": torch.zeros(L, S, dtype=torch.int32)}, TypeError,
+         r"attn_mask: expected a bool or floating-point tensor, got dtype torch.int32"),
         ((q, k, k), {"is_causal": True}, ValueError, r"is_causal: True needs attn_mask"),
     ]
 

@@ -90,6 +90,16 @@ def _check_backends(scope):
     assert_close_rel(scope["y"].detach(), naive, torch.float32)
 
 
+def _check_transformers(scope):
+    from stn_kernels.modules_attention import HyperTransformerEncoder
+
+    encoder, lam = scope["encoder"], scope["lam"]
+    assert type(encoder) is HyperTransformerEncoder and len(scope["report"].converted) == 2 * 4 + 1
+    assert scope["out"].shape == scope["y"].shape == (4, 10, 16) and torch.isfinite(scope["y"]).all()
+    assert lam.grad is not None and lam.grad.shape == (4, 2)
+    assert type(scope["attention"]) is torch.nn.MultiheadAttention
+
+
 def _run_torchrun_script(block, tmp_path):
     script = tmp_path / "stn_ddp.py"
     script.write_text(block, encoding="utf-8")
@@ -117,6 +127,7 @@ CHECKS = {
     "stn.augment(images": _check_augment,
     'use_backend("reference")': _check_backends,
     "dist.init_process_group": "torchrun",
+    'dropout_hparam = "attention_dropout"': _check_transformers,
 }
 
 
