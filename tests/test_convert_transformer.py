@@ -155,7 +155,7 @@ def test_attention_it_cannot_reproduce_is_left_whole_reported_and_refused_alone(
 
 # ----------------------------------------------------------------------------- encoder layers and encoders
 
-def _masks(kind, batch, length, batch_first):
+def _masks(kind, batch, length):
     kpm = torch.zeros(batch, length, dtype=torch.bool)
     kpm[0, length - 2:] = True   # left-aligned padding: what the nested-tensor path takes
     causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=D64)
@@ -174,7 +174,7 @@ def _encoder_layer(norm_first, batch_first=True):
 def test_converted_encoder_layer_applies_lambda_in_eval_under_no_grad(norm_first, mask):
     layer = _encoder_layer(norm_first)
     x = torch.randn(3, 5, 8, dtype=D64)
-    masks = _masks(mask, 3, 5, True)
+    masks = _masks(mask, 3, 5)
     layer.eval()
     with torch.enable_grad():   # torch's own slow path: the reference at λ = 0
         expected = layer(x, **masks).detach()
@@ -205,7 +205,7 @@ def test_converted_encoder_never_takes_the_nested_tensor_path(norm_first):
         encoder = nn.TransformerEncoder(_encoder_layer(norm_first), 2, norm=nn.LayerNorm(8, dtype=D64),
                                         enable_nested_tensor=True)
     x = torch.randn(3, 5, 8, dtype=D64)
-    kpm = _masks("padding", 3, 5, True)["src_key_padding_mask"]
+    kpm = _masks("padding", 3, 5)["src_key_padding_mask"]
     encoder.eval()
     converted, report = stn_kernels.convert(encoder, num_hparams=H, report=True)
     assert type(converted) is HyperTransformerEncoder and report.converted[-1] == (
@@ -337,6 +337,8 @@ def test_exclusions_and_no_num_hparams_leave_the_fast_path_where_nothing_is_conv
     stn_kernels.convert(layer, num_hparams=H, exclude="self_attn")
     assert type(layer) is HyperTransformerEncoderLayer and type(layer.self_attn) is nn.MultiheadAttention
     assert type(layer.linear1) is HyperLinear
+    _, again = stn_kernels.convert(layer, num_hparams=H, exclude="self_attn", report=True)   # again: nothing new
+    assert not again.converted and type(layer) is HyperTransformerEncoderLayer
     layer = _encoder_layer(False)
     _, report = stn_kernels.convert(nn.Sequential(layer), num_hparams=H, exclude=nn.TransformerEncoderLayer,
                                     report=True)
@@ -376,7 +378,7 @@ def test_fold_of_converted_encoder_gives_the_plain_encoder_at_lambda(norm_first,
     assert all(type(m).__module__.startswith("torch.") for m in plain.modules())
     assert type(converted) is HyperTransformerEncoder and plain.norm is converted.norm   # untouched, shared
     x = torch.randn(3, 5, 8, dtype=D64)
-    kpm = _masks("padding", 3, 5, True)["src_key_padding_mask"]
+    kpm = _masks("padding", 3, 5)["src_key_padding_mask"]
     with torch.no_grad(), stn_kernels.hparams(lam):
         want = converted(x, src_key_padding_mask=kpm)
         torch.testing.assert_close(plain(x), converted(x), rtol=1e-12, atol=1e-12)
