@@ -31,6 +31,7 @@ from .functional import (
 )
 from .hparams_context import hparams
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules_attention import HyperMultiheadAttention
 from .modules_dropout import TunedDropout, TunedDropout1d, TunedDropout2d, TunedDropout3d
 from .modules_lstm import HyperLSTM, HyperLSTMCell
 from .version import __version__ as __version__  # re-exported
@@ -41,5 +42,5 @@ __all__ = [
     "freeze", "hparams", "hyper_conv2d",
     "hyper_embedding", "hyper_linear", "hyper_lstm_layer", "hyper_lstm_recurrence", "input_scale",
     "per_example_channel_dropout", "per_example_dropout", "requested_backend", "revert", "show_config", "stn",
-    "TunedDropout", "TunedDropout1d", "TunedDropout2d", "TunedDropout3d", "use_backend",
+    "TunedDropout", "TunedDropout1d", "TunedDropout2d", "TunedDropout3d", "use_backend", "HyperMultiheadAttention",
 ]

@@ -19,6 +19,8 @@ Delta-STN linear / conv     ``general_weight``, ``response_weight``,            
 ``nn.Linear``/``nn.Conv2d``  (only with ``num_hparams``)                                  HyperLinear / HyperConv2d
 ``nn.Embedding``            (only with ``num_hparams``)                                  HyperEmbedding
 ``nn.LSTM``                 (only with ``num_hparams``) not bidirectional, no proj_size  TorchLayoutHyperLSTM
+``nn.MultiheadAttention``   (only with ``num_hparams``) packed or separate q/k/v,        HyperMultiheadAttention
+                            biases, ``add_bias_kv``, ``add_zero_attn``, ``batch_first``
 ==========================  ===========================================================  =====================
 
 The new layers take over the *same* ``nn.Parameter`` objects (no copy), so shared and tied
@@ -47,6 +49,12 @@ order (i, f, g, o) to ours in each forward, so they too are shared, not copied (
 converting keep working); outputs, states and gradients are nn.LSTM's without λ, train-mode ``dropout`` between
 layers included.
 
+An ``nn.MultiheadAttention`` becomes a :class:`~stn_kernels.HyperMultiheadAttention` over its own Parameters (its
+``out_proj`` included). An ``nn.TransformerEncoderLayer`` or ``nn.TransformerEncoder`` with converted modules inside
+gets its class swapped, in place, to one whose forward never takes PyTorch's fused fast path (which reads the weights
+directly and would ignore λ); subclasses of those two are left whole. The rules: :mod:`stn_kernels.convert_attention`
+and docs/transformers.md.
+
 A plain layer no Hyper layer can stand in for (a bidirectional ``nn.LSTM``, an ``nn.Embedding`` with ``max_norm``, a
 subclass, a parametrized or hooked layer, ...: see :func:`convert`) is left as it is and reported with the reason,
 the rest of the model converted; converting such a layer on its own (``convert(layer, num_hparams=H)``) raises
@@ -68,6 +76,13 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from .convert_attention import (
+    attention_lacks,
+    convert_attention,
+    fast_path_subclass,
+    restore_fast_path_containers,
+    swap_fast_path_container,
+)
 from .convert_published import (
     DropConnectHyperLinear,
     TimeMajorHyperEmbedding,
@@ -79,6 +94,7 @@ from .convert_published import (
 )
 from .convert_tuning import RatePlan, infer_batch_first
 from .modules import HyperConv2d, HyperEmbedding, HyperLinear
+from .modules_attention import HyperMultiheadAttention, HyperTransformerEncoder, HyperTransformerEncoderLayer
 from .modules_lstm import HyperLSTM, HyperLSTMCell
 
 __all__ = ["convert", "revert", "ConvertReport", "DropConnectHyperLinear", "TimeMajorHyperEmbedding",
@@ -154,13 +170,15 @@ class TorchLayoutHyperLSTM(HyperLSTM):
 def _convert_plain(module: nn.Module, num_hparams: int, where: str, batch_dim: int = 0) -> nn.Module:
     if isinstance(module, nn.LSTM):
         new = TorchLayoutHyperLSTM(module, num_hparams=num_hparams)
+    elif isinstance(module, nn.MultiheadAttention):
+        new = convert_attention(module, num_hparams)
     else:
         new = _convert_plain_layer(module, num_hparams)
         if isinstance(new, (HyperLinear, HyperEmbedding)):  # convolutions are batch first
             new.hparams_batch_dim = batch_dim  # λ's rows along dim 1 of a time-major [T, B, ...] input when 1
     with torch.no_grad():  # the hyper path adds (V·λ)⊙(W_h x) + (C·λ)⊙b_h = 0 until V, C learn
         for name, param in new.named_parameters():
-            if name.rpartition(".")[2] == "hparam_weight":
+            if name.endswith("hparam_weight"):  # also the attention's in_proj_hparam_weight
                 param.zero_()
     new.context_hparams = True  # λ from an enclosing stn_kernels.hparams(...) block when the forward gets none
     # Kept outside the module tree (not a submodule: no second copy of its parameters) for revert().
@@ -190,12 +208,14 @@ def _convert_plain_layer(module: nn.Module, num_hparams: int) -> nn.Module:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undoes :func:`convert` for the layers it made from plain ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and
-    ``nn.LSTM``: each is replaced, in place, by the original module, which holds the same weight and bias
-    Parameters (trained since, if they were); the hyper path's own parameters are dropped. Returns ``model``
-    (or the original layer if ``model`` itself is a converted one)."""
+    """Undoes :func:`convert` for the layers it made from plain ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
+    ``nn.LSTM`` and ``nn.MultiheadAttention``: each is replaced, in place, by the original module, which holds the
+    same weight and bias Parameters (trained since, if they were); the hyper path's own parameters are dropped.
+    Transformer encoder layers and encoders get their torch class back. Returns ``model`` (or the original layer if
+    ``model`` itself is a converted one)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    restore_fast_path_containers(model)
 
     def original(module: nn.Module) -> Optional[nn.Module]:
         found = module.__dict__.get("_stn_original")
@@ -239,7 +259,10 @@ class ConvertReport:
 
 # The plain torch.nn layers convert() swaps when num_hparams is given: of exactly these types (a subclass's forward
 # may differ), with exactly their own Parameters and no hooks.
-_PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM)
+_PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM, nn.MultiheadAttention)
+# What convert makes: never converted again, never reported as left.
+_OURS = (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell, HyperLSTM, HyperMultiheadAttention,
+         HyperTransformerEncoderLayer, HyperTransformerEncoder)
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 _EXCLUDED = "excluded"
 
@@ -269,6 +292,8 @@ def _plain_lacks(module: nn.Module, base: type) -> Optional[str]:
     hooks = [name[1:].replace("_", " ") for name in _HOOKS if getattr(module, name)]
     if hooks:  # also torch.nn.utils.weight_norm / spectral_norm, which recompute the weight in a forward pre-hook
         return f"has {', '.join(hooks)}, which the Hyper layer would not run"
+    if base is nn.MultiheadAttention:
+        return attention_lacks(module)
     own = [name for name, param in module._parameters.items() if param is not None]
     if base is nn.LSTM:
         expected = module._flat_weights_names
@@ -338,13 +363,16 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, batch_first:
             rates: Optional[Mapping[str, _Matches]] = None, exclude: _Matches = (), report: bool = False):
     """Replaces, in place, every published STN / Delta-STN layer in ``model`` with the stn_kernels layer
     computing the same function, and, when ``num_hparams`` is given, every plain ``nn.Linear``, ``nn.Conv2d``,
-    ``nn.Embedding`` and ``nn.LSTM`` with a Hyper layer whose hyper path starts at zero (see the module docstring).
+    ``nn.Embedding``, ``nn.LSTM`` and ``nn.MultiheadAttention`` with a Hyper layer whose hyper path starts at zero
+    (see the module docstring); transformer encoders holding converted layers never take torch's fused fast path.
 
     A plain layer no Hyper layer can stand in for is left as it is, with its children, and reported: a subclass
     (``nn.LazyLinear`` not yet initialised, QAT or ``NonDynamicallyQuantizableLinear``, a parametrized layer, your
     own), hooks (``torch.nn.utils.weight_norm``, ``spectral_norm``, yours), Parameters other than its own,
     non-floating-point weights, an ``nn.Embedding`` with ``max_norm``, ``scale_grad_by_freq`` or ``sparse``, an
-    ``nn.LSTM`` bidirectional or with ``proj_size``. Converting such a layer itself (``model`` is that layer, with
+    ``nn.LSTM`` bidirectional or with ``proj_size``, an ``nn.MultiheadAttention`` whose Parameters or ``out_proj`` are
+    not the ones it builds, a subclass of ``nn.TransformerEncoderLayer`` or ``nn.TransformerEncoder`` (left whole,
+    children included). Converting such a layer itself (``model`` is that layer, with
     ``num_hparams``) raises ValueError instead. Any ``padding``, ``padding_mode``, ``dilation`` and ``groups`` of
     ``nn.Conv2d`` and ``padding_idx`` of ``nn.Embedding`` are converted.
 
@@ -404,7 +432,7 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, batch_first:
     def replacement(module: nn.Module, where: str) -> Optional[nn.Module]:
         if id(module) in converted:
             return converted[id(module)]
-        if isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding)):
+        if isinstance(module, _OURS):
             return None
         kind = published_layer_kind(module)
         base = _plain_base(module)
@@ -430,10 +458,9 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, batch_first:
     def leave(module: nn.Module, where: str) -> bool:
         """Reports ``module`` as left when it has parameters and is not ours; True to look into its children (not
         those of an excluded module or a plain layer left whole)."""
-        why = exclusion(module)
+        why = exclusion(module) or (None if num_hparams is None else fast_path_subclass(module))
         whole = why is not None or _plain_base(module) is not None
-        if (not isinstance(module, (HyperLinear, HyperConv2d, HyperEmbedding, HyperLSTMCell, HyperLSTM))
-                and any(True for _ in module.parameters(recurse=whole))):
+        if not isinstance(module, _OURS) and any(True for _ in module.parameters(recurse=whole)):
             done.left.append((where, type(module).__name__, why or _why_left(module, num_hparams)))
         return not whole
 
@@ -451,10 +478,16 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, batch_first:
                 swaps.append((parent, name, new))
             elif leave(child, where):
                 visit(child, where)
+                containers.append((child, where))
 
+    # The modules looked into, children before parents: a transformer encoder (layer) among them that holds
+    # converted modules once the swaps are made never takes torch's fused fast path (which would read the weights
+    # directly and ignore λ). Decided after the swaps, which are what put converted modules inside it.
+    containers: List[Tuple[nn.Module, str]] = []
     top = None if exclusion(model) else replacement(model, type(model).__name__)
     if top is None and leave(model, type(model).__name__):
         visit(model, "")
+        containers.append((model, type(model).__name__))
     result = model if top is None else top
     tuning = None
     if plan is not None:
@@ -466,6 +499,10 @@ def convert(model: nn.Module, num_hparams: Optional[int] = None, *, batch_first:
         result = tuning.apply(result)
         done.converted += tuning.converted
         done.tuned += tuning.tuned
+    for container, where in containers:
+        swapped = swap_fast_path_container(container)
+        if swapped is not None:
+            done.converted.append((where, *swapped))
     if report:
         return result, done
     # Warned about, so that nothing is skipped silently: the layers of a kind convert takes that it could not take

@@ -147,7 +147,21 @@ def lstm_layer_values(i2h: tuple, h2h: tuple, hparams: Tensor, layer: int, owner
 
 
 def _converted_by_convert(module: nn.Module) -> bool:
-    return getattr(module, "context_hparams", False) is True
+    """A layer that takes λ (or its rate) from the ``hparams`` block, never from its caller: a layer convert made
+    from a plain one, or a tuned dropout (:class:`stn_kernels.TunedDropout`, an ``nn.Dropout`` with a ``fold``;
+    duck-typed, as the layers import this file)."""
+    return getattr(module, "context_hparams", False) is True or (
+        isinstance(module, nn.modules.dropout._DropoutNd) and callable(getattr(module, "fold", None)))
+
+
+def _restore_containers(model: nn.Module) -> None:
+    """The transformer containers convert swapped to a class of ours (``_torch_class``: a forward without torch's
+    fused fast path, see :mod:`stn_kernels.convert_attention`) back to torch's class, in the frozen copy: over
+    plain layers the fused path computes the same function, and the frozen model is plain torch.nn."""
+    for module in model.modules():
+        plain = getattr(type(module), "_torch_class", None)
+        if plain is not None and type(module) is not plain:
+            module.__class__ = plain
 
 
 def freeze(model: nn.Module, hparams: Tensor, *, rates: Optional[Mapping[str, float]] = None) -> nn.Module:
@@ -221,4 +235,6 @@ def freeze(model: nn.Module, hparams: Tensor, *, rates: Optional[Mapping[str, fl
                       "a plain copy", UserWarning, stacklevel=2)
     # Each converted layer is copied as its folded layer (a shared one stays shared): deepcopy takes the memo's
     # entry for it and never copies the hyper path or the original module convert kept for revert.
-    return copy.deepcopy(model, dict(folded))
+    frozen = copy.deepcopy(model, dict(folded))
+    _restore_containers(frozen)
+    return frozen

@@ -107,6 +107,16 @@ def _check_time_major(scope):
     assert scope["logits"].shape == (35, 4, 50) and lm.decoder.hparam_weight.grad.abs().sum() > 0
 
 
+def _check_transformers(scope):
+    from stn_kernels.modules_attention import HyperTransformerEncoder
+
+    encoder, lam = scope["encoder"], scope["lam"]
+    assert type(encoder) is HyperTransformerEncoder and len(scope["report"].converted) == 2 * 4 + 1
+    assert scope["out"].shape == scope["y"].shape == (4, 10, 16) and torch.isfinite(scope["y"]).all()
+    assert lam.grad is not None and lam.grad.shape == (4, 2)
+    assert type(scope["attention"]) is torch.nn.MultiheadAttention
+
+
 def _run_torchrun_script(block, tmp_path):
     script = tmp_path / "stn_ddp.py"
     script.write_text(block, encoding="utf-8")
@@ -148,6 +158,7 @@ CHECKS = {
     "dist.init_process_group": "torchrun",
     "class WordLM": _check_time_major,
     "augmented_trainer": _check_trainer_page,
+    'dropout_hparam = "attention_dropout"': _check_transformers,
 }
 
 

@@ -228,16 +228,30 @@ def test_a_converted_layer_with_a_dropout_hparam_gets_the_name():
         stn_kernels.convert(model, rates={"p": "drop"})
 
 
-def test_multihead_attention_is_tuned_when_convert_converts_it_else_refused_naming_rates():
+def test_multihead_attention_is_tuned_by_rates():
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(4, 2, dropout=0.1)})
-    try:
-        converted, _ = stn_kernels.convert(model, num_hparams=H, rates={"attn_dropout": nn.MultiheadAttention},
-                                           report=True)
-    except ValueError as error:  # no converted attention in this build
-        assert "rates['attn_dropout']: module 'attn' (MultiheadAttention)" in str(error)
-        assert type(model["attn"]) is nn.MultiheadAttention
-    else:
-        assert converted["attn"].dropout_hparam == "attn_dropout"
+    converted, report = stn_kernels.convert(model, num_hparams=H, rates={"attn_dropout": nn.MultiheadAttention},
+                                            report=True)
+    assert isinstance(converted["attn"], stn_kernels.HyperMultiheadAttention)
+    assert converted["attn"].dropout_hparam == "attn_dropout"
+    assert any(name == "attn" for name, *_ in report.tuned)
+
+
+def test_an_encoder_layer_s_dropouts_and_attention_are_tuned_by_type():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.2)
+    converted = stn_kernels.convert(layer, num_hparams=H, rates={"dropout": nn.Dropout,
+                                                                 "attn_dropout": nn.MultiheadAttention})
+    assert converted.self_attn.dropout_hparam == "attn_dropout"
+    for name in ("dropout", "dropout1", "dropout2"):
+        assert isinstance(getattr(converted, name), stn_kernels.TunedDropout), name
+    converted.eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad(), stn_kernels.hparams(torch.zeros(5, H)):
+        at_zero = converted(x)
+    with torch.no_grad(), stn_kernels.hparams(torch.ones(5, H)):
+        converted.self_attn.in_proj_hparam_weight.fill_(0.5)
+        at_one = converted(x)
+    assert (at_zero - at_one).abs().max() > 1e-3  # the fast path would have ignored λ
 
 
 def _unchanged(model, before):

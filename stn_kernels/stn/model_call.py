@@ -207,13 +207,13 @@ def modules_behind(model_fn) -> List[Tuple[str, nn.Module]]:
 
 def layers_batch_dim(model: nn.Module) -> int:
     """The batch dimension the converted layers of ``model`` state (``hparams_batch_dim``, set by
-    :func:`stn_kernels.convert`; 0 for a layer converted from a plain one that states none); 0 when there are
-    none. Raises ValueError naming ``batch_dim`` when they state different ones."""
+    :func:`stn_kernels.convert` on the linear, embedding and dropout layers it converts or tunes); 0 when none
+    states one. Layers whose layout is their own (convolutions, a converted ``nn.LSTM`` or attention, which follow
+    their ``batch_first``) state none. Raises ValueError naming ``batch_dim`` when they state different ones."""
     stated: Dict[int, List[str]] = {}
     for name, m in model.named_modules():
-        if getattr(m, "context_hparams", False) or "hparams_batch_dim" in vars(m):
-            dim = getattr(m, "hparams_batch_dim", None)
-            stated.setdefault(0 if dim is None else int(dim), []).append(name or type(m).__name__)
+        if "hparams_batch_dim" in vars(m):
+            stated.setdefault(int(m.hparams_batch_dim), []).append(name or type(m).__name__)
     if len(stated) > 1:
         layers = "; ".join(f"{dim}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                            for dim, names in sorted(stated.items()))
