@@ -31,10 +31,29 @@ def _block_after(heading: str, page: Path = README) -> str:
 def _check_first_model(scope):
     assert scope["hparams"].grad is not None and scope["hparams"].grad.shape == (128, 3)
     assert torch.isfinite(scope["hparams"].grad).all() and scope["hparams"].grad.abs().sum() > 0
+    torch.testing.assert_close(scope["out"], scope["model"](scope["x"], scope["hparams"]))  # compiled == eager
+
+
+def _check_quick_start(scope):
+    model, plain, hp, trainer = (scope[name] for name in ("model", "plain", "hp", "trainer"))
+    ours = scope["stn_kernels"]
+    assert isinstance(model[0], ours.HyperLinear) and isinstance(model[2], ours.TunedDropout)
+    assert trainer.valid_steps_done > 0 and hp.unconstrained.grad.abs().sum() > 0  # λ moved on its gradient
+    assert [type(m) for m in plain] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear]
+    assert plain[2].p == hp.values()["dropout"] != 0.2
+    x = torch.randn(2, 64)  # the exported program's static shape
+    model.eval()
+    with torch.no_grad(), ours.hparams(trainer.tuned_layer_input()):
+        torch.testing.assert_close(plain(x), model(x))
+        torch.testing.assert_close(scope["exported"].module()(x), model(x))
 
 
 def _check_constructors(scope):
     assert scope["layer"].bias is None and scope["layer"].num_hparams == 3
+    published_order, no_h = scope["errors"]
+    assert "bias: expected a bool" in published_order
+    assert "num_hparams is keyword-only: HyperLinear(8, 5, num_hparams=3)" in published_order
+    assert no_h.startswith("num_hparams: missing")
 
 
 def _check_convert(scope):
@@ -147,6 +166,7 @@ def _check_trainer_page(scope):
 # A string only its block has -> the check of what it built; "torchrun" blocks run as a script on 2 processes.
 CHECKS = {
     "class HyperMLP": _check_first_model,
+    "stn_kernels.freeze(model, trainer.tuned_layer_input()": _check_quick_start,
     "HyperLinear(8, 5, False": _check_constructors,
     'torch.nn.Conv2d(3, 8, 3, padding="same")': _check_convert,
     "TorchLayoutHyperLSTM": _check_convert_lstm,
