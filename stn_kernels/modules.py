@@ -407,12 +407,15 @@ class HyperEmbedding(_ParamChecksCache):
                 self.weight[self.padding_idx].zero_()
                 self.hyper_weight[self.padding_idx].zero_()
 
-    def _tables(self):
-        """(weight, hyper_weight) as the forward uses them: with no gradient into row ``padding_idx``."""
+    def _tables(self, weight: Optional[Tensor] = None, hyper_weight: Optional[Tensor] = None):
+        """(weight, hyper_weight) as the forward uses them (the layer's own, or tables derived from them, such as
+        the published layer's ``dropoute``-masked ones): with no gradient through row ``padding_idx``, as
+        ``F.embedding(..., padding_idx)`` on those tables gives."""
+        weight = self.weight if weight is None else weight
+        hyper_weight = self.hyper_weight if hyper_weight is None else hyper_weight
         if self.padding_idx is None:
-            return self.weight, self.hyper_weight
-        return (_NoGradRow.apply(self.weight, self.padding_idx),
-                _NoGradRow.apply(self.hyper_weight, self.padding_idx))
+            return weight, hyper_weight
+        return _NoGradRow.apply(weight, self.padding_idx), _NoGradRow.apply(hyper_weight, self.padding_idx)
 
     def _fast(self, input, hparams, batch_dim: int) -> Optional[Tensor]:
         """The output on the fast path, or None for the full path (as :meth:`_HyperLayer._fast_call`): on the
