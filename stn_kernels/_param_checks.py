@@ -89,55 +89,54 @@ def layer_param_info(weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor
     return weight.dtype, weight.device, hparam_weight.dtype, hparams_dtypes(weight.dtype)
 
 
-def lstm_param_error(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]], prefix: str = "",
-                     names: Optional[Sequence[Sequence[str]]] = None) -> Optional[Exception]:
+def lstm_param_error(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]], num_hparams: int,
+                     prefix: str = "", names: Optional[Sequence[Sequence[str]]] = None) -> Optional[Exception]:
     """What is wrong with an LSTM layer's i2h [4N, K] and h2h [4N, N] parameters (each as :func:`layer_param_error`
-    takes them; one dtype and device, one H), as the exception naming the parameter (``{prefix}i2h.weight``, ...,
-    or ``names``: the i2h names and the h2h names), or None."""
+    takes them, in one dtype and on one device, λ maps of ``num_hparams`` columns), as the exception naming the
+    parameter (``{prefix}i2h.weight``, ..., or ``names``: the i2h names and the h2h names), or None."""
     if names is None:
         names = [[f"{prefix}{layer}.{name}" for name in _LAYER_NAMES] for layer in ("i2h", "h2h")]
-    for params, layer_names in zip((i2h, h2h), names):
-        error = layer_param_error(*params, 2, layer_names)
-        if error is not None:
-            return error
+    error = (layer_param_error(*i2h, 2, names[0])
+             or _param_error(names[1][:1], h2h[:1], (None,), i2h[0], names[0][0])
+             or layer_param_error(*h2h, 2, names[1]))
+    if error is not None:
+        return error
     weight, h_weight = i2h[0], h2h[0]
     if h_weight.shape[0] != 4 * h_weight.shape[1]:
         return ValueError(f"{names[1][0]}: expected shape [4·hidden_size, hidden_size], got {tuple(h_weight.shape)}")
     if weight.shape[0] != h_weight.shape[0]:
         return ValueError(f"{names[0][0]}: expected {h_weight.shape[0]} rows (4·hidden_size, as {names[1][0]}), "
                           f"got shape {tuple(weight.shape)}")
-    if i2h[4].shape[1] != h2h[4].shape[1]:
-        return ValueError(f"{names[1][4]}: expected {i2h[4].shape[1]} columns (num_hparams, as {names[0][4]}), got "
-                          f"shape {tuple(h2h[4].shape)}")
-    return _param_error(names[1][:1], h2h[:1], (None,), weight, names[0][0])
+    for params, layer_names in zip((i2h, h2h), names):
+        if params[4].shape[1] != num_hparams:
+            return ValueError(f"{layer_names[4]}: expected {num_hparams} columns (num_hparams), got shape "
+                              f"{tuple(params[4].shape)}")
+    return None
 
 
-def lstm_stack_param_error(layers: Sequence[tuple]) -> Optional[Exception]:
+def lstm_stack_param_error(layers: Sequence[tuple], num_hparams: int) -> Optional[Exception]:
     """What is wrong with a stack of LSTM layers, each (i2h, h2h, names) as :func:`lstm_param_error` takes them:
-    each layer's own problem, or a layer whose input size is not the previous layer's hidden size, or whose dtype,
-    device or number of hyperparameters differs from the first layer's; None when they pass."""
+    a layer's weights in another dtype or on another device than the first layer's, a layer's own problem, or a
+    layer whose input size is not the previous layer's hidden size; None when they pass."""
     first = layers[0]
     for layer, (i2h, h2h, names) in enumerate(layers):
-        error = lstm_param_error(i2h, h2h, names=names)
+        error = None if not layer else _param_error(names[0][:1], i2h[:1], (None,), first[0][0], first[2][0][0])
+        error = error or lstm_param_error(i2h, h2h, num_hparams, names=names)
         if error is None and layer:
             previous = layers[layer - 1][1][0]
             if i2h[0].shape[1] != previous.shape[1]:
                 error = ValueError(f"{names[0][0]}: expected {previous.shape[1]} columns (the hidden size of layer "
                                    f"{layer - 1}), got shape {tuple(i2h[0].shape)}")
-            elif i2h[4].shape[1] != first[0][4].shape[1]:
-                error = ValueError(f"{names[0][4]}: expected {first[0][4].shape[1]} columns (num_hparams, as "
-                                   f"{first[2][0][4]}), got shape {tuple(i2h[4].shape)}")
-            else:
-                error = _param_error(names[0][:1], i2h[:1], (None,), first[0][0], first[2][0][0])
         if error is not None:
             return error
     return None
 
 
-def lstm_param_info(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]]) -> Optional[tuple]:
+def lstm_param_info(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]], num_hparams: int
+                    ) -> Optional[tuple]:
     """(dtype, device, λ map dtype, allowed λ dtypes) when a HyperLSTMCell's i2h and h2h layers pass every check
     (:func:`lstm_param_error`) and their λ maps have one dtype, else None."""
-    if lstm_param_error(i2h, h2h) is not None or i2h[4].dtype != h2h[4].dtype:
+    if lstm_param_error(i2h, h2h, num_hparams) is not None or i2h[4].dtype != h2h[4].dtype:
         return None
     return i2h[0].dtype, i2h[0].device, i2h[4].dtype, hparams_dtypes(i2h[0].dtype)
 

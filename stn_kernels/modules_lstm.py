@@ -183,7 +183,8 @@ class HyperLSTMCell(_ParamChecksCache):
             i2h, h2h = _LAYER_PARAMS(self.i2h._parameters), _LAYER_PARAMS(self.h2h._parameters)
         except (AttributeError, KeyError):
             return None
-        info = _cached(self, i2h + h2h, (), _checked_with_host, lstm_param_info, i2h, h2h)
+        info = _cached(self, i2h + h2h, self.num_hparams, _checked_with_host, lstm_param_info, i2h, h2h,
+                       self.num_hparams)
         if info is None or not isinstance(input, Tensor):
             return None
         dtype, device, _, hparams_dtypes, host = info
@@ -228,8 +229,8 @@ class HyperLSTMCell(_ParamChecksCache):
         if fast is not None:
             return fast
         i2h, h2h = _layer_tensors(self.i2h), _layer_tensors(self.h2h)
-        _raise_if_invalid(self, i2h + h2h, (), lambda: lstm_param_error(i2h, h2h), _checked_with_host,
-                          lstm_param_info, i2h, h2h)
+        _raise_if_invalid(self, i2h + h2h, self.num_hparams, lambda: lstm_param_error(i2h, h2h, self.num_hparams),
+                          _checked_with_host, lstm_param_info, i2h, h2h, self.num_hparams)
         batch = _check_input(input, hparams, i2h, self.batch_first)
         keep_dim = True
         hx = None
@@ -342,12 +343,9 @@ class HyperLSTM(_ParamChecksCache):
         uniform = len(set(self.hidden_sizes)) == 1
         if hparams is None and self.context_hparams:
             hparams = current_hparams()
-        layers = [self._layer_tensors(layer) for layer in range(L)]
-        params = tuple(t for i2h, h2h, _ in layers for t in i2h + h2h)
-        _raise_if_invalid(self, params, (), lambda: lstm_stack_param_error(layers),
-                          lambda: lstm_stack_param_error(layers) is None or None)
-        B = _check_input(input, hparams, layers[0][0], self.batch_first, unbatched_ok=True)
-        like = layers[0][0][0]
+        i2h = self._check_params()
+        B = _check_input(input, hparams, i2h, self.batch_first, unbatched_ok=True)
+        like = i2h[0]
         # Unbatched [T, K] as nn.LSTM takes it (whatever batch_first): a batch of one, then squeezed back.
         unbatched = input.dim() == 2
         if unbatched:
@@ -388,6 +386,18 @@ class HyperLSTM(_ParamChecksCache):
         if unbatched:
             return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
         return out, (h_n, c_n)
+
+    def _check_params(self) -> tuple:
+        """The first layer's i2h tensors (:func:`_layer_tensors`), after the checks of every layer's parameters
+        (cached, :func:`stn_kernels.modules._cached`), which raise naming the parameter by its public name."""
+        layers = [self._layer_tensors(layer) for layer in range(self.num_layers)]
+        params = tuple(t for i2h, h2h, _ in layers for t in i2h + h2h)
+
+        def error():
+            return lstm_stack_param_error(layers, self.num_hparams)
+
+        _raise_if_invalid(self, params, self.num_hparams, error, lambda: error() is None or None)
+        return layers[0][0]
 
     def _layer_tensors(self, layer: int) -> tuple:
         """(i2h, h2h, names) of one layer for the parameter checks (:func:`lstm_param_error`): the tensors as
