@@ -263,6 +263,22 @@ def test_half_layer_under_autocast(name):
     _assert_within(errors, _plain_errors(name, dtype), dtype)
 
 
+@pytest.mark.parametrize("name", ["conv-fast", "lstm"])
+def test_half_layer_compiled(name):
+    """torch.compile(fullgraph=True) of a bf16 layer with a float32 λ (the registered ops; aot_eager keeps the test
+    fast): no graph break, the same accuracy."""
+    dtype = torch.bfloat16
+    layer, call, args, lam = _layer(name, dtype, lambda m: m.to(dtype))
+    torch._dynamo.reset()
+    try:
+        errors = _errors(layer, lambda m, **kw: call(torch.compile(m, backend="aot_eager", fullgraph=True), **kw),
+                         {**args, "hparams": lam})
+    finally:
+        torch._dynamo.reset()
+    _assert_grad_dtypes(layer, torch.float32, None)
+    _assert_within(errors, _plain_errors(name, dtype), dtype)
+
+
 def test_host_path_cache_is_dropped_by_to():
     """A float32 layer that took the compiled host path, then .to(bf16): the next call with a float32 λ takes the
     Python fast path and matches the float64 math; .float() again returns to the host path."""
