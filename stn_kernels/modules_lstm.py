@@ -343,6 +343,7 @@ class HyperLSTM(_ParamChecksCache):
         uniform = len(set(self.hidden_sizes)) == 1
         if hparams is None and self.context_hparams:
             hparams = current_hparams()
+        check_tensor(input, "input")
         i2h = self._check_params()
         B = _check_input(input, hparams, i2h, self.batch_first, unbatched_ok=True)
         like = i2h[0]
