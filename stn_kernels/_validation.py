@@ -38,18 +38,26 @@ def check_shape(t: Optional[Tensor], name: str, expected: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def check_hparams_dtype(hparams: Tensor, data: Tensor, data_name: str) -> None:
-    """hparams in the dtype of ``data`` (the input, or the embedding table), or float32 when that is half."""
-    allowed = (data.dtype, torch.float32) if data.dtype in HALF_DTYPES else (data.dtype,)
+def hparams_dtypes(data_dtype: torch.dtype) -> tuple:
+    """The dtypes λ, and the λ map (``hparam_weight``, V and C), may have for data (input, weights) of
+    ``data_dtype``: that dtype, or float32 when it is half precision."""
+    return (data_dtype, torch.float32) if data_dtype in HALF_DTYPES else (data_dtype,)
+
+
+def check_hparams_dtype(hparams: Tensor, data: Tensor, data_name: str, name: str = "hparams") -> None:
+    """``hparams`` (or the λ map called ``name``) in the dtype of ``data`` (the input, or the embedding table), or
+    float32 when that is half."""
+    allowed = hparams_dtypes(data.dtype)
     if hparams.dtype not in allowed:
-        raise TypeError(f"hparams: expected dtype {' or '.join(map(str, allowed))} (from {data_name} dtype "
+        raise TypeError(f"{name}: expected dtype {' or '.join(map(str, allowed))} (from {data_name} dtype "
                         f"{data.dtype}), got {hparams.dtype}")
 
 
 def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_hparams: int, batch: Optional[int],
-                  weight_scale: Optional[Tensor], bias_scale: Optional[Tensor]) -> None:
-    """hparams is [B, H] (per example) or [H] (shared by the batch), in the dtype of ``data`` (the
-    input, or the embedding table) or float32 when that is half precision, on data's device."""
+                  batch_of: str = "input's first dim") -> None:
+    """hparams is [B, H] (per example, B from ``batch_of``) or [H] (shared by the batch), in the dtype of ``data``
+    (the input, or the embedding table) or float32 when that is half precision (any floating dtype under
+    autocast, which runs the λ side in float32), on data's device."""
     if hparams is None:
         return
     check_tensor(hparams, "hparams")
@@ -59,48 +67,42 @@ def check_hparams(hparams: Optional[Tensor], data: Tensor, data_name: str, num_h
         raise ValueError(f"hparams: expected {num_hparams} hyperparameters in the last dim, got shape "
                          f"{tuple(hparams.shape)}")
     if hparams.dim() == 2 and hparams.shape[0] != batch:
-        raise ValueError(f"hparams: expected batch size {batch} (input's first dim), got shape {tuple(hparams.shape)}")
-    check_hparams_dtype(hparams, data, data_name)
-    check_dtype(hparams.dtype, "hparams", weight_scale=weight_scale, bias_scale=bias_scale)
+        raise ValueError(f"hparams: expected batch size {batch} ({batch_of}), got shape {tuple(hparams.shape)}")
+    if autocast_dtype(data.device.type) is None:
+        check_hparams_dtype(hparams, data, data_name)
     check_same_device(data, data_name, hparams=hparams)
 
 
-def layer_param_info(weight: Tensor, hyper_weight: Tensor, bias: Optional[Tensor], hyper_bias: Optional[Tensor],
-                     hparam_weight: Tensor, weight_dim: int) -> Optional[tuple]:
-    """(dtype, device, λ dtype) when a HyperLinear/HyperConv2d module's parameters pass every check the public
-    function makes of them (floating weights of one dtype and device, ``weight_dim``-D, biases [N], hparam_weight
-    [2N, H] of a λ dtype the input dtype allows), else None: such a module takes the full path every call,
-    which raises the error naming the argument."""
-    dtype, device, n = weight.dtype, weight.device, weight.shape[0]
-    hp_dtype = hparam_weight.dtype
-    ok = (weight.is_floating_point() and weight.dim() == weight_dim and hyper_weight.shape == weight.shape
-          and hparam_weight.dim() == 2 and hparam_weight.shape[0] == 2 * n and hparam_weight.device == device
-          and (hp_dtype == dtype or (dtype in HALF_DTYPES and hp_dtype == torch.float32))
-          and all(t.dtype == dtype and t.device == device for t in (hyper_weight, bias, hyper_bias) if t is not None)
-          and all(t.shape == (n,) for t in (bias, hyper_bias) if t is not None))
-    return (dtype, device, hp_dtype) if ok else None
+def check_scales_dtype(data: Tensor, data_name: str, **scales: Optional[Tensor]) -> None:
+    """The λ map (V, C) in a dtype λ may have for ``data`` (:func:`hparams_dtypes`)."""
+    for name, t in scales.items():
+        if t is not None:
+            check_hparams_dtype(t, data, data_name, name)
 
 
-def lstm_param_info(i2h: Sequence[Optional[Tensor]], h2h: Sequence[Optional[Tensor]]) -> Optional[tuple]:
-    """(dtype, device, λ dtype) when a HyperLSTMCell's i2h [4N, K] and h2h [4N, N] layers (parameters as
-    :func:`layer_param_info` takes them) pass every check of the public functions, with one dtype, device
-    and H, else None."""
-    info = layer_param_info(*i2h, 2)
-    weight, h_weight = i2h[0], h2h[0]
-    ok = (info is not None and layer_param_info(*h2h, 2) == info and h_weight.shape[0] == 4 * h_weight.shape[1]
-          and weight.shape[0] == h_weight.shape[0] and i2h[4].shape[1] == h2h[4].shape[1])
-    return info if ok else None
+def hparams_side(hparams: Optional[Tensor], *scales: Optional[Tensor]) -> list:
+    """[λ, *scales] in one dtype, the wider of theirs (λ·Vᵀ, λ·Cᵀ and their gradients run in it): λ in float32
+    with a half V (a layer after ``.to(torch.bfloat16)``) uses V in float32, and the reverse; a cast is an autograd
+    op, so each gradient returns in its tensor's own dtype. Their dtypes are those :func:`hparams_dtypes` allows
+    (the same, or a half one and float32)."""
+    if hparams is None:
+        return [None, *scales]
+    dtype = hparams.dtype
+    for t in scales:
+        if t is not None and t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hparams, *scales)]
 
 
-def embedding_param_info(weight: Tensor, hyper_weight: Tensor, hparam_weight: Tensor) -> Optional[tuple]:
-    """(dtype, device, λ dtype) when a HyperEmbedding's tables [num, D] and V [D, H] pass every check the
-    public function makes of them, else None (see :func:`layer_param_info`)."""
-    dtype, device, hp_dtype = weight.dtype, weight.device, hparam_weight.dtype
-    ok = (weight.is_floating_point() and weight.dim() == 2 and hyper_weight.shape == weight.shape
-          and hyper_weight.dtype == dtype and hyper_weight.device == device and hparam_weight.dim() == 2
-          and hparam_weight.shape[0] == weight.shape[1] and hparam_weight.device == device
-          and (hp_dtype == dtype or (dtype in HALF_DTYPES and hp_dtype == torch.float32)))
-    return (dtype, device, hp_dtype) if ok else None
+def check_data_like(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
+    """A module's input (or hidden state) ``t`` on the device of its parameters (``like``) and in their dtype, or
+    in any floating dtype under autocast (which casts it)."""
+    check_tensor(t, name)
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {t.device}")
+    if t.dtype != like.dtype and autocast_dtype(t.device.type) is None:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}; convert the one or the "
+                        f"other with .to()), got {t.dtype}")
 
 
 def check_groups(groups, out_channels: int) -> None:

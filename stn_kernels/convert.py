@@ -152,6 +152,18 @@ class TorchLayoutHyperLSTM(HyperLSTM):
                 _take(self, name, getattr(lstm, name))
             self._elementary_names.append(names)
 
+    def _layer_tensors(self, layer: int) -> tuple:
+        # The nn.LSTM's own Parameters (in torch's gate order: the shapes are the same) as the elementary weights.
+        i2h, h2h, names = super()._layer_tensors(layer)
+        weight_ih, bias_ih, weight_hh, bias_hh = (None if name is None else getattr(self, name)
+                                                  for name in self._elementary_names[layer])
+        i2h = (weight_ih, i2h[1], bias_ih) + i2h[3:]
+        h2h = (weight_hh, h2h[1], bias_hh) + h2h[3:]
+        for which, (weight_name, bias_name) in enumerate(((0, 1), (2, 3))):
+            names[which][0] = self._elementary_names[layer][weight_name]
+            names[which][2] = self._elementary_names[layer][bias_name] or names[which][2]
+        return i2h, h2h, names
+
     def _layer_params(self, layer: int, dropconnect):
         elementary = tuple(None if name is None else _in_our_gate_order(getattr(self, name))
                            for name in self._elementary_names[layer])

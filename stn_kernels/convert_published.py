@@ -56,6 +56,7 @@ class DropConnectHyperLinear(HyperLinear):
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
         if self.weight_mask is None:
             return super().forward(input, hparams)
+        self._check_call("hyper_linear", input)
         weight_scale, bias_scale = self._scales()
         return functional.hyper_linear(input, hparams, self.weight * self.weight_mask,
                                        self.hyper_weight * self.weight_mask, self.bias, self.hyper_bias,
@@ -69,12 +70,16 @@ class TimeMajorHyperEmbedding(HyperEmbedding):
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None,  # type: ignore[override]
                 dropoute=0.0) -> Tensor:
-        batch_dim = 1 if input.dim() >= 2 else 0
-        weight, hyper_weight = self._tables()
+        batch_dim = 1 if isinstance(input, Tensor) and input.dim() >= 2 else 0
+        self._check_params()
+        weight, hyper_weight = self.weight, self.hyper_weight
         # As the published layer: no draw for a rate of 0 (which its model passes in eval mode).
         if _check_rate(dropoute, "dropoute"):
             row_scale = _keep_mask((weight.shape[0], 1), weight, dropoute, "dropoute")
             weight, hyper_weight = weight * row_scale, hyper_weight * row_scale
+        # The padding row's gradient is blocked after the mask, as the published F.embedding(..., padding_idx=-1)
+        # of the masked tables: that row gives nothing to the tables nor to a tuned rate's 1/(1 − p).
+        weight, hyper_weight = self._tables(weight, hyper_weight)
         if batch_dim == 1:
             out = functional.hyper_embedding(input.transpose(0, 1), hparams, weight, hyper_weight,
                                              self.hparam_weight)

@@ -42,9 +42,11 @@ from ._validation import (
     check_max_holes,
     check_rates,
     check_same_device,
+    check_scales_dtype,
     check_shape,
     check_strength,
     check_tensor,
+    hparams_side,
     rows_of_hparams,
     seed_offset_tensor,
 )
@@ -96,17 +98,25 @@ def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     check_same_device(input, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias,
                       weight_scale=weight_scale, bias_scale=bias_scale)
     batch = input.shape[0]
-    check_hparams(hparams, input, "input", num_hparams, batch, weight_scale, bias_scale)
-    if hparams is None:
-        weight_scale = bias_scale = None
-    elif hyper_bias is None:
-        bias_scale = None
+    check_hparams(hparams, input, "input", num_hparams, batch)
+    hparams, weight_scale, bias_scale = _hparams_side(hparams, input, weight_scale, bias_scale, hyper_bias)
     rows = rows_of_hparams(hparams, batch, math.prod(input.shape[1:-1]))
     if input.dim() == 2:  # no reshape: each one is an autograd node, a few µs of Python per call
         return apply_hyper_linear(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     x = input.reshape(-1, in_features)
     out = apply_hyper_linear(x, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     return out.reshape(*input.shape[:-1], out_features)
+
+
+def _hparams_side(hparams, data: Tensor, weight_scale, bias_scale, hyper_bias, data_name: str = "input") -> list:
+    """(λ, V, C) as the op takes them: None where unused (no λ; C without a hyper bias), else in one dtype
+    (:func:`stn_kernels._validation.hparams_side`: V and C may be float32 or data's half dtype, as λ)."""
+    if hparams is None:
+        return [None, None, None]
+    if hyper_bias is None:
+        bias_scale = None
+    check_scales_dtype(data, data_name, weight_scale=weight_scale, bias_scale=bias_scale)
+    return hparams_side(hparams, weight_scale, bias_scale)
 
 
 def hyper_conv2d(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
@@ -145,11 +155,8 @@ def hyper_conv2d(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     check_dtype(input.dtype, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias)
     check_same_device(input, "input", weight=weight, hyper_weight=hyper_weight, bias=bias, hyper_bias=hyper_bias,
                       weight_scale=weight_scale, bias_scale=bias_scale)
-    check_hparams(hparams, input, "input", num_hparams, input.shape[0], weight_scale, bias_scale)
-    if hparams is None:
-        weight_scale = bias_scale = None
-    elif hyper_bias is None:
-        bias_scale = None
+    check_hparams(hparams, input, "input", num_hparams, input.shape[0])
+    hparams, weight_scale, bias_scale = _hparams_side(hparams, input, weight_scale, bias_scale, hyper_bias)
     rows = rows_of_hparams(hparams, input.shape[0], 1)
     out = apply_hyper_conv2d(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
                                  stride, padding, dilation, groups)
@@ -177,10 +184,9 @@ def hyper_embedding(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hy
     num_hparams = check_hyper_params(hparams, weight_scale, None, None, dim)
     check_dtype(weight.dtype, "weight", hyper_weight=hyper_weight)
     check_same_device(weight, "weight", input=input, hyper_weight=hyper_weight, weight_scale=weight_scale)
-    check_hparams(hparams, weight, "weight", num_hparams, input.shape[0], weight_scale, None)
+    check_hparams(hparams, weight, "weight", num_hparams, input.shape[0])
     check_indices(input, num_embeddings)
-    if hparams is None:
-        weight_scale = None
+    hparams, weight_scale, _ = _hparams_side(hparams, weight, weight_scale, None, None, "weight")
     rows = rows_of_hparams(hparams, input.shape[0], math.prod(input.shape[1:]))
     out = apply_hyper_embedding(input.reshape(-1).long(), rows, weight, hyper_weight, weight_scale)
     return out.reshape(*input.shape, dim)
@@ -217,12 +223,7 @@ def hyper_lstm_recurrence(x_proj: Tensor, h0: Tensor, c0: Tensor, hparams: Optio
     check_same_device(x_proj, "x_proj", h0=h0, c0=c0, weight=weight, hyper_weight=hyper_weight, bias=bias,
                       hyper_bias=hyper_bias, weight_scale=weight_scale, bias_scale=bias_scale)
     hparams = check_lstm_hparams(hparams, B, x_proj, "x_proj")
-    if hparams is None:
-        weight_scale = bias_scale = None
-    else:
-        check_dtype(hparams.dtype, "hparams", weight_scale=weight_scale, bias_scale=bias_scale)
-        if hyper_bias is None:
-            bias_scale = None
+    hparams, weight_scale, bias_scale = _hparams_side(hparams, x_proj, weight_scale, bias_scale, hyper_bias, "x_proj")
     out, c_T = apply_hyper_lstm_recurrence(x_proj, h0, c0, hparams, weight, hyper_weight, bias, hyper_bias,
                                            weight_scale, bias_scale)
     h_T = out[-1] if T else h0

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import functional, reference
+from ._param_checks import embedding_param_error, embedding_param_info, layer_param_error, layer_param_info
 from ._validation import (
     REQUIRED,
     any_autocast,
@@ -27,11 +28,11 @@ from ._validation import (
     check_ctor_bool,
     check_ctor_int,
     check_ctor_pair,
+    check_data_like,
     check_groups,
     check_num_hparams,
     conv_padding,
-    embedding_param_info,
-    layer_param_info,
+    hparams_side,
     misread_hint,
 )
 from .backends import kernels
@@ -94,10 +95,21 @@ def _cached(owner: nn.Module, params: tuple, extra, check: Callable[..., object]
 
 
 def _checked_with_host(check: Callable[..., Optional[tuple]], *args) -> Optional[tuple]:
-    """``check(*args)``, a (dtype, device, λ dtype) or None, plus the compiled host path for those (or None:
-    :mod:`stn_kernels.backends.host`); for :func:`_cached`."""
+    """``check(*args)``, a (dtype, device, λ map dtype, allowed λ dtypes) or None, plus the compiled host path for
+    those (or None: :mod:`stn_kernels.backends.host`); for :func:`_cached`."""
     info = check(*args)
     return None if info is None else info + (host_ops(info[1], info[0], info[2]),)
+
+
+def _raise_if_invalid(owner: nn.Module, params: tuple, extra, error: Callable[[], Optional[Exception]],
+                      check: Callable[..., object], *check_args) -> None:
+    """For a call that left the fast path: raises ``error()`` (the parameters' problem, naming each by its public
+    name) unless the cached checks of :func:`_cached` passed (under torch.compile and torch.func, which trace this
+    path, the checks run every call: nothing is cached there)."""
+    if not eager() or _cached(owner, params, extra, check, *check_args) is None:
+        found = error()
+        if found is not None:
+            raise found
 
 
 class _ParamChecksCache(nn.Module):
@@ -115,10 +127,18 @@ class _ParamChecksCache(nn.Module):
         return state
 
 
-def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """hparams None, or [batch, num_hparams] in ``dtype`` on ``device``: what the fast paths accept."""
-    return hparams is None or (isinstance(hparams, Tensor) and hparams.dtype == dtype
+def _fast_hparams_ok(hparams, batch: int, num_hparams: int, dtypes: tuple, device: torch.device) -> bool:
+    """hparams None, or [batch, num_hparams] in one of ``dtypes`` on ``device``: what the fast paths accept."""
+    return hparams is None or (isinstance(hparams, Tensor) and hparams.dtype in dtypes
                                and hparams.shape == (batch, num_hparams) and hparams.device == device)
+
+
+def _one_hparams_dtype(hparams: Optional[Tensor], *maps: Tensor) -> tuple:
+    """(λ, *maps) for the fast paths: as they are when λ has the maps' dtype (the common call, one comparison),
+    else in the wider dtype (:func:`stn_kernels._validation.hparams_side`: a float32 λ with a half layer)."""
+    if hparams is None or all(m.dtype == hparams.dtype for m in maps):
+        return (hparams, *maps)
+    return tuple(hparams_side(hparams, *maps))
 
 
 class _HyperLayer(_ParamChecksCache):
@@ -201,16 +221,30 @@ class _HyperLayer(_ParamChecksCache):
         except KeyError:  # a parameter replaced by something else: the full path sorts it out
             return None
         info = _cached(self, params, extra, self._check_params, op, params, extra)
-        if info is None or not isinstance(input, Tensor):
+        if info is None or not isinstance(input, Tensor) or not input.dim():  # (0-dim: the full path raises)
             return None
-        dtype, device, hp_dtype, facts = info
+        dtype, device, _, hparams_dtypes, facts = info
         if (input.dtype != dtype or input.device != device or any_autocast()
-                or not _fast_hparams_ok(hparams, input.shape[0], params[4].shape[1], hp_dtype, device)):
+                or not _fast_hparams_ok(hparams, input.shape[0], params[4].shape[1], hparams_dtypes, device)):
             return None
-        return kernels(op, device, input.shape[0], dtype, input.numel() == 0), params, facts
+        if hparams is not None and hparams.dtype != params[4].dtype:
+            hparams, hparam_weight = _one_hparams_dtype(hparams, params[4])
+            params = params[:4] + (hparam_weight,)
+        return kernels(op, device, input.shape[0], dtype, input.numel() == 0), params, facts, hparams
+
+    def _check_call(self, op: str, input, extra=()) -> None:
+        """The module's own checks of a call that left the fast path, in its caller's terms, before the public
+        function's: the parameters by their public names, then the input's dtype and device against theirs
+        (the public function's errors for the input's shape and for hparams name those already)."""
+        params = (self.weight, self.hyper_weight, self.bias, self.hyper_bias, self.hparam_weight)
+        weight_dim = 2 if op == "hyper_linear" else 4
+        _raise_if_invalid(self, params, extra, lambda: layer_param_error(*params, weight_dim), self._check_params, op,
+                          params, extra)
+        check_data_like(input, "input", self.weight, "the layer's parameters")
 
     def _check_params(self, op: str, params: tuple, extra) -> Optional[tuple]:
-        """(dtype, device, λ dtype, facts) when the parameters and ``extra`` pass every check, else None."""
+        """(dtype, device, λ map dtype, allowed λ dtypes, facts) when the parameters and ``extra`` pass every
+        check, else None."""
         info = layer_param_info(*params, 2 if op == "hyper_linear" else 4)
         facts = None if info is None else self._facts(params[0], extra)
         return None if facts is None else info + (facts,)
@@ -288,11 +322,12 @@ class HyperLinear(_HyperLayer):
             weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
             if self._parameters.get("elem_scalar") is not None:
                 weight, bias = self._elementary(weight, bias)
-            host = fast[2][0]
+            host, hparams = fast[2][0], fast[3]
             if host is not None and fast[0] is reference:  # the reference's ops, issued from C++
                 return host.hyper_linear(input, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight)
             return apply_hyper_linear_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
                                               hparam_weight)
+        self._check_call("hyper_linear", input)
         if from_context and hparams is not None and hparams.dim() == 2:
             check_rows(hparams, input, 0, type(self).__name__)  # names hparams, with the layout hint
         weight_scale, bias_scale = self._scales()
@@ -386,8 +421,9 @@ class HyperConv2d(_HyperLayer):
             if len(shape) == 4 and shape[1] == in_channels and shape[2] >= min_h and shape[3] >= min_w:
                 weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
                 weight, bias = self._elementary(weight, bias)
-                return apply_hyper_conv2d_stacked(fast[0], input, hparams, weight, hyper_weight, bias, hyper_bias,
+                return apply_hyper_conv2d_stacked(fast[0], input, fast[3], weight, hyper_weight, bias, hyper_bias,
                                                   hparam_weight, stride, padding, dilation, self.groups)
+        self._check_call("hyper_conv2d", input, geometry)
         weight_scale, bias_scale = self._scales()
         weight, bias = self._elementary(self.weight, self.bias)
         return functional.hyper_conv2d(input, hparams, weight, self.hyper_weight, bias, self.hyper_bias,
@@ -474,12 +510,15 @@ class HyperEmbedding(_ParamChecksCache):
                 self.weight[self.padding_idx].zero_()
                 self.hyper_weight[self.padding_idx].zero_()
 
-    def _tables(self):
-        """(weight, hyper_weight) as the forward uses them: with no gradient into row ``padding_idx``."""
+    def _tables(self, weight: Optional[Tensor] = None, hyper_weight: Optional[Tensor] = None):
+        """(weight, hyper_weight) as the forward uses them (the layer's own, or tables derived from them, such as
+        the published layer's ``dropoute``-masked ones): with no gradient through row ``padding_idx``, as
+        ``F.embedding(..., padding_idx)`` on those tables gives."""
+        weight = self.weight if weight is None else weight
+        hyper_weight = self.hyper_weight if hyper_weight is None else hyper_weight
         if self.padding_idx is None:
-            return self.weight, self.hyper_weight
-        return (_NoGradRow.apply(self.weight, self.padding_idx),
-                _NoGradRow.apply(self.hyper_weight, self.padding_idx))
+            return weight, hyper_weight
+        return _NoGradRow.apply(weight, self.padding_idx), _NoGradRow.apply(hyper_weight, self.padding_idx)
 
     def _fast(self, input, hparams, batch_dim: int) -> Optional[Tensor]:
         """The output on the fast path, or None for the full path (as :meth:`_HyperLayer._fast_call`): on the
@@ -494,12 +533,15 @@ class HyperEmbedding(_ParamChecksCache):
         info = _cached(self, params, (), _checked_with_host, embedding_param_info, *params)
         if info is None or not isinstance(input, Tensor):
             return None
-        dtype, device, hp_dtype, host = info
+        dtype, device, _, hparams_dtypes, host = info
         if (input.dtype not in (torch.int64, torch.int32) or input.device != device or input.dim() <= batch_dim
-                or not _fast_hparams_ok(hparams, input.shape[batch_dim], params[2].shape[1], hp_dtype, device)):
+                or not _fast_hparams_ok(hparams, input.shape[batch_dim], params[2].shape[1], hparams_dtypes, device)):
             return None
         if kernels("hyper_embedding", device, params[0].shape[0], dtype, params[0].numel() == 0) is not reference:
             return None
+        if hparams is not None and hparams.dtype != params[2].dtype:
+            hparams, hparam_weight = _one_hparams_dtype(hparams, params[2])
+            params = params[:2] + (hparam_weight,)
         try:
             # The index range is checked by F.embedding itself: an IndexError on the CPU (the full path then
             # raises the ValueError with the range found), a device assert on CUDA (as nn.Embedding's).
@@ -527,6 +569,7 @@ class HyperEmbedding(_ParamChecksCache):
         out = self._fast(input, hparams, batch_dim) if self.padding_idx is None else None
         if out is not None:
             return out
+        self._check_params()
         if from_context and hparams is not None and hparams.dim() == 2:
             check_rows(hparams, input, batch_dim, type(self).__name__)  # names hparams, with the layout hint
         weight, hyper_weight = self._tables()
@@ -537,6 +580,13 @@ class HyperEmbedding(_ParamChecksCache):
                                              self.hparam_weight)
             return out.transpose(0, 1)
         return functional.hyper_embedding(input, hparams, weight, hyper_weight, self.hparam_weight)
+
+    def _check_params(self) -> None:
+        """For a call that left the fast path: the parameters' problem, naming each by its public name, before the
+        public function's checks (which call V ``weight_scale``)."""
+        params = (self.weight, self.hyper_weight, self.hparam_weight)
+        _raise_if_invalid(self, params, (), lambda: embedding_param_error(*params), _checked_with_host,
+                          embedding_param_info, *params)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _rename_published(state_dict, prefix, _EMBEDDING_NAMES)

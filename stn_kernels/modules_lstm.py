@@ -13,21 +13,31 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import functional, reference, reference_lstm
+from ._param_checks import lstm_param_error, lstm_param_info, lstm_stack_param_error
 from ._validation import (
     REQUIRED,
     any_autocast,
     check_ctor_bool,
     check_ctor_int,
+    check_data_like,
+    check_hparams,
     check_num_hparams,
     check_probability,
-    check_shape,
     check_tensor,
-    lstm_param_info,
     misread_hint,
 )
 from .backends import kernels
 from .hparams_context import current_hparams
-from .modules import _LAYER_PARAMS, HyperLinear, _cached, _checked_with_host, _fast_hparams_ok, _ParamChecksCache
+from .modules import (
+    _LAYER_PARAMS,
+    HyperLinear,
+    _cached,
+    _checked_with_host,
+    _fast_hparams_ok,
+    _one_hparams_dtype,
+    _ParamChecksCache,
+    _raise_if_invalid,
+)
 from .ops import eager
 
 
@@ -35,6 +45,43 @@ def _set_mask(linear: nn.Module, weight: Tensor, hyper_weight: Tensor) -> Tuple[
     """Both weights times the DropConnect mask that ``linear.mask_weights`` set, if any."""
     mask = getattr(linear, "weight_mask", None)
     return (weight, hyper_weight) if mask is None else (weight * mask, hyper_weight * mask)
+
+
+def _layer_tensors(linear: nn.Module) -> tuple:
+    """(weight, hyper_weight, bias, hyper_bias, hparam_weight) of an LSTM layer's i2h or h2h."""
+    return linear.weight, linear.hyper_weight, linear.bias, linear.hyper_bias, linear.hparam_weight
+
+
+def _input_layout(batch_first: bool, size: int) -> str:
+    return f"[B, T, {size}] (batch_first)" if batch_first else f"[T, B, {size}] (time-major)"
+
+
+def _batch_of(batch_first: bool) -> str:
+    return "input's first dim, batch_first" if batch_first else "input's dim 1, time-major"
+
+
+def _check_input(input, hparams, i2h: tuple, batch_first: bool, unbatched_ok: bool = False) -> int:
+    """The module-level checks of an LSTM call's input and hparams, in its caller's terms, before the public
+    function's (after the parameters'; ``i2h``: the first layer's): input in the parameters' dtype and on their
+    device, [T, B, K] or [B, T, K] (also unbatched [T, K] where ``unbatched_ok``); hparams [B, H] or [H] with
+    H = num_hparams. Returns B (1 for unbatched input)."""
+    check_data_like(input, "input", i2h[0], "the layer's parameters")
+    size = i2h[0].shape[1]
+    if input.dim() not in ((2, 3) if unbatched_ok else (3,)) or input.shape[-1] != size:
+        raise ValueError(f"input: expected shape {_input_layout(batch_first, size)}"
+                         f"{f' or unbatched [T, {size}]' if unbatched_ok else ''}, got {tuple(input.shape)}")
+    batch = 1 if input.dim() == 2 else input.shape[0 if batch_first else 1]
+    check_hparams(hparams, input, "input", i2h[4].shape[1], batch,
+                  "unbatched input" if input.dim() == 2 else _batch_of(batch_first))
+    return batch
+
+
+def _check_state(t, name: str, shapes: tuple, like: Tensor) -> None:
+    """A hidden state: a tensor of one of ``shapes`` in the parameters' dtype (``like``'s) and on their device."""
+    check_tensor(t, name)
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{name}: expected shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(t.shape)}")
+    check_data_like(t, name, like, "the layer's parameters")
 
 
 def _check_lstm_args(module: nn.Module, leading: tuple, bias, batch_first, num_hparams) -> int:
@@ -136,16 +183,17 @@ class HyperLSTMCell(_ParamChecksCache):
             i2h, h2h = _LAYER_PARAMS(self.i2h._parameters), _LAYER_PARAMS(self.h2h._parameters)
         except (AttributeError, KeyError):
             return None
-        info = _cached(self, i2h + h2h, (), _checked_with_host, lstm_param_info, i2h, h2h)
+        info = _cached(self, i2h + h2h, self.num_hparams, _checked_with_host, lstm_param_info, i2h, h2h,
+                       self.num_hparams)
         if info is None or not isinstance(input, Tensor):
             return None
-        dtype, device, hp_dtype, host = info
+        dtype, device, _, hparams_dtypes, host = info
         shape = input.shape
         if (len(shape) != 3 or shape[2] != i2h[0].shape[1] or shape[self.batch_first] != 1  # one step
                 or input.dtype != dtype or input.device != device or any_autocast()):
             return None
         batch, n = shape[1 - self.batch_first], h2h[0].shape[1]
-        if not _fast_hparams_ok(hparams, batch, i2h[4].shape[1], hp_dtype, device):
+        if not _fast_hparams_ok(hparams, batch, i2h[4].shape[1], hparams_dtypes, device):
             return None
         if hidden is None:
             h0 = c0 = input.new_zeros(batch, n)
@@ -165,6 +213,9 @@ class HyperLSTMCell(_ParamChecksCache):
                 or kernels("hyper_lstm_recurrence", device, empty=not batch) is not reference_lstm):
             return None
         x = input[:, 0] if self.batch_first else input[0]
+        if hparams is not None and hparams.dtype != i2h[4].dtype:  # a float32 λ with a half layer
+            hparams, i2h_map, h2h_map = _one_hparams_dtype(hparams, i2h[4], h2h[4])
+            i2h, h2h = i2h[:4] + (i2h_map,), h2h[:4] + (h2h_map,)
         if host is not None:  # the same ops, issued from C++
             h, c = host.hyper_lstm_cell_step(x, h0, c0, hparams, *i2h, *h2h)
         else:
@@ -177,20 +228,21 @@ class HyperLSTMCell(_ParamChecksCache):
         fast = self._fast(input, hidden, hparams, dropconnect)
         if fast is not None:
             return fast
+        i2h, h2h = _layer_tensors(self.i2h), _layer_tensors(self.h2h)
+        _raise_if_invalid(self, i2h + h2h, self.num_hparams, lambda: lstm_param_error(i2h, h2h, self.num_hparams),
+                          _checked_with_host, lstm_param_info, i2h, h2h, self.num_hparams)
+        batch = _check_input(input, hparams, i2h, self.batch_first)
         keep_dim = True
         hx = None
         if hidden is not None:
+            n = h2h[0].shape[1]
             if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
-                raise TypeError(f"hidden: expected a tuple (h0, c0) of tensors [B, {self.hidden_size}] or "
-                                f"[1, B, {self.hidden_size}], got {type(hidden).__name__}")
+                raise TypeError(f"hidden: expected a tuple (h0, c0) of tensors [B, {n}] or [1, B, {n}], got "
+                                f"{type(hidden).__name__}")
             h0, c0 = hidden
-            check_tensor(h0, "hidden[0]")
-            check_tensor(c0, "hidden[1]")
-            keep_dim = h0.dim() == 3
             for name, t in (("hidden[0]", h0), ("hidden[1]", c0)):
-                if t.dim() == 3 and t.shape[0] != 1:
-                    raise ValueError(f"{name}: expected shape [B, {self.hidden_size}] or [1, B, {self.hidden_size}], "
-                                     f"got {tuple(t.shape)}")
+                _check_state(t, name, ((batch, n), (1, batch, n)), i2h[0])
+            keep_dim = h0.dim() == 3
             hx = (h0[0] if h0.dim() == 3 else h0, c0[0] if c0.dim() == 3 else c0)
         i2h, h2h = self._params(dropconnect)
         out, (h, c) = functional.hyper_lstm_layer(input, hparams, i2h, h2h, hx, self.batch_first)
@@ -236,7 +288,7 @@ def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
     return functional.per_example_channel_dropout(x.permute(1, 2, 0), rates).permute(2, 0, 1)
 
 
-class HyperLSTM(nn.Module):
+class HyperLSTM(_ParamChecksCache):
     """A stack of HyperLSTM layers, time-major like ``torch.nn.LSTM`` (``batch_first`` option).
 
     ``forward(input, hx=None, hparams=None, dropconnect=None)``: input [T, B, input_size]
@@ -315,14 +367,13 @@ class HyperLSTM(nn.Module):
         if hparams is None and self.context_hparams:
             hparams = current_hparams()
         check_tensor(input, "input")
-        if input.dim() not in (2, 3):
-            raise ValueError(f"input: expected shape {'[B, T, ' if self.batch_first else '[T, B, '}"
-                             f"{self.input_size}] or unbatched [T, {self.input_size}], got {tuple(input.shape)}")
+        i2h = self._check_params()
+        B = _check_input(input, hparams, i2h, self.batch_first, unbatched_ok=True)
+        like = i2h[0]
         # Unbatched [T, K] as nn.LSTM takes it (whatever batch_first): a batch of one, then squeezed back.
         unbatched = input.dim() == 2
         if unbatched:
             input = input.unsqueeze(0 if self.batch_first else 1)
-        B = input.shape[0 if self.batch_first else 1]
         if hx is None:
             h0 = c0 = None
         elif uniform:
@@ -331,12 +382,11 @@ class HyperLSTM(nn.Module):
                 raise TypeError(f"hx: expected a tuple (h0, c0) of tensors {want}, got {type(hx).__name__}")
             h0, c0 = hx
             for name, t in (("hx[0]", h0), ("hx[1]", c0)):
-                check_tensor(t, name)
-                check_shape(t, name, (L, N) if unbatched else (L, B, N))
+                _check_state(t, name, ((L, N) if unbatched else (L, B, N),), like)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         else:
-            h0, c0 = self._per_layer_states(hx, B, unbatched)
+            h0, c0 = self._per_layer_states(hx, B, unbatched, like)
         x = input
         hs, cs = [], []
         for layer in range(L):
@@ -361,11 +411,31 @@ class HyperLSTM(nn.Module):
             return out.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
         return out, (h_n, c_n)
 
+    def _check_params(self) -> tuple:
+        """The first layer's i2h tensors (:func:`_layer_tensors`), after the checks of every layer's parameters
+        (cached, :func:`stn_kernels.modules._cached`), which raise naming the parameter by its public name."""
+        layers = [self._layer_tensors(layer) for layer in range(self.num_layers)]
+        params = tuple(t for i2h, h2h, _ in layers for t in i2h + h2h)
+
+        def error():
+            return lstm_stack_param_error(layers, self.num_hparams)
+
+        _raise_if_invalid(self, params, self.num_hparams, error, lambda: error() is None or None)
+        return layers[0][0]
+
+    def _layer_tensors(self, layer: int) -> tuple:
+        """(i2h, h2h, names) of one layer for the parameter checks (:func:`lstm_param_error`): the tensors as
+        :func:`_layer_tensors` gives them, and their public names in this module."""
+        cell = self.cells[layer]
+        names = [[f"cells.{layer}.{linear}.{name}" for name in
+                  ("weight", "hyper_weight", "bias", "hyper_bias", "hparam_weight")] for linear in ("i2h", "h2h")]
+        return _layer_tensors(cell.i2h), _layer_tensors(cell.h2h), names
+
     def _layer_params(self, layer: int, dropconnect):
         """(i2h tuple, h2h tuple) of one layer for :func:`stn_kernels.hyper_lstm_layer`."""
         return self.cells[layer]._params(dropconnect)
 
-    def _per_layer_states(self, hx, batch: int, unbatched: bool) -> Tuple[list, list]:
+    def _per_layer_states(self, hx, batch: int, unbatched: bool, like: Tensor) -> Tuple[list, list]:
         """(h0, c0) for per-layer hidden sizes: two sequences of num_layers tensors [B, N_l] (unbatched [N_l]),
         checked and returned as lists of [B, N_l]."""
         sizes = list(self.hidden_sizes)
@@ -378,8 +448,7 @@ class HyperLSTM(nn.Module):
             states.append([])
             for layer, t in enumerate(seq):
                 name = f"hx[{'hc'.index(which)}][{layer}]"
-                check_tensor(t, name)
-                check_shape(t, name, (sizes[layer],) if unbatched else (batch, sizes[layer]))
+                _check_state(t, name, ((sizes[layer],) if unbatched else (batch, sizes[layer]),), like)
                 states[-1].append(t.unsqueeze(0) if unbatched else t)
         return states[0], states[1]
 

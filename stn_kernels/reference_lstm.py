@@ -88,11 +88,12 @@ def hyper_lstm_cell_step(x: Tensor, h: Tensor, c: Tensor, hparams: Optional[Tens
     pre = F.linear(x, weight, bias)
     h_pre = F.linear(h, h_weight, h_bias)
     if hparams is not None:
-        s, t = F.linear(hparams, hparam_weight).chunk(2, 1)  # chunk: no Python wrapper, unlike split
+        # In λ's dtype, cast to x's (a float32 λ side with half data) before they touch the [B, 4N] tensors.
+        s, t = reference.stacked_scales(hparams, hparam_weight, x.dtype)
         pre = reference.add_product(pre, s, F.linear(x, hyper_weight))
         if hyper_bias is not None:
             pre = reference.add_product(pre, t, hyper_bias)
-        s, t = F.linear(hparams, h_hparam_weight).chunk(2, 1)
+        s, t = reference.stacked_scales(hparams, h_hparam_weight, x.dtype)
         h_pre = reference.add_product(h_pre, s, F.linear(h, h_hyper_weight))
         if h_hyper_bias is not None:
             h_pre = reference.add_product(h_pre, t, h_hyper_bias)

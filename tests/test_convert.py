@@ -345,6 +345,40 @@ def test_converted_official_embedding_keeps_padding_idx_minus_one():
     assert "padding_idx=6" in repr(converted)
 
 
+@pytest.mark.parametrize("rate_kind", ["tensor", "float"])
+def test_converted_official_embedding_dropoute_with_padding_token(rate_kind):
+    """Training mode with dropoute and token V−1 (the padding row) in the batch: the published layer applies
+    padding_idx=-1 after the row mask, so row V−1 gives no gradient to the tables nor to the tuned rate. The
+    converted layer draws the same mask (the RNG state after the call is the same) and every gradient, d(dropoute)
+    included, equals the published one in float64."""
+    V, D = 7, 4
+    layer = OfficialHyperEmbedding(V, D, H)
+    tokens = torch.tensor([[6, 0, 6], [3, 6, 1], [6, 2, 5]])     # token V−1 = 6 occurs
+    lam = torch.randn(3, H, dtype=F64)
+
+    def run(module):
+        rate = torch.tensor(0.3, dtype=F64, requires_grad=True) if rate_kind == "tensor" else 0.3
+        lam_leaf = lam.clone().requires_grad_()
+        torch.manual_seed(3)   # a mask that keeps row V−1 (checked below: else the test proves nothing)
+        out = module(tokens, lam_leaf, dropoute=rate)
+        rng = torch.get_rng_state()
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum()
+        params = [module.elem_embedding.weight, module.hnet_embedding.weight, module.hnet_tensor_to_scalars.weight] \
+            if hasattr(module, "elem_embedding") else [module.weight, module.hyper_weight, module.hparam_weight]
+        wanted = [*params, lam_leaf] + ([rate] if rate_kind == "tensor" else [])
+        return out, rng, torch.autograd.grad(loss, wanted)
+
+    want_out, want_rng, want = run(layer)
+    assert want_out[tokens == V - 1].abs().sum() > 0, "row V−1 was dropped: pick another seed"
+    converted = stn_kernels.convert(layer)
+    out, rng, got = run(converted)
+    assert torch.equal(rng, want_rng)
+    assert_close_rel(out, want_out, F64, "output")
+    names = ["weight", "hyper_weight", "hparam_weight", "λ", "dropoute"][:len(want)]
+    for name, g, w in zip(names, got, want, strict=True):
+        assert_close_rel(g, w, F64, f"d{name}")
+
+
 def test_hyper_embedding_padding_idx_argument():
     layer = HyperEmbedding(5, 3, num_hparams=H, padding_idx=-2, dtype=F64)
     assert layer.padding_idx == 3

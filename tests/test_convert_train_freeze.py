@@ -52,12 +52,16 @@ def _case(kind):
         return (_cnn(), {"dropout": nn.Dropout}, lambda: (torch.randn(6, 1, 5, 5, dtype=torch.float64),
                                                           torch.randint(0, 3, (6,))), F.cross_entropy, 0)
     if kind == "word_lm":
-        batch = (lambda: (torch.randint(0, V, (7, 5)), torch.randint(0, V, (7, 5))))  # T=7, B=5
-        return WordLM(), {"dropout": nn.Dropout}, batch, _lm_loss, 1
+        return WordLM(), {"dropout": nn.Dropout}, _tokens((7, 5)), _lm_loss, 1  # T=7, B=5
     batch_first = kind == "transformer_lm"
     shape = (5, 6) if batch_first else (6, 5)
     return (TransformerLM(batch_first), {"dropout": nn.Dropout, "attention_dropout": nn.MultiheadAttention},
-            lambda: (torch.randint(0, V, shape), torch.randint(0, V, shape)), _lm_loss, 0 if batch_first else 1)
+            _tokens(shape), _lm_loss, 0 if batch_first else 1)
+
+
+def _tokens(shape):
+    """next_batch() for a language model: (inputs, targets) token tensors of ``shape``."""
+    return lambda: (torch.randint(0, V, shape), torch.randint(0, V, shape))
 
 
 def _lm_loss(out, targets):

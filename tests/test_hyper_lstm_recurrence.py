@@ -306,15 +306,17 @@ def test_validation_messages():
     x, lam = torch.randn(2, 5, 4), torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"input: expected shape \[T, B, 4\] \(time-major\), got \(2, 5, 3\)"):
         cell(torch.randn(2, 5, 3), None, lam)
-    with pytest.raises(ValueError, match=r"hparams: expected shape \[B, H\] with B = 5"):
+    with pytest.raises(ValueError, match=r"hparams: expected batch size 5 \(input's dim 1, time-major\), got shape "
+                                         r"\(4, 2\)"):
         cell(x, None, torch.randn(4, 2))
-    with pytest.raises(ValueError, match=r"hidden\[0\]: expected shape \[B, 3\] or \[1, B, 3\], got \(2, 5, 3\)"):
+    with pytest.raises(ValueError, match=r"hidden\[0\]: expected shape \(5, 3\) or \(1, 5, 3\), got \(2, 5, 3\)"):
         cell(x, (torch.zeros(2, 5, 3), torch.zeros(2, 5, 3)), lam)
-    with pytest.raises(ValueError, match=r"h0: expected shape \(5, 3\), got \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"hidden\[0\]: expected shape \(5, 3\) or \(1, 5, 3\), got \(4, 3\)"):
         cell(x, (torch.zeros(4, 3), torch.zeros(4, 3)), lam)
     with pytest.raises(TypeError, match=r"hidden: expected a tuple \(h0, c0\)"):
         cell(x, lam)
-    with pytest.raises(TypeError, match=r"c0: expected dtype torch.float32 \(the dtype of x_proj\), got torch.float64"):
+    with pytest.raises(TypeError, match=r"hidden\[1\]: expected dtype torch.float32 \(the dtype of the layer's "
+                                        r"parameters.*got torch.float64"):
         cell(x, (torch.zeros(5, 3), torch.zeros(5, 3, dtype=D64)), lam)
     with pytest.raises(ValueError, match=r"dropconnect: expected a probability in \[0, 1\), got 1.0"):
         stn_kernels.HyperLSTMCell(4, 3, num_hparams=2, dropconnect=1.0)

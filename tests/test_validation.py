@@ -135,11 +135,14 @@ def test_hyper_linear_half_input_rejects_float64_hparams(half):
         hyper_linear(**args)
 
 
-def test_hyper_linear_half_input_float32_hparams_half_scales():
-    """λ in float32 with V in half: V must follow λ's dtype."""
+@pytest.mark.parametrize("name", ["weight_scale", "bias_scale"])
+def test_hyper_linear_half_input_rejects_float64_scales(name):
+    """V and C may be in the input's half dtype or float32 (with λ in either: the λ side runs in the wider, see
+    tests/test_dtypes.py), not float64."""
     args = lin(dtype=torch.bfloat16)
     args["hparams"] = torch.randn(B, H)
-    with raises(TypeError, "weight_scale", "torch.float32", "torch.bfloat16"):
+    args[name] = torch.randn(N, H, dtype=torch.float64)
+    with raises(TypeError, name, "torch.bfloat16 or torch.float32", "torch.float64"):
         hyper_linear(**args)
 
 
