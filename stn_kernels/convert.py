@@ -114,6 +114,7 @@ class HyperPathLSTMCell(HyperLSTMCell):
     Parameters, held by the TorchLayoutHyperLSTM), so it cannot run on its own."""
 
     def forward(self, *args, **kwargs):
+        """Not callable on its own: raises TypeError (call the TorchLayoutHyperLSTM that holds it)."""
         raise TypeError("HyperPathLSTMCell: holds only the hyper path of one layer of an nn.LSTM converted by "
                         "stn_kernels.convert (the weights are the nn.LSTM's, on the TorchLayoutHyperLSTM): "
                         "call the whole TorchLayoutHyperLSTM")

@@ -54,6 +54,8 @@ class DropConnectHyperLinear(HyperLinear):
         self.weight_mask = _keep_mask(self.weight.shape, self.weight, wdrop, "wdrop")
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        """:meth:`HyperLinear.forward` with both weights times the mask of the last ``mask_weights`` call (training
+        mode), as the published layer."""
         if self.weight_mask is None:
             return super().forward(input, hparams)
         self._check_call("hyper_linear", input)
@@ -70,6 +72,9 @@ class TimeMajorHyperEmbedding(HyperEmbedding):
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None,  # type: ignore[override]
                 dropoute=0.0) -> Tensor:
+        """The published call: ``input`` token indices [T, B] (time-major; [B] for one step), ``hparams`` [B, H], [H]
+        or None, ``dropoute`` the rate at which whole rows of both tables are dropped (one mask per call, kept rows
+        scaled by 1/(1−p); a float, or a 0-dim tensor when tuned). Returns [T, B, embedding_dim]."""
         batch_dim = 1 if isinstance(input, Tensor) and input.dim() >= 2 else 0
         self._check_params()
         weight, hyper_weight = self.weight, self.hyper_weight

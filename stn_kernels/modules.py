@@ -408,6 +408,10 @@ class HyperConv2d(_HyperLayer):
         return weight.shape[1] * groups, min_size[0], min_size[1], stride, padding, dilation
 
     def forward(self, input: Tensor, hparams: Optional[Tensor] = None) -> Tensor:
+        """``input`` [B, in_channels, H, W] (any memory format); ``hparams`` [B, num_hparams] (row b for image b),
+        [num_hparams] (shared) or None (the plain convolution). A layer made by :func:`stn_kernels.convert` takes λ
+        from an enclosing ``stn_kernels.hparams`` block when ``hparams`` is None (images are always batch first).
+        Returns [B, out_channels, H_out, W_out] as ``nn.Conv2d`` with the same arguments."""
         if hparams is None and self.context_hparams:
             hparams = current_hparams()
         if self._input_pad is not None and isinstance(input, Tensor) and input.dim() == 4:

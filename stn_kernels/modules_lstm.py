@@ -225,6 +225,10 @@ class HyperLSTMCell(_ParamChecksCache):
 
     def forward(self, input: Tensor, hidden: Optional[Tuple[Tensor, Tensor]] = None,
                 hparams: Optional[Tensor] = None, dropconnect: Optional[Union[float, Tensor]] = None):
+        """One layer over the sequence: ``input`` [T, B, input_size] ([B, T, input_size] with batch_first);
+        ``hidden`` (h0, c0), each [B, hidden_size] or [1, B, hidden_size], zeros when None; ``hparams`` [B, H], [H]
+        or None; ``dropconnect`` this call's DropConnect rate of the h2h weights (training mode). Returns
+        ``(output, (h_T, c_T))`` (see the class docstring for the shapes)."""
         fast = self._fast(input, hidden, hparams, dropconnect)
         if fast is not None:
             return fast
@@ -362,6 +366,13 @@ class HyperLSTM(_ParamChecksCache):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, hparams: Optional[Tensor] = None,
                 dropconnect: Optional[Union[float, Tensor]] = None,
                 layer_dropout: Optional[Union[float, Tensor]] = None):
+        """``nn.LSTM``'s call plus λ: ``input`` [T, B, input_size] ([B, T, input_size] with batch_first, or
+        unbatched [T, input_size]); ``hx`` (h0, c0) each [num_layers, B, hidden_size] (per-layer sequences when
+        hidden_size is a list), zeros when None; ``hparams`` [B, H] (row b for sequence b), [H] or None, the same for
+        every layer (a layer made by :func:`stn_kernels.convert` takes it from an enclosing ``stn_kernels.hparams``
+        block when None, its rows along this module's batch dimension); ``dropconnect`` the h2h DropConnect rate of
+        this call; ``layer_dropout`` locked dropout between layers (a rate or one per example). Returns
+        ``(output, (h_n, c_n))`` as ``nn.LSTM``."""
         L, N = self.num_layers, self.hidden_sizes[-1]
         uniform = len(set(self.hidden_sizes)) == 1
         if hparams is None and self.context_hparams:

@@ -145,3 +145,19 @@ def test_one_op_one_row():
         assert (KERNEL_FAMILIES / f"{op}.py").exists(), op
         assert (tests / f"test_triton_{op}.py").exists(), op
         assert (tests / f"test_{op}.py").exists(), op
+
+
+def test_every_public_forward_has_a_docstring():
+    """``help(layer.forward)`` says what the call takes: every public class's own ``forward`` has a docstring (the
+    benchmark's stand-ins of the published layers aside)."""
+    bare = []
+    for module, path in SOURCES.items():
+        if module.startswith("stn_kernels.bench"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for item in node.body:
+                    if (isinstance(item, ast.FunctionDef) and item.name == "forward"
+                            and ast.get_docstring(item) is None and "ctx" not in [a.arg for a in item.args.args]):
+                        bare.append(f"{module}.{node.name}.forward")
+    assert not bare, bare
