@@ -449,21 +449,17 @@ def test_a_converted_transformer_language_model_trains_as_an_stn():
     torch.manual_seed(0)
     hp = stn.HyperparameterSet([stn.Hyperparameter("attention_dropout", init=0.2, low=0.0, high=0.9),
                                 stn.Hyperparameter("extra", init=0.5, low=0.0, high=1.0)])
-    model, report = stn_kernels.convert(_TinyLM(), num_hparams=len(hp), report=True)
+    model, report = stn_kernels.convert(_TinyLM(), num_hparams=len(hp), report=True,
+                                        rates={"attention_dropout": nn.MultiheadAttention})
     assert {kind for _, _, kind in report.converted} == {"HyperEmbedding", "HyperMultiheadAttention", "HyperLinear",
                                                          "HyperTransformerEncoderLayer", "HyperTransformerEncoder"}
-    for layer in model.encoder.layers:
-        layer.self_attn.dropout_hparam = "attention_dropout"
-
-    def model_fn(tokens, sample):
-        rates = {"attention_dropout": sample["attention_dropout"]} if sample.regularize else None
-        with stn_kernels.hparams(sample.layer_input, rates=rates):
-            return model(tokens)
+    assert all(layer.self_attn.dropout_hparam == "attention_dropout" for layer in model.encoder.layers)
 
     def criterion(logits, targets):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    trainer = stn.STNTrainer(model_fn, criterion, hp, torch.optim.Adam(model.parameters(), 1e-2),
+    # The module itself: called as model(tokens) inside the hparams block with the sample's λ and rates.
+    trainer = stn.STNTrainer(model, criterion, hp, torch.optim.Adam(model.parameters(), 1e-2),
                              hparam_optimizer=torch.optim.Adam([hp.unconstrained], 0.05), train_steps=2,
                              valid_steps=1, warmup_steps=2)
     g = torch.Generator().manual_seed(1)
