@@ -448,6 +448,8 @@ def cutout(images: Tensor, holes, length, *, max_holes: Optional[int] = None, se
 def input_scale(images: Tensor, strength, *, seed: Union[int, Tensor, None] = None, offset: int = 0,
                 generator: Optional[torch.Generator] = None) -> Tensor:
     """The published ``inscale``: each image times a factor uniform in [1/(1 + s_b), 1 + s_b]."""
+    check_images(images, color=False, allow_uint8=True)
+    strength = check_strength(strength, "strength (input scale)", images, 0.0, math.inf)  # the caller's name
     return augment_images(images, scale=strength, seed=seed, offset=offset, generator=generator)
 
 

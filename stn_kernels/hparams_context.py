@@ -81,7 +81,10 @@ def hparams(lam: Tensor, *, batch_dim: Optional[int] = None,
     """
     if not isinstance(lam, Tensor):
         raise TypeError(f"lam: expected a torch.Tensor of shape [B, H] or [H], got {type(lam).__name__}")
-    if lam.dim() not in (1, 2) or not lam.is_floating_point():
+    if not lam.is_floating_point():
+        raise TypeError(f"lam: expected a floating-point tensor of shape [B, H] or [H], got {lam.dtype} "
+                        f"of shape {tuple(lam.shape)}")
+    if lam.dim() not in (1, 2):
         raise ValueError(f"lam: expected a floating-point tensor of shape [B, H] or [H], got {lam.dtype} "
                          f"of shape {tuple(lam.shape)}")
     if batch_dim is not None and (isinstance(batch_dim, bool) or batch_dim not in (0, 1)):

@@ -16,13 +16,27 @@ from typing import Mapping, Optional, Union
 
 from torch import Tensor, nn
 
+from ._validation import REQUIRED
 from .functional import per_example_channel_dropout, per_example_dropout
 from .hparams_context import check_rows, current_batch_dim, current_rate
 
 __all__ = ["TUNED_DROPOUTS", "TunedDropout", "TunedDropout1d", "TunedDropout2d", "TunedDropout3d", "tuned_form"]
 
 
-def _check_hparam(hparam) -> str:
+def _check_arguments(cls_name: str, p, inplace, hparam) -> str:
+    """nn.Dropout's ``p`` (in [0, 1]) and ``inplace`` (a bool: a name given there would read as True), and
+    ``hparam``; a misread of the name as ``p`` or ``inplace`` shows the call with the keyword."""
+    hint = (f" (hparam is keyword-only: {cls_name}(hparam={p if isinstance(p, str) else inplace!r}))"
+            if isinstance(p, str) or isinstance(inplace, str) else "")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p: expected a dropout probability in [0, 1], got {type(p).__name__} {p!r}{hint}")
+    if not 0.0 <= p <= 1.0:  # nn.Dropout's range (p = 1 drops everything)
+        raise ValueError(f"p: expected a dropout probability in [0, 1], got {p!r}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__} {inplace!r}{hint}")
+    if hparam is REQUIRED:
+        raise TypeError(f"hparam: missing, the name of the rate in stn_kernels.hparams(..., rates={{name: ...}}) is "
+                        f"a required keyword-only argument ({cls_name}({p!r}, hparam='dropout'))")
     if not isinstance(hparam, str) or not hparam:
         raise TypeError(f"hparam: expected the hyperparameter's name (a non-empty str), got {hparam!r}")
     return hparam
@@ -32,7 +46,10 @@ def _check_input(input, what: str) -> None:
     """What the per-example path needs of ``input`` (nn.Dropout's own checks run on the plain path)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point() or input.dim() == 0:
+    if not input.is_floating_point():
+        raise TypeError(f"input: expected a floating-point tensor for {what}'s per-example rates, got dtype "
+                        f"{input.dtype}")
+    if input.dim() == 0:
         raise ValueError(f"input: expected a floating-point tensor with a batch dim for {what}'s per-example rates, "
                          f"got {input.dtype} of shape {tuple(input.shape)}")
 
@@ -48,10 +65,12 @@ class _Tuned:
     # convert(..., batch_first=False); the block's batch_dim overrides it). Channel dropouts are batch first.
     hparams_batch_dim = 0
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str) -> None:
-        """The torch.nn dropout's ``p`` and ``inplace``, and ``hparam``: the name of the rate in the block."""
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, hparam: str = REQUIRED) -> None:
+        """The torch.nn dropout's ``p`` and ``inplace``, and ``hparam`` (required): the name of the rate in the
+        block."""
+        hparam = _check_arguments(type(self).__name__, p, inplace, hparam)
         super().__init__(p, inplace)
-        self.hparam = _check_hparam(hparam)
+        self.hparam = hparam
 
     def forward(self, input: Tensor) -> Tensor:
         """In training mode with a rate named ``hparam`` in the enclosing ``stn_kernels.hparams`` block: dropout
@@ -167,7 +186,7 @@ def tuned_form(module: nn.Module, hparam: str) -> Optional[nn.Module]:
     if tuned_type is None or any(getattr(module, name) for name in (
             "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")):
         return None
-    tuned = tuned_type(module.p, module.inplace, hparam=hparam)
+    tuned = tuned_type(module.p, bool(module.inplace), hparam=hparam)
     tuned.train(module.training)
     object.__setattr__(tuned, "_stn_original", module)  # not a submodule: revert() puts it back
     return tuned

@@ -48,10 +48,44 @@ def affine_arguments(sample: HyperparameterSample, names: Optional[Mapping[str, 
 def _arguments(sample: HyperparameterSample, names: Optional[Mapping[str, str]], defaults: Mapping[str, str],
                what: str) -> Dict[str, Tensor]:
     names = defaults if names is None else names
+    if not isinstance(names, Mapping):
+        raise TypeError(f"{what}: expected a mapping from argument names to hyperparameter names (as "
+                        f"{{{next(iter(defaults))!r}: {next(iter(defaults.values()))!r}}}), got {type(names).__name__}")
     unknown = sorted(set(names) - set(defaults))
     if unknown:
         raise ValueError(f"{what}: expected keys among {sorted(defaults)}, got {unknown}")
     return {arg: sample[name] for arg, name in names.items() if name in sample.names}
+
+
+def _check_call(images, sample) -> None:
+    """What :func:`augment` reads of its arguments before the augmentation's own checks: a tensor of images with a
+    batch dim and a sample (the order of the two, the sample's batch size in training steps)."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images: expected a torch.Tensor [B, C, H, W], got {type(images).__name__} (the call is "
+                        f"stn.augment(images, sample))")
+    if not isinstance(sample, HyperparameterSample):
+        raise TypeError(f"sample: expected a HyperparameterSample (from HyperparameterSet.sample, or the one "
+                        f"model_fn gets), got {type(sample).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape [B, C, H, W], got {tuple(images.shape)}")
+    if sample.regularize and sample.batch_size != images.shape[0]:
+        raise ValueError(f"sample: expected batch size {images.shape[0]} (one row per image, images' first dim), "
+                         f"got a sample of batch size {sample.batch_size}")
+
+
+def _check_normalisation(mean, std, images: Tensor) -> None:
+    """``mean`` and ``std``: one value per channel of ``images``, or one for all; ``std`` nonzero."""
+    for name, values in (("mean", mean), ("std", std)):
+        given = torch.as_tensor(values)
+        if given.numel() not in (1, images.shape[1]):
+            raise ValueError(f"{name}: expected {images.shape[1]} values (one per channel of images of shape "
+                             f"{tuple(images.shape)}) or one, got {given.numel()}")
+        # Read on the host only when given there (a list, or a CPU tensor): a device tensor is not synchronised,
+        # nor is anything read under torch.compile (no graph break).
+        if name == "std" and given.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and bool((given == 0).any()):
+            shown = values.tolist() if isinstance(values, Tensor) else values
+            raise ValueError(f"std: expected nonzero values (the normalisation divides by them), got {shown}")
 
 
 def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Mapping[str, str]] = None,
@@ -74,11 +108,14 @@ def augment(images: Tensor, sample: HyperparameterSample, *, names: Optional[Map
     takes the counters after the augmentation's (offset + 64·B on), the affine transform those after the
     input dropout's (offset + 64·B + images.numel() on).
     """
-    if isinstance(images, Tensor) and images.dtype == torch.uint8:
+    _check_call(images, sample)
+    if images.dtype == torch.uint8:
         images = images.to(torch.float32).div_(255.0)  # as ToTensor: the pipeline works on [0, 1] floats
     normalise = mean is not None or std is not None
     if normalise and (mean is None or std is None):
         raise ValueError("mean, std: expected both or neither, got only one")
+    if normalise:
+        _check_normalisation(mean, std, images)
 
     def normalised(x: Tensor) -> Tensor:
         shape = (1, -1, 1, 1)

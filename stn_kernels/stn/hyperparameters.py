@@ -31,6 +31,7 @@ unconstrained values by default (as the published CNN code feeds them);
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
@@ -109,6 +110,11 @@ class Hyperparameter:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{field} (hyperparameter {self.name!r}): expected a float, "
                                 f"got {type(value).__name__}")
+        for field in ("discrete", "per_example"):
+            value = getattr(self, field)
+            if not isinstance(value, bool):  # a string such as "False" would read as True
+                raise TypeError(f"{field} (hyperparameter {self.name!r}): expected a bool, got "
+                                f"{type(value).__name__} {value!r}")
         if math.isnan(self.low) or math.isnan(self.high) or not self.low < self.high:
             raise ValueError(f"low, high (hyperparameter {self.name!r}): expected low < high, "
                              f"got low={self.low}, high={self.high}")
@@ -244,6 +250,10 @@ class HyperparameterSet(nn.Module):
     def __init__(self, hyperparameters: Iterable[Hyperparameter], *, dtype: torch.dtype = torch.float32,
                  device=None) -> None:
         super().__init__()
+        if isinstance(hyperparameters, Hyperparameter) or not hasattr(hyperparameters, "__iter__"):
+            what = "a Hyperparameter (put it in a list)" if isinstance(hyperparameters, Hyperparameter) \
+                else type(hyperparameters).__name__
+            raise TypeError(f"hyperparameters: expected an iterable of Hyperparameter, got {what}")
         specs = tuple(hyperparameters)
         if not specs:
             raise ValueError("hyperparameters: expected at least one Hyperparameter, got none")
@@ -254,8 +264,8 @@ class HyperparameterSet(nn.Module):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"hyperparameters: expected unique names, got duplicates {duplicates}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
         self.specs: Tuple[Hyperparameter, ...] = specs
         self.names: Tuple[str, ...] = tuple(names)
         init = torch.tensor([s.continuous_init for s in specs], dtype=torch.float64)
@@ -414,6 +424,7 @@ class HyperparameterSet(nn.Module):
         """Sets hyperparameters by name, in constrained units (a discrete one to the middle of its cell)."""
         for name, value in values.items():
             spec = self.specs[self.index(name)]
+            value = _number(value, name)
             low, high = spec.continuous_range
             if spec.discrete:
                 if value != math.floor(value) or not spec.low <= value <= spec.high:
@@ -428,6 +439,7 @@ class HyperparameterSet(nn.Module):
     def set_scales(self, **scales: float) -> None:
         """Sets perturbation scales σ by name (unconstrained units, > 0)."""
         for name, value in scales.items():
+            value = _number(value, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: expected a scale > 0, got {value}")
             with torch.no_grad():
@@ -440,6 +452,16 @@ class HyperparameterSet(nn.Module):
                      else f"∈ ({spec.low:g}, {spec.high:g})")
             parts.append(f"{name}={value:.4g} {where} {spec.kind}, σ={sigma:.3g}")
         return "\n".join(parts)
+
+
+def _number(value, name: str) -> float:
+    """A value given by keyword to set_values / set_scales as a float: a real number or a one-element tensor (a
+    str would fail in a comparison)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def _check_batch_size(batch_size) -> None:

@@ -86,6 +86,16 @@ def linearized_output(model_fn: Callable, inputs, sample: HyperparameterSample, 
     return out + jvp
 
 
+class _ShapeOnly:
+    """A tensor as its repr shows it in a StepResult: shape and dtype."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.text = f"Tensor(shape={tuple(tensor.shape)}, dtype={tensor.dtype})"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 @dataclass
 class StepResult:
     """What one step did: ``kind`` is "warmup", "train", "response" (Delta-STN) or "valid";
@@ -95,7 +105,7 @@ class StepResult:
 
     kind: str
     loss_tensor: Tensor
-    output: Tensor
+    output: Tensor  # or the tuple, list or dict of tensors the model returned
 
     @property
     def loss(self) -> float:
@@ -103,9 +113,7 @@ class StepResult:
 
     def __repr__(self) -> str:
         # The loss as a number and the output's shape, never whole tensors (a batch of logits would fill a screen).
-        output = self.output
-        if isinstance(output, Tensor):
-            output = f"Tensor(shape={tuple(output.shape)}, dtype={output.dtype})"
+        output = _map_tensors(_ShapeOnly, self.output)
         return f"StepResult(kind={self.kind!r}, loss={self.loss:.6g}, output={output})"
 
 
@@ -134,9 +142,37 @@ def _next_batch(next_batch: Callable[[], tuple], name: str) -> tuple:
     return batch
 
 
+def _checked_loss(loss):
+    """The criterion's loss: a scalar tensor (a per-example loss, ``reduction='none'``, cannot be differentiated
+    as one)."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"criterion: expected criterion(output, targets) to return a scalar loss tensor, got "
+                        f"{type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"criterion: expected criterion(output, targets) to return a scalar loss tensor (reduction "
+                         f"'mean' or 'sum'), got shape {tuple(loss.shape)}")
+    return loss
+
+
+def _map_tensors(fn: Callable, out):
+    """``fn`` applied to the tensors of a model output: a tensor, or a tuple, list or dict of outputs (an RNN's
+    ``(output, hidden)``); anything else as it is."""
+    if isinstance(out, Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        items = [_map_tensors(fn, item) for item in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    if isinstance(out, dict):
+        return type(out)((key, _map_tensors(fn, item)) for key, item in out.items())
+    return out
+
+
 def _check_optimizer(value, name: str, required: bool = True) -> None:
     if value is None and not required:
         return
+    if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
+        raise TypeError(f"{name}: expected a torch.optim.Optimizer, got the class {value.__name__} (build it over "
+                        f"the parameters: {value.__name__}(params, lr=...))")
     if not isinstance(value, torch.optim.Optimizer):
         raise TypeError(f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}")
 
@@ -264,6 +300,11 @@ class STNTrainer:
         _check_optimizer(hparam_optimizer, "hparam_optimizer", required=False)
         _check_optimizer(scale_optimizer, "scale_optimizer", required=False)
         _check_optimizer(response_optimizer, "response_optimizer", required=False)
+        for flag, value in (("sync_hyperparameters", sync_hyperparameters), ("tune_scales", tune_scales),
+                            ("constrained_layer_input", constrained_layer_input), ("delta_stn", delta_stn),
+                            ("linearize", linearize)):
+            if not isinstance(value, bool):  # a string such as "no" would read as True
+                raise TypeError(f"{flag}: expected a bool, got {type(value).__name__} {value!r}")
         if delta_stn and response_optimizer is None:
             raise ValueError("response_optimizer: required with delta_stn=True (the response parameters from "
                              "split_stn_parameters), got None")
@@ -272,8 +313,6 @@ class STNTrainer:
         if linearize and not delta_stn:
             raise ValueError("linearize: the linearised response is part of Delta-STN; expected delta_stn=True "
                              "with linearize=True, got delta_stn=False")
-        if not isinstance(sync_hyperparameters, bool):
-            raise TypeError(f"sync_hyperparameters: expected a bool, got {type(sync_hyperparameters).__name__}")
         if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) \
                 or not math.isfinite(entropy_weight) or entropy_weight < 0:
             raise ValueError(f"entropy_weight: expected a finite float >= 0, got {entropy_weight!r}")
@@ -416,7 +455,7 @@ class STNTrainer:
         if not differentiate_hparams:
             batch = batch.detach()
         out = self._call_model(inputs, self._sample(batch, regularize=regularize))
-        loss = self.criterion(out, targets)
+        loss = _checked_loss(self.criterion(out, targets))
         objective = loss - self.entropy_weight * self.hparams.entropy() if entropy_term else loss
         return objective, loss, out
 
@@ -437,7 +476,7 @@ class STNTrainer:
                                                    entropy_term)
         if self._cuda_graphs:
             # The next replay overwrites graph outputs; what the caller keeps must be its own copy.
-            loss, out = loss.clone(), out.clone()
+            loss, out = loss.clone(), _map_tensors(Tensor.clone, out)
         return objective, loss, out
 
     def _noise(self, batch_size: int) -> Tensor:
@@ -473,11 +512,11 @@ class STNTrainer:
         if not self.delta_stn:
             loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
             self._update(self.weight_optimizer, loss)
-            return [StepResult(kind, loss.detach(), out.detach())]
+            return [StepResult(kind, loss.detach(), _map_tensors(Tensor.detach, out))]
         # Delta-STN. General weights at the current λ: centred input 0, regularisers at λ itself.
         loss, _, out = self._run_loss(inputs, targets, None, True, False, False)
         self._update(self.weight_optimizer, loss)
-        results = [StepResult(kind, loss.detach(), out.detach())]
+        results = [StepResult(kind, loss.detach(), _map_tensors(Tensor.detach, out))]
         # Response parameters on perturbed λ_b.
         self.response_optimizer.zero_grad()
         if self.linearize:
@@ -485,11 +524,11 @@ class STNTrainer:
                 perturbed = self.hparams.perturb(batch_size, noise=noise)
             sample = self._sample(perturbed, regularize=True)
             out = linearized_output(self._call_model, inputs, sample, sample.layer_input.detach())
-            loss = self.criterion(out, targets)
+            loss = _checked_loss(self.criterion(out, targets))
         else:
             loss, _, out = self._run_loss(inputs, targets, noise, True, False, False)
         self._update(self.response_optimizer, loss)
-        results.append(StepResult("response", loss.detach(), out.detach()))
+        results.append(StepResult("response", loss.detach(), _map_tensors(Tensor.detach, out)))
         return results
 
     def valid_step(self, inputs, targets) -> StepResult:
@@ -512,7 +551,7 @@ class STNTrainer:
         for opt in optimizers:
             opt.step()
         self.valid_steps_done += 1
-        return StepResult("valid", loss.detach(), out.detach())
+        return StepResult("valid", loss.detach(), _map_tensors(Tensor.detach, out))
 
     def step(self, next_train_batch: Callable[[], tuple], next_valid_batch: Callable[[], tuple]) -> List[StepResult]:
         """One cycle of Algorithm 1: T_train training steps, then T_valid validation steps once the warm-up
