@@ -6,6 +6,7 @@ also accepts the published names.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -286,6 +287,23 @@ class HyperLSTMCell(_ParamChecksCache):
         return lstm.train(self.training)
 
 
+def _check_lstm_options(dropout, bidirectional, proj_size, num_layers) -> None:
+    """nn.LSTM's ``dropout``, ``bidirectional`` and ``proj_size`` arguments: the first as nn.LSTM takes it (a
+    probability in [0, 1], with its warning for one layer), the others only at their defaults (HyperLSTM has no
+    reverse direction and no projection; ``convert`` leaves such an nn.LSTM as it is)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout: expected a probability in [0, 1] (nn.LSTM's dropout between layers), got "
+                         f"{dropout!r}")
+    if dropout and num_layers == 1:
+        warnings.warn(f"dropout: applies between layers (as nn.LSTM's), so with num_layers=1 dropout={dropout} "
+                      f"does nothing", UserWarning, stacklevel=3)
+    if bidirectional is not False:
+        raise ValueError(f"bidirectional: expected False (HyperLSTM runs one direction), got {bidirectional!r}")
+    if proj_size != 0:
+        raise ValueError(f"proj_size: expected 0 (HyperLSTM has no projection; per-layer hidden sizes are a list "
+                         f"hidden_size), got {proj_size!r}")
+
+
 def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
     """Per-example dropout of x [T, B, N] with one mask per (b, n) for all T (variational / locked):
     channel dropout of the [B, N, T] view."""
@@ -315,8 +333,9 @@ class HyperLSTM(_ParamChecksCache):
     before the next layer, in training mode only, with one mask per (example, unit) for the
     whole sequence: the published model's ``LockedDropout`` with its per-example ``dropouth``
     (:func:`stn_kernels.stn.per_example_dropout` underneath; pass None in the validation steps).
-    ``dropout`` (an attribute, 0 by default) is nn.LSTM's: plain dropout of each layer's output but
-    the last's, in training mode.
+    ``dropout`` (nn.LSTM's argument, and an attribute) is nn.LSTM's: plain dropout of each layer's output but
+    the last's, in training mode. nn.LSTM's ``bidirectional`` and ``proj_size`` are taken at their defaults only
+    (False, 0: HyperLSTM has neither), so that nn.LSTM's positional arguments mean the same here.
     """
 
     # As _HyperLayer's: True for an nn.LSTM that convert() made into a HyperLSTM.
@@ -325,9 +344,10 @@ class HyperLSTM(_ParamChecksCache):
     dropout = 0.0
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, *, num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None,
-                 dtype=None) -> None:
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0, *,
+                 num_hparams: int = REQUIRED, dropconnect: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
+        _check_lstm_options(dropout, bidirectional, proj_size, num_layers)
         per_layer = isinstance(hidden_size, (list, tuple))
         check_ctor_int(num_layers, "num_layers")
         if per_layer:
@@ -345,6 +365,8 @@ class HyperLSTM(_ParamChecksCache):
         self.num_layers = num_layers
         self.num_hparams = num_hparams
         self.batch_first = batch_first
+        if dropout:
+            self.dropout = float(dropout)
         self.cells = nn.ModuleList(
             HyperLSTMCell(input_size if layer == 0 else sizes[layer - 1], sizes[layer], bias,
                           num_hparams=num_hparams, dropconnect=dropconnect, device=device, dtype=dtype)

@@ -102,7 +102,36 @@ BAD_ARGUMENTS = {
                            ("dropconnect: expected a probability in [0, 1), got 1.0",)),
     "cell-dropconnect-str": (lambda: HyperLSTMCell(4, 3, num_hparams=2, dropconnect="0.5"), TypeError,
                              ("dropconnect", "str '0.5'")),
+    "lstm-dropout-above-1": (lambda: HyperLSTM(4, 3, 2, dropout=1.5, num_hparams=2), ValueError,
+                             ("dropout: expected a probability in [0, 1]", "got 1.5")),
+    "lstm-bidirectional": (lambda: HyperLSTM(4, 3, 2, True, False, 0.0, True, num_hparams=2), ValueError,
+                           ("bidirectional: expected False", "got True")),
+    "lstm-proj-size": (lambda: HyperLSTM(4, 3, proj_size=2, num_hparams=2), ValueError,
+                       ("proj_size: expected 0", "got 2")),
 }
+
+
+def test_hyper_lstm_takes_nn_lstm_positional_arguments():
+    """nn.LSTM(input_size, hidden_size, num_layers, bias, batch_first, dropout, ...): the same positions here, and
+    the dropout between layers is nn.LSTM's (same draws, same outputs without λ)."""
+    torch.manual_seed(0)
+    plain = torch.nn.LSTM(4, 3, 2, True, True, 0.4).double()
+    ours = HyperLSTM(4, 3, 2, True, True, 0.4, num_hparams=2).double()
+    assert ours.dropout == 0.4 and "dropout=0.4" in repr(ours)
+    with torch.no_grad():
+        for layer in range(2):
+            for name, cell in (("ih", ours.cells[layer].i2h), ("hh", ours.cells[layer].h2h)):
+                i, f, g, o = getattr(plain, f"weight_{name}_l{layer}").chunk(4)
+                cell.weight.copy_(torch.cat((f, i, o, g)))
+                i, f, g, o = getattr(plain, f"bias_{name}_l{layer}").chunk(4)
+                cell.bias.copy_(torch.cat((f, i, o, g)))
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    expected = plain(x)[0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(x)[0], expected)
+    with pytest.warns(UserWarning, match="num_layers=1"):
+        HyperLSTM(4, 3, 1, dropout=0.2, num_hparams=2)
 
 
 CONSTRUCTOR_ERRORS = {**MISREADS, **BAD_ARGUMENTS}
