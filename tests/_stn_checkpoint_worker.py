@@ -165,7 +165,7 @@ class KillingOs:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def write(self, fd, data):
-        if self.point == "write":      # half of the temporary file on disk
+        if self.point == "write" and len(data) > 1000:    # the header and half of the payload on disk
             os.write(fd, bytes(data[:len(data) // 2]))
             self.die()
         return os.write(fd, data)

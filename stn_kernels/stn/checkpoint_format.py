@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 from collections import Counter, OrderedDict
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -63,8 +63,9 @@ def remove_stale_temporaries(path: str) -> None:
             pass
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """``data`` at ``path``: temporary file, write, fsync, ``os.replace``, fsync of the directory."""
+def write_atomically(path: str, parts: Sequence[bytes]) -> None:
+    """``parts`` one after another at ``path``: temporary file, write, fsync, ``os.replace``, fsync of the
+    directory."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -73,10 +74,11 @@ def write_atomically(path: str, data: bytes) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view[:_CHUNK])
-                view = view[written:]
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(fd, view[:_CHUNK])
+                    view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -88,15 +90,16 @@ def write_atomically(path: str, data: bytes) -> None:
     fsync_directory(directory)
 
 
-def encode(payload: dict) -> bytes:
-    """The file's bytes for ``payload``: magic, header, checksum, ``torch.save`` of the payload."""
+def encode(payload: dict) -> List[bytes]:
+    """The file's bytes for ``payload``, in parts (not joined: a copy less of a large payload): magic, header,
+    checksum, ``torch.save`` of the payload."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     body = buffer.getvalue()
     header = json.dumps({"format_version": FORMAT_VERSION, "payload_bytes": len(body)}).encode() + b"\n"
     digest = hashlib.sha256(header)
     digest.update(body)
-    return b"".join((MAGIC, header, digest.hexdigest().encode(), b"\n", body))
+    return [MAGIC, header, digest.hexdigest().encode() + b"\n", body]
 
 
 def decode(path: str, data: bytes) -> dict:
@@ -105,22 +108,23 @@ def decode(path: str, data: bytes) -> dict:
     if not data.startswith(MAGIC):
         raise CheckpointError(f"path: {path} is not an stn_kernels checkpoint (it starts with {data[:24]!r}, "
                               f"expected {MAGIC!r})")
-    rest = data[len(MAGIC):]
-    header_end = rest.find(b"\n")
-    digest_end = rest.find(b"\n", header_end + 1)
+    rest = memoryview(data)[len(MAGIC):]   # slices of it copy nothing
+    header_end = data.find(b"\n", len(MAGIC)) - len(MAGIC)
+    digest_end = data.find(b"\n", len(MAGIC) + header_end + 1) - len(MAGIC)
     if header_end < 0 or digest_end < 0:
         raise CheckpointError(f"path: {path} is truncated: {len(data)} bytes, not even a whole header")
     header_line, digest, body = rest[:header_end + 1], rest[header_end + 1:digest_end], rest[digest_end + 1:]
     try:
-        header = json.loads(header_line)
+        header = json.loads(bytes(header_line))
         expected = int(header["payload_bytes"])
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"path: {path} is corrupted: its header {header_line[:80]!r} does not parse") from None
+        raise CheckpointError(f"path: {path} is corrupted: its header {bytes(header_line[:80])!r} does not "
+                              f"parse") from None
     if len(body) < expected:
         raise CheckpointError(f"path: {path} is truncated: {len(body)} of its {expected} payload bytes are there")
     check = hashlib.sha256(header_line)
     check.update(body)
-    if len(body) != expected or check.hexdigest().encode() != digest:
+    if len(body) != expected or check.hexdigest().encode() != bytes(digest):
         raise CheckpointError(f"path: {path} is corrupted: its SHA-256 checksum does not match its contents")
     if header.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"path: {path} has format version {header.get('format_version')!r}, this stn_kernels "

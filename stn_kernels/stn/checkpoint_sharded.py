@@ -90,8 +90,8 @@ def save(path: str, trainer, module: nn.Module, extra, group) -> None:
     sharded, empty = _state_dicts(trainer, module)
     dcp.save(sharded, storage_writer=dcp.FileSystemWriter(partial, sync_files=True), process_group=group)
     entries = distributed.gather_objects(rank_entry(trainer, extra, SHARED_OPTIMIZERS), process_group=group)
-    # Every rank hashes its share of the files (they are all complete once dcp.save has returned).
-    names = sorted(os.listdir(partial))
+    # Every rank hashes its share of the files (all complete once dcp.save has returned), as rank 0 lists them.
+    names = distributed.broadcast_object(sorted(os.listdir(partial)) if rank == 0 else None, process_group=group)
     digests = distributed.gather_objects({name: file_digest(os.path.join(partial, name))
                                           for name in names[rank::world]}, process_group=group)
     error = None

@@ -173,8 +173,9 @@ def check_hparams(saved: dict, hparams: HyperparameterSet) -> List[str]:
     return problems
 
 
-def check_optimizer(name: str, saved_state, saved_layout, optimizer) -> List[str]:
-    """How a saved optimiser (its state_dict and :func:`optimizer_layout`) differs from ``optimizer``."""
+def check_optimizer(name: str, saved_state, saved_layout, optimizer, *, with_state: bool = True) -> List[str]:
+    """How a saved optimiser (its state_dict and :func:`optimizer_layout`) differs from ``optimizer``;
+    ``with_state=False``: its state comes from elsewhere, only the layout is checked."""
     if (saved_layout is None) != (optimizer is None):
         return [f"{name}: {'none' if saved_layout is None else 'one'} in the checkpoint, "
                 f"{'none' if optimizer is None else 'one'} here"]
@@ -191,9 +192,9 @@ def check_optimizer(name: str, saved_state, saved_layout, optimizer) -> List[str
     for i, (a, b) in enumerate(zip(groups, now)):
         if a != b:
             problems.append(f"{name}: parameter shapes of group {i}: {a} in the checkpoint, {b} here")
-    if saved_state is not None and (not isinstance(saved_state, dict) or "param_groups" not in saved_state
-                                    or "state" not in saved_state):
-        problems.append(f"{name}: its state is malformed")
+    if with_state and (not isinstance(saved_state, dict) or "param_groups" not in saved_state
+                       or "state" not in saved_state):
+        problems.append(f"{name}: its state is missing or malformed")
     return problems
 
 
@@ -226,8 +227,8 @@ def check_trainer_state(trainer, state, *, shared: tuple = ()) -> List[str]:
             problems.append(f"{name}: expected an int >= 0, got {value!r}")
     problems += check_hparams(state["hparams"], trainer.hparams)
     for name, optimizer in optimizers_of(trainer).items():
-        saved_state = None if name in shared else state["optimizers"].get(name)
-        problems += check_optimizer(name, saved_state, state["optimizer_layouts"].get(name), optimizer)
+        problems += check_optimizer(name, state["optimizers"].get(name), state["optimizer_layouts"].get(name),
+                                    optimizer, with_state=name not in shared)
     problems += check_random_state(state["random"], trainer.generator)
     return problems
 
