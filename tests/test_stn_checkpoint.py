@@ -34,6 +34,16 @@ SAVE_KILL_POINTS = ("write", "fsync", "replace", "replaced")
 CHOOSE = random.Random()   # the kill points differ from run to run: every one must resume identically
 
 
+@pytest.fixture(autouse=True)
+def _own_random_state_and_threads():
+    """The in-process runs seed torch's generator and use one thread: the other tests' state is left as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+
+
 def _difference(a, b, where="") -> list:
     """Where two states differ, bit for bit (dicts, lists, tuples, tensors, plain values)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -127,7 +137,6 @@ def _run(scenario="mlp", cycles=3, **changes):
     run = worker.build(scenario)
     if changes:
         run = _rebuilt(run, **changes)
-    torch.set_num_threads(1)
     for _ in range(cycles):
         run[1].step(run[2], run[3])
     return run
@@ -164,12 +173,11 @@ def _refused(path, run, match, error=stn.CheckpointError):
 
 def test_the_checkpoint_loads_into_a_fresh_run_and_the_load_can_see_a_difference(saved):
     """The refusals below are of a checkpoint that loads; and the comparison of the unchanged run can fail."""
-    with torch.random.fork_rng():
-        run = worker.build("mlp")
-        before = worker.snapshot(run)
-        assert stn.load_checkpoint(saved, run[1], run[0])["cycle"] == 3
-        assert _difference(worker.snapshot(run), before) != []
-        assert run[1].train_steps_done == 6 and run[1].valid_steps_done == 3
+    run = worker.build("mlp")
+    before = worker.snapshot(run)
+    assert stn.load_checkpoint(saved, run[1], run[0])["cycle"] == 3
+    assert _difference(worker.snapshot(run), before) != []
+    assert run[1].train_steps_done == 6 and run[1].valid_steps_done == 3
 
 
 @pytest.mark.parametrize("keep", [0, 10, 40, 200, -1])
@@ -177,9 +185,8 @@ def test_a_truncated_file_is_refused(saved, tmp_path, keep):
     data = saved.read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[:keep] if keep >= 0 else data[:-1])
-    with torch.random.fork_rng():
-        what = "is not an stn_kernels checkpoint" if 0 <= keep < len(stn.checkpoint_format.MAGIC) else "is truncated"
-        _refused(cut, worker.build("mlp"), what)
+    what = "is not an stn_kernels checkpoint" if 0 <= keep < len(stn.checkpoint_format.MAGIC) else "is truncated"
+    _refused(cut, worker.build("mlp"), what)
 
 
 @pytest.mark.parametrize("where", ["magic", "header", "checksum", "middle", "last"])
@@ -193,8 +200,7 @@ def test_a_flipped_byte_is_refused(saved, tmp_path, where):
     flipped.write_bytes(bytes(data))
     expected = {"magic": "is not an stn_kernels checkpoint", "header": "is corrupted: its header"}.get(
         where, "is corrupted: its SHA-256 checksum does not match its contents")
-    with torch.random.fork_rng():
-        _refused(flipped, worker.build("mlp"), expected)
+    _refused(flipped, worker.build("mlp"), expected)
 
 
 class WiderMLP(worker.ImageMLP):
@@ -252,24 +258,22 @@ BAD = {
 @pytest.mark.parametrize("case", BAD)
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(saved, case):
     changes, match = BAD[case]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        _refused(saved, _rebuilt(worker.build("mlp"), **changes()), match)
+    torch.manual_seed(0)
+    _refused(saved, _rebuilt(worker.build("mlp"), **changes()), match)
 
 
 def test_trainer_none_and_a_trainer_do_not_mix(saved, tmp_path):
-    with torch.random.fork_rng():
-        run = worker.build("mlp")
-        before = worker.snapshot(run)
-        with pytest.raises(stn.CheckpointError, match="trainer=None was given"):
-            stn.load_checkpoint(saved, None, run[0])
-        assert _difference(worker.snapshot(run), before) == []
-        # A loop without a trainer: the model, torch's generators and extra.
-        stn.save_checkpoint(tmp_path / "plain.pt", None, run[0], extra={"step": 5})
-        drawn = torch.rand(3)
-        _refused(tmp_path / "plain.pt", run, "the checkpoint holds no STNTrainer state, but a trainer was given")
-        assert stn.load_checkpoint(tmp_path / "plain.pt", None, worker.ImageMLP()) == {"step": 5}
-        assert torch.equal(torch.rand(3), drawn)      # the default generator as it was at the save
+    run = worker.build("mlp")
+    before = worker.snapshot(run)
+    with pytest.raises(stn.CheckpointError, match="trainer=None was given"):
+        stn.load_checkpoint(saved, None, run[0])
+    assert _difference(worker.snapshot(run), before) == []
+    # A loop without a trainer: the model, torch's generators and extra.
+    stn.save_checkpoint(tmp_path / "plain.pt", None, run[0], extra={"step": 5})
+    drawn = torch.rand(3)
+    _refused(tmp_path / "plain.pt", run, "the checkpoint holds no STNTrainer state, but a trainer was given")
+    assert stn.load_checkpoint(tmp_path / "plain.pt", None, worker.ImageMLP()) == {"step": 5}
+    assert torch.equal(torch.rand(3), drawn)      # the default generator as it was at the save
 
 
 def test_a_missing_checkpoint_and_bad_arguments(tmp_path):
@@ -291,28 +295,27 @@ def test_a_missing_checkpoint_and_bad_arguments(tmp_path):
 def test_trainer_state_dict_round_trip_and_refusal():
     """A fresh trainer given the state (and the model its weights, the data their positions) continues as the
     trainer the state came from."""
-    with torch.random.fork_rng():
-        run = _run()
-        state = copy.deepcopy(run[1].state_dict())
-        assert state["version"] == 1 and state["counters"] == {"train_steps_done": 6, "valid_steps_done": 3}
-        assert state["optimizers"]["response_optimizer"] is None and state["random"]["seed"] == 7
-        weights, positions = copy.deepcopy(run[0].state_dict()), [copy.deepcopy(n.state_dict()) for n in run[2:]]
-        for _ in range(2):
-            run[1].step(run[2], run[3])
-        fresh = worker.build("mlp")
-        fresh[0].load_state_dict(weights)
-        fresh[1].load_state_dict(state)
-        for next_batch, position in zip(fresh[2:], positions):
-            next_batch.load_state_dict(position)
-        for _ in range(2):
-            fresh[1].step(fresh[2], fresh[3])
-        assert _difference(worker.snapshot(fresh), worker.snapshot(run)) == []
-        other = _rebuilt(worker.build("mlp"), warmup_steps=4)
-        before = copy.deepcopy(other[1].state_dict())
-        with pytest.raises(ValueError, match="state_dict: does not fit this trainer: warmup_steps: 2 in the "
-                                             "checkpoint, 4 here"):
-            other[1].load_state_dict(state)
-        assert _difference(other[1].state_dict(), before) == []
+    run = _run()
+    state = copy.deepcopy(run[1].state_dict())
+    assert state["version"] == 1 and state["counters"] == {"train_steps_done": 6, "valid_steps_done": 3}
+    assert state["optimizers"]["response_optimizer"] is None and state["random"]["seed"] == 7
+    weights, positions = copy.deepcopy(run[0].state_dict()), [copy.deepcopy(n.state_dict()) for n in run[2:]]
+    for _ in range(2):
+        run[1].step(run[2], run[3])
+    fresh = worker.build("mlp")
+    fresh[0].load_state_dict(weights)
+    fresh[1].load_state_dict(state)
+    for next_batch, position in zip(fresh[2:], positions):
+        next_batch.load_state_dict(position)
+    for _ in range(2):
+        fresh[1].step(fresh[2], fresh[3])
+    assert _difference(worker.snapshot(fresh), worker.snapshot(run)) == []
+    other = _rebuilt(worker.build("mlp"), warmup_steps=4)
+    before = copy.deepcopy(other[1].state_dict())
+    with pytest.raises(ValueError, match="state_dict: does not fit this trainer: warmup_steps: 2 in the "
+                                         "checkpoint, 4 here"):
+        other[1].load_state_dict(state)
+    assert _difference(other[1].state_dict(), before) == []
 
 
 # --------------------------------------------------------------------------- cycle_batches' position
@@ -337,29 +340,28 @@ def test_cycle_batches_resumes_its_position(kind, taken):
     """The batches after a restored position are those of the uninterrupted sequence, across epochs, while torch's
     generator also serves the training in between (a draw after every batch)."""
     make, epoch = _loaders()[kind]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        straight = stn.cycle_batches(make())
-        sequence = []
-        for _ in range(taken + 8):
-            sequence.append(straight()[1].tolist())
-            torch.rand(1)
-        torch.manual_seed(0)
-        first = stn.cycle_batches(make())
-        for _ in range(taken):
-            first()
-            torch.rand(1)
-        position, rng = copy.deepcopy(first.state_dict()), torch.get_rng_state()
-        torch.manual_seed(123)                          # a new process: other draws first
-        torch.rand(5)
-        resumed = stn.cycle_batches(make())
-        torch.set_rng_state(rng)                        # what load_checkpoint restores
-        resumed.load_state_dict(position)
-        assert torch.equal(torch.get_rng_state(), rng)  # the replay leaves torch's generator as it was
-        rest = []
-        for _ in range(8):
-            rest.append(resumed()[1].tolist())
-            torch.rand(1)
+    torch.manual_seed(0)
+    straight = stn.cycle_batches(make())
+    sequence = []
+    for _ in range(taken + 8):
+        sequence.append(straight()[1].tolist())
+        torch.rand(1)
+    torch.manual_seed(0)
+    first = stn.cycle_batches(make())
+    for _ in range(taken):
+        first()
+        torch.rand(1)
+    position, rng = copy.deepcopy(first.state_dict()), torch.get_rng_state()
+    torch.manual_seed(123)                          # a new process: other draws first
+    torch.rand(5)
+    resumed = stn.cycle_batches(make())
+    torch.set_rng_state(rng)                        # what load_checkpoint restores
+    resumed.load_state_dict(position)
+    assert torch.equal(torch.get_rng_state(), rng)  # the replay leaves torch's generator as it was
+    rest = []
+    for _ in range(8):
+        rest.append(resumed()[1].tolist())
+        torch.rand(1)
     assert rest == sequence[taken:]
     # Shuffled: every epoch in another order, so a position is more than a count modulo the epoch.
     assert (sequence[:epoch] == sequence[epoch:2 * epoch]) == (kind == "list")
@@ -403,9 +405,8 @@ def two_ranks(tmp_path_factory):
             assert p.returncode == -signal.SIGKILL, f"{name} (kill at {kills[name]}) exited {p.returncode}:\n" \
                                                     f"{out[-3000:]}"
     # A one-process checkpoint of the same model, hyperparameters and trainer settings.
-    with torch.random.fork_rng():
-        one = distributed_worker.build_one_process()
-        stn.save_checkpoint(tmp / "one.pt", one[1], one[0], extra={"cycle": 0})
+    one = distributed_worker.build_one_process()
+    stn.save_checkpoint(tmp / "one.pt", one[1], one[0], extra={"cycle": 0})
     procs = launch("store_resume", "resume", tmp, paths["ddp"], paths["fsdp2"], tmp / "one.pt")
     outputs = _communicate(procs)
     results = []
@@ -452,13 +453,12 @@ def test_two_ranks_refuse_another_world_size_and_another_hyperparameter_set_on_e
 
 def test_one_process_refuses_a_checkpoint_of_two_ranks_naming_the_world_size(two_ranks):
     _, paths, _ = two_ranks
-    with torch.random.fork_rng():
-        run = distributed_worker.build_one_process()
-        before = distributed_worker.snapshot(run)
-        with pytest.raises(stn.CheckpointError, match=r"world size: the checkpoint was written by a run of 2 "
-                                                      r"rank\(s\), this run has 1"):
-            stn.load_checkpoint(paths["ddp"], run[1], run[0])
-        with pytest.raises(stn.CheckpointError, match=r"a sharded \(FSDP2\) checkpoint written by a run of 2 "
-                                                      r"rank\(s\), but this run has 1 rank\(s\)"):
-            stn.load_checkpoint(paths["fsdp2"], run[1], run[0])
-        assert distributed_worker._equal(distributed_worker.snapshot(run), before)
+    run = distributed_worker.build_one_process()
+    before = distributed_worker.snapshot(run)
+    with pytest.raises(stn.CheckpointError, match=r"world size: the checkpoint was written by a run of 2 "
+                                                  r"rank\(s\), this run has 1"):
+        stn.load_checkpoint(paths["ddp"], run[1], run[0])
+    with pytest.raises(stn.CheckpointError, match=r"a sharded \(FSDP2\) checkpoint written by a run of 2 "
+                                                  r"rank\(s\), but this run has 1 rank\(s\)"):
+        stn.load_checkpoint(paths["fsdp2"], run[1], run[0])
+    assert distributed_worker._equal(distributed_worker.snapshot(run), before)
