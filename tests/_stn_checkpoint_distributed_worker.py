@@ -7,7 +7,8 @@ wrappers of tests/_stn_distributed_worker.py):
     python _stn_checkpoint_distributed_worker.py RANK WORLD STORE resume OUT DDP_CHECKPOINT FSDP2_CHECKPOINT ONE
         for each scenario: resumes from its checkpoint to the end, then runs the same seeds uninterrupted; loads
         ONE (a one-process checkpoint of the same model) and another hyperparameter set's checkpoint, which must
-        fail on every rank and change nothing; writes what it saw to OUT/rank<RANK>.pt
+        fail on every rank and change nothing; then Delta-STN under FSDP2 (its weight and response optimisers both
+        through DCP), stopped and resumed; writes what it saw to OUT/rank<RANK>.pt
 """
 
 import copy
@@ -47,12 +48,17 @@ def build(scenario, rank, hparams=make_hparams, world=2):
     """(model, trainer, next_train, next_valid): this rank's, as a torchrun script builds them; scenario "one": in
     one process."""
     model = make_model()             # seeded: the same initial weights on every rank
-    net = {"ddp": ddp, "fsdp2": fsdp2, "one": lambda m: m}[scenario](model)
+    net = {"ddp": ddp, "fsdp2": fsdp2, "delta_fsdp2": fsdp2, "one": lambda m: m}[scenario](model)
     hp = hparams()
-    trainer = stn.STNTrainer(net, F.cross_entropy, hp, torch.optim.Adam(net.parameters(), 1e-2),
-                             hparam_optimizer=torch.optim.Adam([hp.unconstrained], 0.05),
-                             scale_optimizer=torch.optim.Adam([hp.raw_scale], 0.05), train_steps=2, valid_steps=1,
-                             warmup_steps=2, seed=5, generator=torch.Generator().manual_seed(stn.rank_seed(9, rank)))
+    options = dict(hparam_optimizer=torch.optim.Adam([hp.unconstrained], 0.05),
+                   scale_optimizer=torch.optim.Adam([hp.raw_scale], 0.05), train_steps=2, valid_steps=1,
+                   warmup_steps=2, seed=5, generator=torch.Generator().manual_seed(stn.rank_seed(9, rank)))
+    if scenario.startswith("delta"):   # two optimisers of sharded parameters: both through DCP
+        general, response = stn.split_stn_parameters(net)
+        trainer = stn.STNTrainer(net, F.cross_entropy, hp, torch.optim.Adam(general, 1e-2), delta_stn=True,
+                                 response_optimizer=torch.optim.Adam(response, 1e-2), **options)
+    else:
+        trainer = stn.STNTrainer(net, F.cross_entropy, hp, torch.optim.Adam(net.parameters(), 1e-2), **options)
     data = torch.Generator().manual_seed(3)
     train = torch.utils.data.TensorDataset(torch.randn(24, 6, generator=data),
                                            torch.randint(0, 3, (24,), generator=data))
@@ -74,14 +80,15 @@ def snapshot(run):
     net, trainer, next_train, next_valid = run
     return local({
         "weights": net.state_dict(), "lam": trainer.hparams.unconstrained, "rho": trainer.hparams.raw_scale,
-        "optimizers": {name: getattr(trainer, name).state_dict()
-                       for name in ("weight_optimizer", "hparam_optimizer", "scale_optimizer")},
+        "optimizers": {name: None if getattr(trainer, name) is None else getattr(trainer, name).state_dict()
+                       for name in ("weight_optimizer", "hparam_optimizer", "scale_optimizer", "response_optimizer")},
         "torch_rng": torch.get_rng_state(), "generator": trainer.generator.get_state(),
         "counters": (trainer.train_steps_done, trainer.valid_steps_done),
         "data": (next_train.state_dict(), next_valid.state_dict())})
 
 
-def train(run, start, checkpoint=None, kill=None):
+def train(run, start, checkpoint=None, kill=None, last=CYCLES):
+    """Cycles ``start + 1 .. last``; a checkpoint after every EVERY-th; ``kill``: (cycle, call) to die at."""
     net, trainer, next_train, next_valid = run
     calls = {"left": None}
 
@@ -92,7 +99,7 @@ def train(run, start, checkpoint=None, kill=None):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     hook = net.register_forward_pre_hook(count)
-    for cycle in range(start + 1, CYCLES + 1):
+    for cycle in range(start + 1, last + 1):
         if kill is not None and cycle == kill[0]:
             calls["left"] = kill[1]
         trainer.step(next_train, next_valid)
@@ -149,6 +156,15 @@ def main_resume(rank, out, ddp_checkpoint, fsdp2_checkpoint, one_process):
                                  "other_hparams": refused(checkpoint, build(scenario, rank, other_hparams))}
         except Exception:  # noqa: BLE001  (a failing scenario fails its own test; the ranks stay in step)
             results[scenario] = {"error": traceback.format_exc()}
+    try:   # Delta-STN under FSDP2, stopped after cycle 5 (not killed: the launch goes on) and resumed from cycle 4
+        checkpoint = os.path.join(out, "delta_fsdp2")
+        train(build("delta_fsdp2", rank), 0, checkpoint, last=5)
+        run = build("delta_fsdp2", rank)
+        start = resume(checkpoint, run)
+        results["delta_fsdp2"] = {"start": start, "end": train(run, start, checkpoint),
+                                  "reference": train(build("delta_fsdp2", rank), 0)}
+    except Exception:  # noqa: BLE001
+        results["delta_fsdp2"] = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 

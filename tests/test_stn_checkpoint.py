@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import _stn_checkpoint_distributed_worker as distributed_worker
 import _stn_checkpoint_worker as worker
@@ -385,6 +386,22 @@ def test_cycle_batches_sets_the_sampler_epoch_and_refuses_a_one_pass_iterator():
 # --------------------------------------------------------------------------- 2 ranks: DDP and FSDP2
 
 
+def _killed_together(procs, grace=30.0, timeout=240.0) -> None:
+    """Waits for the ranks of a killed run; once one has died, the others get ``grace`` seconds to die too, then are
+    killed (a rank blocked in a collective with a dead peer would wait for gloo's timeout)."""
+    deadline = time.monotonic() + timeout
+    while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = min(deadline, time.monotonic() + grace)
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Each scenario trained on 2 ranks and killed at a random step; then one launch resumes both, runs them
@@ -394,23 +411,34 @@ def two_ranks(tmp_path_factory):
     paths = {"ddp": tmp / "ddp.pt", "fsdp2": tmp / "fsdp2"}
 
     def launch(store, *args):
-        return [subprocess.Popen([sys.executable, DISTRIBUTED_WORKER, str(r), "2", str(tmp / store), *map(str, args)],
-                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for r in range(2)]
+        """The 2 ranks, their output to files (a full pipe would stall a rank that nobody reads yet)."""
+        procs = []
+        for r in range(2):
+            with open(tmp / f"{store}_{r}.log", "w") as log:   # the rank writes to its own copy of the file
+                procs.append(subprocess.Popen([sys.executable, DISTRIBUTED_WORKER, str(r), "2", str(tmp / store),
+                                               *map(str, args)], env=ENV, stdout=log, stderr=subprocess.STDOUT))
+        return procs
+
+    def output(store, r):
+        return (tmp / f"{store}_{r}.log").read_text()
 
     killed = {name: launch(f"store_{name}", "train", name, paths[name], *kills[name]) for name in kills}
     for name, procs in killed.items():
-        outputs = _communicate(procs)
-        for p, out in zip(procs, outputs):
-            assert p.returncode == -signal.SIGKILL, f"{name} (kill at {kills[name]}) exited {p.returncode}:\n" \
-                                                    f"{out[-3000:]}"
+        _killed_together(procs)
+        for p, out in zip(procs, (output(f"store_{name}", r) for r in range(2))):
+            # Each rank kills itself at the same call; one still in a collective with a dead peer may instead
+            # stop on gloo's error, or be killed here.
+            peer_died = p.returncode != 0 and "Connection" in out
+            assert p.returncode == -signal.SIGKILL or peer_died, \
+                f"{name} (kill at {kills[name]}) exited {p.returncode}:\n{out[-3000:]}"
     # A one-process checkpoint of the same model, hyperparameters and trainer settings.
-    one = distributed_worker.build_one_process()
-    stn.save_checkpoint(tmp / "one.pt", one[1], one[0], extra={"cycle": 0})
+    with torch.random.fork_rng():
+        one = distributed_worker.build_one_process()
+        stn.save_checkpoint(tmp / "one.pt", one[1], one[0], extra={"cycle": 0})
     procs = launch("store_resume", "resume", tmp, paths["ddp"], paths["fsdp2"], tmp / "one.pt")
-    outputs = _communicate(procs)
+    _communicate(procs)
     results = []
-    for r, (p, out) in enumerate(zip(procs, outputs)):
+    for r, (p, out) in enumerate(zip(procs, (output("store_resume", r) for r in range(2)))):
         saved = tmp / f"rank{r}.pt"
         assert saved.exists() and p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-4000:]}"
         results.append(torch.load(saved, weights_only=False))
@@ -436,6 +464,15 @@ def test_two_ranks_killed_at_a_random_step_resume_bitwise_equal_to_an_uninterrup
     assert not torch.equal(first["torch_rng"], second["torch_rng"])
     assert not torch.equal(first["generator"], second["generator"])
     assert _difference(first["lam"], second["lam"]) == [] and _difference(first["rho"], second["rho"]) == []
+
+
+def test_delta_stn_under_fsdp2_resumes_bitwise_equal(two_ranks):
+    """Its two optimisers of sharded parameters (general weights, response) go through DCP side by side."""
+    _, _, results = two_ranks
+    for rank, result in enumerate(r["delta_fsdp2"] for r in results):
+        assert "error" not in result, f"rank {rank}:\n{result['error']}"
+        assert result["start"] == 4 and result["end"]["optimizers"]["response_optimizer"]["state"]
+        assert _difference(result["end"], result["reference"]) == [], rank
 
 
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp2"])
