@@ -8,7 +8,8 @@ wrappers of tests/_stn_distributed_worker.py):
         for each scenario: resumes from its checkpoint to the end, then runs the same seeds uninterrupted; loads
         ONE (a one-process checkpoint of the same model) and another hyperparameter set's checkpoint, which must
         fail on every rank and change nothing; then Delta-STN under FSDP2 (its weight and response optimisers both
-        through DCP), stopped and resumed; writes what it saw to OUT/rank<RANK>.pt
+        through DCP), stopped and resumed; an extra only one rank cannot save; writes what it saw to
+        OUT/rank<RANK>.pt
 """
 
 import copy
@@ -165,6 +166,13 @@ def main_resume(rank, out, ddp_checkpoint, fsdp2_checkpoint, one_process):
                                   "reference": train(build("delta_fsdp2", rank), 0)}
     except Exception:  # noqa: BLE001
         results["delta_fsdp2"] = {"error": traceback.format_exc()}
+    # An extra only rank 1 cannot save: every rank raises (none waits for the others in a collective), nothing written.
+    run, bad = build("ddp", rank), os.path.join(out, "bad_extra.pt")
+    try:
+        stn.save_checkpoint(bad, run[1], run[0], extra={"x": object()} if rank == 1 else {})
+        results["bad_extra"] = {"type": None}
+    except Exception as error:  # noqa: BLE001
+        results["bad_extra"] = {"type": type(error).__name__, "message": str(error), "written": os.path.exists(bad)}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 

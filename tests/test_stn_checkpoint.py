@@ -488,6 +488,15 @@ def test_two_ranks_refuse_another_world_size_and_another_hyperparameter_set_on_e
         assert "(rank 0 of 2)" in other["message"]      # rank 1 names the rank that found it, as rank 0 does
 
 
+def test_a_failure_on_one_rank_raises_on_every_rank(two_ranks):
+    _, _, results = two_ranks
+    first, second = (r["bad_extra"] for r in results)
+    assert second["type"] == "TypeError" and second["message"].startswith("extra['x']: expected tensors"), second
+    assert first["type"] == "RuntimeError" and "save_checkpoint: rank 1 failed: TypeError: extra['x']" in \
+        first["message"], first
+    assert not first["written"] and not second["written"]
+
+
 def test_one_process_refuses_a_checkpoint_of_two_ranks_naming_the_world_size(two_ranks):
     _, paths, _ = two_ranks
     run = distributed_worker.build_one_process()

@@ -25,14 +25,13 @@ from .checkpoint_format import (
                                 CheckpointError,
                                 agree,
                                 apply_entry,
-                                check_extra,
                                 check_payload,
                                 encode,
                                 new_payload,
-                                raise_together,
-                                rank_entry,
+                                own_entry,
                                 read_verified,
                                 tensor_layout,
+                                together,
                                 write_atomically,
 )
 from .training import STNTrainer
@@ -68,25 +67,22 @@ def save_checkpoint(path, trainer, model: nn.Module, extra=None) -> None:
     ``torch.distributed.checkpoint``. Returns once the checkpoint is complete on disk, on every rank.
     """
     path = _check_arguments(path, trainer, model)
-    check_extra(extra)
     group = _group(trainer)
     rank, world = distributed.distributed_rank(group)
     module = model_call.unwrapped(model)
     if checkpoint_sharded.is_sharded(module):
         checkpoint_sharded.save(path, trainer, module, extra, group)
         return
-    entries = distributed.gather_objects(rank_entry(trainer, extra, SHARED_OPTIMIZERS), process_group=group)
-    error = None
-    if rank == 0:
-        try:
-            state = module.state_dict()
-            shared = {name: None if getattr(trainer, name, None) is None else getattr(trainer, name).state_dict()
-                      for name in SHARED_OPTIMIZERS}
-            write_atomically(path, encode(new_payload("file", world, tensor_layout(state), entries, model=state,
-                                                      shared=shared)))
-        except BaseException as failure:  # noqa: BLE001  (re-raised here, and told to the other ranks)
-            error = failure
-    raise_together(error, "save_checkpoint", group)
+    entries = distributed.gather_objects(own_entry(trainer, extra, group), process_group=group)
+
+    def write():   # rank 0
+        state = module.state_dict()
+        shared = {name: None if getattr(trainer, name, None) is None else getattr(trainer, name).state_dict()
+                  for name in SHARED_OPTIMIZERS}
+        write_atomically(path, encode(new_payload("file", world, tensor_layout(state), entries, model=state,
+                                                  shared=shared)))
+
+    together("save_checkpoint", group, write if rank == 0 else lambda: None)
 
 
 def load_checkpoint(path, trainer, model: nn.Module):
@@ -116,6 +112,8 @@ def load_checkpoint(path, trainer, model: nn.Module):
         missing = str(error)
     except CheckpointError as error:
         unreadable = str(error)
+    except Exception as error:  # noqa: BLE001  (told to every rank: none goes on alone)
+        unreadable = f"load_checkpoint: {path}: {type(error).__name__}: {error}"
     agree(missing, unreadable, problems, path, group)
     module.load_state_dict(payload["model"])
     return apply_entry(payload["ranks"][rank], trainer)

@@ -95,7 +95,7 @@ def encode(payload: dict) -> List[bytes]:
     checksum, ``torch.save`` of the payload."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    body = buffer.getvalue()
+    body = buffer.getbuffer()   # a view: the serialised payload is not copied again
     header = json.dumps({"format_version": FORMAT_VERSION, "payload_bytes": len(body)}).encode() + b"\n"
     digest = hashlib.sha256(header)
     digest.update(body)
@@ -202,6 +202,15 @@ def rank_entry(trainer, extra, shared: tuple) -> dict:
     return to_cpu({"trainer": state, "random": random, "extra": extra})
 
 
+def own_entry(trainer, extra, process_group) -> dict:
+    """This rank's entry (``extra`` checked first), or an error on every rank if any rank's failed."""
+    def build():
+        check_extra(extra)
+        return rank_entry(trainer, extra, SHARED_OPTIMIZERS)
+
+    return together("save_checkpoint", process_group, build)
+
+
 def tensor_layout(state: dict) -> dict:
     """{name: [shape, dtype]} of a state dict's tensors."""
     return {name: [list(t.shape), str(t.dtype)] for name, t in state.items() if isinstance(t, Tensor)}
@@ -294,14 +303,21 @@ def problems_message(path: str, problems: List[str], rank: Optional[int] = None)
 # --------------------------------------------------------------------------- every rank together
 
 
-def raise_together(error: Optional[BaseException], what: str, process_group) -> None:
-    """Rank 0's failure (``error``) raised on every rank, so that no rank goes on, or waits, alone."""
-    message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}",
-                                           process_group=process_group)
+def together(what: str, process_group, fn, *args):
+    """``fn(*args)`` on this rank; if it raised on any rank, raises on every rank (its own error where it had one,
+    else one naming the rank that failed), so that no rank goes on, or waits in a collective, alone."""
+    try:
+        result, error = fn(*args), None
+    except Exception as failure:  # noqa: BLE001  (re-raised below, and told to the other ranks)
+        result, error = None, failure
+    messages = distributed.all_gather_objects(None if error is None else f"{type(error).__name__}: {error}",
+                                              process_group=process_group)
     if error is not None:
         raise error
-    if message is not None:
-        raise RuntimeError(f"{what}: rank 0 failed: {message}")
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise RuntimeError(f"{what}: rank {rank} failed: {message}")
+    return result
 
 
 def agree(missing: Optional[str], unreadable: Optional[str], problems, path: str, process_group) -> None:

@@ -30,10 +30,10 @@ from .checkpoint_format import (
                                 file_digest,
                                 fsync_directory,
                                 new_payload,
-                                raise_together,
-                                rank_entry,
+                                own_entry,
                                 read_verified,
                                 tensor_layout,
+                                together,
                                 write_atomically,
 )
 
@@ -82,38 +82,42 @@ def save(path: str, trainer, module: nn.Module, extra, group) -> None:
         raise ValueError("trainer: a sharded (FSDP2) model is saved with its STNTrainer (the weight optimiser's "
                          "shards are written with the model's), got None")
     rank, world = distributed.distributed_rank(group)
-    if rank == 0:
+
+    def prepare():   # rank 0: where this checkpoint is written until it is complete
         os.makedirs(path, exist_ok=True)
         number = 1 + max((n for n, _ in _complete(path)), default=0)
-        partial = os.path.join(path, f".checkpoint-{number:08d}.tmp-{secrets.token_hex(6)}")
-    partial = distributed.broadcast_object(partial if rank == 0 else None, process_group=group)
+        return os.path.join(path, f".checkpoint-{number:08d}.tmp-{secrets.token_hex(6)}")
+
+    partial = distributed.broadcast_object(together("save_checkpoint", group, prepare if rank == 0 else lambda: None),
+                                           process_group=group)
+    entry = own_entry(trainer, extra, group)
     sharded, empty = _state_dicts(trainer, module)
     dcp.save(sharded, storage_writer=dcp.FileSystemWriter(partial, sync_files=True), process_group=group)
-    entries = distributed.gather_objects(rank_entry(trainer, extra, SHARED_OPTIMIZERS), process_group=group)
+    entries = distributed.gather_objects(entry, process_group=group)
     # Every rank hashes its share of the files (all complete once dcp.save has returned), as rank 0 lists them.
-    names = distributed.broadcast_object(sorted(os.listdir(partial)) if rank == 0 else None, process_group=group)
-    digests = distributed.gather_objects({name: file_digest(os.path.join(partial, name))
-                                          for name in names[rank::world]}, process_group=group)
-    error = None
-    if rank == 0:
-        try:
-            files = {name: digest for part in digests for name, digest in part.items()}
-            payload = new_payload("sharded", world, tensor_layout(sharded["model"]), entries, files=files,
-                                  dcp_keys=sorted(sharded), empty_optimizers=empty)
-            write_atomically(os.path.join(partial, STATE_FILE), encode(payload))
-            fsync_directory(partial)
-            final = os.path.join(path, os.path.basename(partial).split(".tmp-")[0][1:])
-            os.replace(partial, final)
-            fsync_directory(path)
-            for _, name in _complete(path):
-                if name != os.path.basename(final):
-                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
-            for name in os.listdir(path):
-                if _PARTIAL.match(name):    # a killed writer's
-                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
-        except BaseException as failure:  # noqa: BLE001  (re-raised here, and told to the other ranks)
-            error = failure
-    raise_together(error, "save_checkpoint", group)
+    names = distributed.broadcast_object(
+        together("save_checkpoint", group, (lambda: sorted(os.listdir(partial))) if rank == 0 else lambda: None),
+        process_group=group)
+    digests = distributed.gather_objects(together("save_checkpoint", group, lambda: {
+        name: file_digest(os.path.join(partial, name)) for name in names[rank::world]}), process_group=group)
+
+    def commit():    # rank 0: the small file, then the rename that makes the checkpoint complete
+        files = {name: digest for part in digests for name, digest in part.items()}
+        payload = new_payload("sharded", world, tensor_layout(sharded["model"]), entries, files=files,
+                              dcp_keys=sorted(sharded), empty_optimizers=empty)
+        write_atomically(os.path.join(partial, STATE_FILE), encode(payload))
+        fsync_directory(partial)
+        final = os.path.join(path, os.path.basename(partial).split(".tmp-")[0][1:])
+        os.replace(partial, final)
+        fsync_directory(path)
+        for _, name in _complete(path):
+            if name != os.path.basename(final):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        for name in os.listdir(path):
+            if _PARTIAL.match(name):    # a killed writer's
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+    together("save_checkpoint", group, commit if rank == 0 else lambda: None)
 
 
 def _latest(path: str) -> tuple:
@@ -183,8 +187,8 @@ def load(path: str, trainer, module: nn.Module, group):
         raise ValueError("trainer: a sharded (FSDP2) model is loaded with its STNTrainer (the weight optimiser's "
                          "shards are read with the model's), got None")
     rank, world = distributed.distributed_rank(group)
-    directory, missing, unreadable = distributed.broadcast_object(_latest(path) if rank == 0 else None,
-                                                                  process_group=group)
+    found = together("load_checkpoint", group, _latest if rank == 0 else lambda _: None, path)
+    directory, missing, unreadable = distributed.broadcast_object(found, process_group=group)
     payload, problems = None, []
     if directory is not None:
         try:
@@ -194,6 +198,8 @@ def load(path: str, trainer, module: nn.Module, group):
             problems = problems or _verify_files(directory, payload.get("files"), rank, world)
         except (CheckpointError, FileNotFoundError) as error:
             unreadable = str(error)
+        except Exception as error:  # noqa: BLE001  (told to every rank: none goes on alone)
+            unreadable = f"load_checkpoint: {path}: {type(error).__name__}: {error}"
     agree(missing, unreadable, problems, path, group)
     # Everything checked: read the shards into copies, then set model and optimisers from them.
     created = []
