@@ -44,7 +44,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +107,13 @@ class BatchStream:
         index = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return self.split.x[index], self.split.y[index]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]
 
 
 # --------------------------------------------------------------------------- models
@@ -214,12 +221,13 @@ def check_ranks_agree(model: nn.Module, hp: stn.HyperparameterSet) -> None:
         raise RuntimeError(f"ranks disagree on the weights or hyperparameters: {everyone}")
 
 
-def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=print) -> RunResult:
+def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=print,
+              checkpoint: Optional[str] = None) -> RunResult:
     """Trains one model for args.steps weight updates: with STN (method "stn") or fixed hyperparameters.
-    Under torchrun, data parallel over the ranks (the same result on every rank)."""
+    Under torchrun, data parallel over the ranks (the same result on every rank). ``checkpoint``: the file this
+    run saves itself to every args.checkpoint_every weight updates (and resumes from, with args.resume)."""
     train, val, test = data
     rank, world = stn.distributed_rank()
-    start = time.perf_counter()
     torch.manual_seed(args.seed)  # the same initial weights for every run of one model
     model = MODELS[kind](len(HPARAM_NAMES))
     # DDP averages the weight gradients over the ranks (and broadcasts rank 0's initial weights).
@@ -231,7 +239,7 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
     # Each rank its own shard; per-rank batches of batch_size / world keep the global batch.
     next_train = BatchStream(shard(train, rank, world), args.batch_size // world, args.seed + 2)
     next_val = BatchStream(shard(val, rank, world), args.batch_size // world, args.seed + 3)
-    schedule = []
+    trainer = None
     if method == "stn":
         trainer = stn.STNTrainer(
             net, F.cross_entropy, hp, weight_optimizer,
@@ -240,11 +248,19 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
             train_steps=2, valid_steps=1, warmup_steps=args.warmup_steps, entropy_weight=args.entropy_weight,
             seed=args.seed + 1, generator=torch.Generator().manual_seed(stn.rank_seed(args.seed + 4, rank)),
             compile=args.compile)
-    cycle_seconds = []
-
-    best = {"val_loss": math.inf}
-    step = 0
-    next_eval, next_report = args.eval_every, args.steps // 4
+    # Everything of the loop's own that the next step depends on (with the trainer's state, the model's, the
+    # random streams and the data positions, what a checkpoint holds).
+    progress = {"step": 0, "best": {"val_loss": math.inf}, "next_eval": args.eval_every,
+                "next_report": args.steps // 4, "next_save": args.checkpoint_every, "schedule": [],
+                "cycle_seconds": [], "seconds": 0.0}
+    streams = (next_train, next_val)
+    if checkpoint is not None and args.resume:
+        progress = resume_run(checkpoint, trainer, net, weight_optimizer, streams) or progress
+        if progress["step"]:
+            log(f"        resumed at step {progress['step']} from {checkpoint}")
+    start = time.perf_counter() - progress["seconds"]
+    schedule, cycle_seconds, best = progress["schedule"], progress["cycle_seconds"], progress["best"]
+    step, next_eval, next_report = progress["step"], progress["next_eval"], progress["next_report"]
     while step < args.steps:
         if method == "stn":
             cycle_start = time.perf_counter()
@@ -270,6 +286,11 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
                 next_report += args.steps // 4
                 shown = ", ".join(f"{k}={v:.3f}" for k, v in hp.values().items())
                 log(f"        step {step:5d}/{args.steps}  val loss {val_loss:.4f}  {shown}")
+        if checkpoint is not None and step >= progress["next_save"] and step < args.steps:
+            progress.update(step=step, best=best, next_eval=next_eval, next_report=next_report,
+                            next_save=progress["next_save"] + args.checkpoint_every,
+                            seconds=time.perf_counter() - start)
+            save_run(checkpoint, trainer, net, weight_optimizer, streams, progress)
     if world > 1:
         check_ranks_agree(model, hp)
     model.load_state_dict(best["model"])
@@ -280,6 +301,27 @@ def train_run(kind: str, method: str, values: Dict[str, float], data, args, log=
     cycle_ms = 1e3 * tuned[len(tuned) // 2] if tuned else math.nan
     return RunResult(kind, method, dict(hp.values()), best["val_loss"], best["val_acc"], test_loss, test_acc,
                      best["step"], time.perf_counter() - start, schedule, cycle_ms)
+
+
+def save_run(path: str, trainer, net, weight_optimizer, streams, progress: dict) -> None:
+    """The run so far: the model, the STN trainer's state (``trainer=None`` for a run with fixed hyperparameters:
+    its weight optimizer goes with the rest), the random streams, the batch streams' positions, ``progress``."""
+    extra = {"progress": progress, "streams": [s.state_dict() for s in streams],
+             "weight_optimizer": weight_optimizer.state_dict() if trainer is None else None}
+    stn.save_checkpoint(path, trainer, net, extra=extra)
+
+
+def resume_run(path: str, trainer, net, weight_optimizer, streams) -> Optional[dict]:
+    """Restores what :func:`save_run` saved; returns its ``progress``, or None where nothing was saved yet."""
+    try:
+        extra = stn.load_checkpoint(path, trainer, net)
+    except FileNotFoundError:
+        return None
+    if trainer is None:
+        weight_optimizer.load_state_dict(extra["weight_optimizer"])
+    for stream, state in zip(streams, extra["streams"]):
+        stream.load_state_dict(state)
+    return extra["progress"]
 
 
 # --------------------------------------------------------------------------- experiment
@@ -398,6 +440,12 @@ def parse_args(argv=None):
                         help="run STN's steps through torch.compile (STNTrainer(compile=True))")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel runs (processes; results do not depend on it)")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="save every run to DIR every --checkpoint-every weight updates, and its result when done")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="weight updates between checkpoints")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs saved in --checkpoint DIR (after a kill): finished runs are read "
+                             "back, the others go on from their last checkpoint, to the same results")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.models:
@@ -411,6 +459,10 @@ def parse_args(argv=None):
     args.random_runs = args.random_runs if args.random_runs is not None else (1 if args.quick else 3)
     if args.workers < 1:
         parser.error(f"--workers: expected an int >= 1, got {args.workers}")
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every: expected an int >= 1, got {args.checkpoint_every}")
+    if args.resume and not args.checkpoint:
+        parser.error("--resume: continues the runs saved in --checkpoint DIR; give --checkpoint DIR")
     if args.batch_size < int(os.environ.get("WORLD_SIZE", "1")):
         parser.error(f"--batch-size: expected at least one example per rank, got {args.batch_size}")
     args.eval_every = max(args.steps // 30, 2)
@@ -432,10 +484,60 @@ def _say(line: str) -> None:
 def _run_planned(item):
     number, kind, method, values = item
     torch.set_num_threads(1)
-    total = _WORKER_STATE["total"]
+    total, args = _WORKER_STATE["total"], _WORKER_STATE["args"]
+    stem = os.path.join(args.checkpoint, f"run-{number:02d}-{kind}-{method}") if args.checkpoint else None
+    if stem is not None and args.resume and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            _say(f"[{number:2d}/{total}] {kind.upper()} {method:6}  finished before: {stem}.json")
+            return number, RunResult(**json.load(f))
     _say(f"[{number:2d}/{total}] {kind.upper()} {method:6}  start {format_hparams(values)}")
     log = lambda line: _say(f"[{number:2d}/{total}]   {line.strip()}")  # noqa: E731
-    return number, train_run(kind, method, values, _WORKER_STATE["data"], _WORKER_STATE["args"], log=log)
+    result = train_run(kind, method, values, _WORKER_STATE["data"], args, log=log,
+                       checkpoint=None if stem is None else stem + ".pt")
+    if stem is not None and stn.distributed_rank()[0] == 0:
+        _write_atomically(stem + ".json", json.dumps(result.__dict__))
+        if os.path.exists(stem + ".pt"):
+            os.remove(stem + ".pt")     # the result stands for the run now
+    return number, result
+
+
+def _write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+# What makes the runs what they are: a resumed experiment must be the same experiment.
+PLAN_KEYS = ("seed", "models", "steps", "grid", "random_runs", "batch_size", "lr", "hparam_lr", "entropy_weight",
+             "perturb_scale", "warmup_fraction", "compile")
+
+
+def prepare_checkpoints(args, world: int) -> None:
+    """--checkpoint DIR: records the plan (PLAN_KEYS and the world size) in DIR/plan.json; with --resume, refuses
+    a DIR saved by other settings; without, refuses a DIR that already holds an experiment."""
+    plan = {**{key: getattr(args, key) for key in PLAN_KEYS}, "world_size": world}
+    path = os.path.join(args.checkpoint, "plan.json")
+    saved = None
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    if world > 1:
+        torch.distributed.barrier()     # every rank has looked before rank 0 writes
+    if saved is not None:
+        if not args.resume:
+            raise SystemExit(f"--checkpoint: {args.checkpoint} holds the checkpoints of an experiment: continue it "
+                             f"with --resume, or give another DIR")
+        differ = {key: (saved.get(key), value) for key, value in plan.items() if saved.get(key) != value}
+        if differ:
+            shown = ", ".join(f"{key}: {old!r} saved, {new!r} now" for key, (old, new) in differ.items())
+            raise SystemExit(f"--resume: {args.checkpoint} was saved with other settings ({shown})")
+    elif stn.distributed_rank()[0] == 0:
+        os.makedirs(args.checkpoint, exist_ok=True)
+        _write_atomically(path, json.dumps(plan))
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _print_done(number, total, result, started):
@@ -480,6 +582,8 @@ def _main(args, world: int) -> List[RunResult]:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     data = load_digits_splits(args.seed)
+    if args.checkpoint:
+        prepare_checkpoints(args, world)
     parallel = f" ({world} ranks × {args.batch_size // world}, DDP)" if world > 1 else ""
     _say(f"digits: {len(data[0].y)} train / {len(data[1].y)} validation / {len(data[2].y)} test images; "
          f"{args.steps} weight updates per run, batch {args.batch_size // world * world}{parallel}; STN: T_train=2, "

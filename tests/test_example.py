@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -106,3 +108,53 @@ def test_help_says_each_default_once_and_explains_every_option():
     assert "(default 1000, quick 150) " in text and "quick 150) (default" not in text
     assert "--seed SEED seed of the data split" in text and "(default: 0)" in text  # a 0 default is still said
     assert "--batch-size BATCH_SIZE examples per step" in text
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_results(tmp_path_factory):
+    """The short experiment of the resume test, run without a break."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run = subprocess.run([sys.executable, EXAMPLE, *SHORT, "--out", str(out)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=WORKTREE_ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+# One model, STN and one grid run, a checkpoint every 10 weight updates.
+SHORT = ["--models", "mlp", "--steps", "60", "--grid", "0.1", "--random-runs", "0", "--workers", "1"]
+# The example as a user runs it, importing this checkout's stn_kernels.
+WORKTREE_ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_a_killed_experiment_resumes_to_the_same_results(tmp_path, uninterrupted_results):
+    """`--checkpoint DIR` killed with SIGKILL once a run has saved itself (the STN run, or the grid run after it:
+    drawn at random), then `--resume`: the same table and runs as without the break (all but the timings)."""
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "out"
+    command = [sys.executable, EXAMPLE, *SHORT, "--out", str(out), "--checkpoint", str(checkpoints),
+               "--checkpoint-every", "10"]
+    killed_in = random.choice(["run-01-mlp-stn.pt", "run-02-mlp-grid.pt"])
+    job = subprocess.Popen(command, cwd=ROOT, env=WORKTREE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (checkpoints / killed_in).exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGKILL)
+    stderr = job.communicate()[1].decode()
+    assert job.returncode == -signal.SIGKILL, f"not killed in {killed_in}: exit {job.returncode}\n{stderr[-3000:]}"
+    assert not (out / "results.json").exists()
+    # Without --resume, or with other settings, the directory is refused (the example's own check, here).
+    example = _load_example()
+    with pytest.raises(SystemExit, match="holds the checkpoints of an experiment: continue it with --resume"):
+        example.prepare_checkpoints(example.parse_args(command[2:]), 1)
+    with pytest.raises(SystemExit, match=r"was saved with other settings \(steps: 60 saved, 70 now\)"):
+        example.prepare_checkpoints(example.parse_args(command[2:] + ["--resume", "--steps", "70"]), 1)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                             env=WORKTREE_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step" in resumed.stdout, (killed_in, resumed.stdout)
+    assert ("finished before" in resumed.stdout) == (killed_in == "run-02-mlp-grid.pt"), resumed.stdout
+    results = json.loads((out / "results.json").read_text())
+    timings = ("seconds", "cycle_ms")
+    strip = lambda run: {k: v for k, v in run.items() if k not in timings}  # noqa: E731
+    assert results["table"] == uninterrupted_results["table"]
+    assert [strip(r) for r in results["runs"]] == [strip(r) for r in uninterrupted_results["runs"]]
+    assert sorted(os.listdir(checkpoints)) == ["plan.json", "run-01-mlp-stn.json", "run-02-mlp-grid.json"]

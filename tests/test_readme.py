@@ -163,6 +163,20 @@ def _check_trainer_page(scope):
     assert hp.unconstrained.grad is not None and hp.unconstrained.grad.abs().sum() > 0   # λ got a hypergradient
 
 
+def _check_checkpoints(scope):
+    """docs/checkpoints.md: the run stopped after cycle 12 and resumed from its checkpoint of cycle 10 ends where the
+    uninterrupted run ends, bit for bit, and both trained."""
+    resumed, straight = scope["resumed"].state_dict(), scope["straight"].state_dict()
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    first, second = scope["resumed_trainer"], scope["straight_trainer"]
+    assert first.train_steps_done == second.train_steps_done == 40 and first.valid_steps_done > 0
+    assert torch.equal(first.hparams.unconstrained, second.hparams.unconstrained)
+    assert torch.equal(first.hparams.raw_scale, second.hparams.raw_scale)
+    stn = scope["stn"]
+    initial = stn.HyperparameterSet([stn.Hyperparameter("dropout", init=0.2, low=0.0, high=0.9)])
+    assert not torch.equal(first.hparams.unconstrained.detach(), initial.unconstrained.detach())   # λ moved
+
+
 # A string only its block has -> the check of what it built; "torchrun" blocks run as a script on 2 processes.
 CHECKS = {
     "class HyperMLP": _check_first_model,
@@ -179,6 +193,7 @@ CHECKS = {
     "class WordLM": _check_time_major,
     "augmented_trainer": _check_trainer_page,
     'dropout_hparam = "attention_dropout"': _check_transformers,
+    "stn.load_checkpoint(path, trainer, model)": _check_checkpoints,
 }
 
 

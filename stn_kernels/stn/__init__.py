@@ -23,6 +23,9 @@ Data parallel (DDP, FSDP2): the trainer keeps λ and σ identical on every rank 
 own random streams; ``sync_hyperparameters``, ``average_hyperparameter_grads`` and ``seed_rank_streams``
 do the same in a loop of your own (``stn/distributed.py``).
 
+Resuming a run: ``stn.save_checkpoint(path, trainer, model, extra)`` / ``stn.load_checkpoint(path, trainer,
+model)`` (docs/checkpoints.md).
+
 Data augmentation by the tuned hyperparameters: ``stn.augment(images, sample)`` (``stn/augmentation.py``);
 the paper's hyperparameter sets: ``stn.presets.alexnet_cifar10()``.
 
@@ -33,6 +36,8 @@ ops (``stn_kernels.ops``, public function :func:`stn_kernels.functional.per_exam
 from ..functional import per_example_channel_dropout, per_example_dropout
 from . import presets
 from .augmentation import AFFINE_NAMES, AUGMENT_NAMES, affine_arguments, augment, augment_arguments
+from .batches import BatchCycle, cycle_batches
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import (
                           average_gradients,
                           average_hyperparameter_grads,
@@ -49,12 +54,13 @@ from .hyperparameters import (
                               stretched_logit,
                               stretched_sigmoid,
 )
-from .training import StepResult, STNTrainer, cycle_batches, linearized_output, split_stn_parameters
+from .training import StepResult, STNTrainer, linearized_output, split_stn_parameters
 
 __all__ = [
-    "AFFINE_NAMES", "AUGMENT_NAMES", "Hyperparameter", "HyperparameterSample", "HyperparameterSet", "STNTrainer",
-    "StepResult", "affine_arguments", "augment", "augment_arguments", "average_gradients",
-    "average_hyperparameter_grads", "cycle_batches", "distributed_rank", "inverse_softplus", "linearized_output",
-    "per_example_channel_dropout", "per_example_dropout", "presets", "rank_seed", "seed_rank_streams",
-    "split_stn_parameters", "stretched_logit", "stretched_sigmoid", "sync_hyperparameters",
+    "AFFINE_NAMES", "AUGMENT_NAMES", "BatchCycle", "CheckpointError", "Hyperparameter", "HyperparameterSample",
+    "HyperparameterSet", "STNTrainer", "StepResult", "affine_arguments", "augment", "augment_arguments",
+    "average_gradients", "average_hyperparameter_grads", "cycle_batches", "distributed_rank", "inverse_softplus",
+    "linearized_output", "load_checkpoint", "per_example_channel_dropout", "per_example_dropout", "presets",
+    "rank_seed", "save_checkpoint", "seed_rank_streams", "split_stn_parameters", "stretched_logit",
+    "stretched_sigmoid", "sync_hyperparameters",
 ]

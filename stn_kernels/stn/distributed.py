@@ -122,6 +122,45 @@ def average_hyperparameter_grads(hparams: HyperparameterSet, *, process_group=No
     average_gradients([hparams.unconstrained, hparams.raw_scale], process_group=process_group)
 
 
+# --------------------------------------------------------------------------- objects over the ranks (checkpoints)
+
+
+def _first_rank(process_group) -> int:
+    """The global rank of rank 0 of ``process_group``."""
+    return torch.distributed.get_global_rank(process_group, 0) if process_group is not None else 0
+
+
+def gather_objects(obj, *, process_group=None) -> Optional[list]:
+    """Every rank's ``obj`` (picklable) on rank 0 of ``process_group``, in rank order; None on the other ranks;
+    ``[obj]`` in a single process."""
+    rank, world = distributed_rank(process_group)
+    if world == 1:
+        return [obj]
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, gathered, dst=_first_rank(process_group), group=process_group)
+    return gathered
+
+
+def all_gather_objects(obj, *, process_group=None) -> list:
+    """Every rank's ``obj`` on every rank, in rank order (``[obj]`` in a single process)."""
+    _, world = distributed_rank(process_group)
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, obj, group=process_group)
+    return gathered
+
+
+def broadcast_object(obj, *, process_group=None):
+    """Rank 0's ``obj`` on every rank of ``process_group`` (``obj`` itself in a single process)."""
+    _, world = distributed_rank(process_group)
+    if world == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=_first_rank(process_group), group=process_group)
+    return holder[0]
+
+
 def _check_hparams(hparams) -> None:
     if not isinstance(hparams, HyperparameterSet):
         raise TypeError(f"hparams: expected a HyperparameterSet, got {type(hparams).__name__}")

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from ..modules import HyperConv2d, HyperEmbedding, HyperLinear
-from . import distributed, model_call
+from . import distributed, model_call, trainer_state
+from .batches import cycle_batches  # noqa: F401  (its home before batches.py)
 from .hyperparameters import HyperparameterSample, HyperparameterSet
 
 # Parameters of our layers that make up the response (the part that depends on λ).
@@ -495,6 +496,28 @@ class STNTrainer:
             loss.backward()
         optimizer.step()
 
+    # -- resuming
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on, besides the model's weights (``model.state_dict()``) and the data
+        position (:func:`cycle_batches`' ``state_dict()``): the step counters, every optimiser the trainer holds,
+        λ and ρ with the hyperparameters' specs, the settings it was built with (``compile`` included), the
+        trainer's ``generator``, torch's default CPU (and, where initialised, CUDA) generators, and this rank's
+        seed; a format version. Tensors are references, as in ``nn.Module.state_dict()``. Under
+        torch.distributed it is this rank's state (its own random streams);
+        :func:`~stn_kernels.stn.save_checkpoint` gathers every rank's. docs/checkpoints.md."""
+        return trainer_state.trainer_state(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores a :meth:`state_dict`, after checking all of it against this trainer (the settings, the
+        hyperparameters' names, ranges and dtype, every optimiser's class and parameter shapes, the generators,
+        the rank and world size): a state that does not fit raises a ValueError naming every difference and
+        changes nothing."""
+        problems = trainer_state.check_trainer_state(self, state_dict)
+        if problems:
+            raise ValueError("state_dict: does not fit this trainer: " + "; ".join(problems))
+        trainer_state.apply_trainer_state(self, state_dict)
+
     # -- the steps
 
     def train_step(self, inputs, targets) -> List[StepResult]:
@@ -567,17 +590,3 @@ class STNTrainer:
             for _ in range(self.valid_steps):
                 results.append(self.valid_step(*_next_batch(next_valid_batch, "next_valid_batch")))
         return results
-
-
-def cycle_batches(batches: Iterable) -> Callable[[], tuple]:
-    """A ``next_batch()`` callable that restarts ``batches`` (e.g. a DataLoader) when it runs out."""
-    state = {"iterator": iter(batches)}
-
-    def next_batch():
-        try:
-            return next(state["iterator"])
-        except StopIteration:
-            state["iterator"] = iter(batches)
-            return next(state["iterator"])
-
-    return next_batch
