@@ -19,9 +19,7 @@ table of every compile. The summary table is printed either way (``pytest -s``).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +30,6 @@ from stn_kernels.backends.triton import aot
 pytestmark = pytest.mark.triton
 
 WORKERS = 2
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ptxas_available() -> bool:
@@ -47,39 +44,18 @@ def _ptxas_available() -> bool:
 needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="needs Triton with its bundled ptxas")
 
 
-def compile_ahead(tmp_path, *args, workers=WORKERS):
-    """Runs ``python -m stn_kernels.backends.triton.aot ARGS`` in ``workers`` processes (one shard each) and
-    returns (the kernels the workers saw, the number of jobs, every result)."""
-    env = aot.gpu_mode_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    procs, outs = [], []
-    for rank in range(workers):
-        out = tmp_path / f"aot_{rank}.json"
-        outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "stn_kernels.backends.triton.aot", "--quiet", "--shard", f"{rank}/{workers}",
-             "--json", str(out), *args], env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
-    logs = [p.communicate(timeout=3600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode in (0, 1), f"AOT worker failed:\n{log[-4000:]}"  # 1: it found problems
-    data = [json.loads(o.read_text()) for o in outs]
-    results = [r for d in data for r in d["results"]]
-    return set(data[0]["kernels"]), data[0]["total"], results
-
-
 @needs_ptxas
-def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory_and_without_spills(tmp_path):
+def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory_and_without_spills():
     full = os.environ.get("STN_KERNELS_AOT_FULL") == "1"
-    kernels, total, results = compile_ahead(tmp_path, "--arch", "90", "80", *(["--full"] if full else []))
-    assert len(results) == total > 0
+    kernels, total, results, finished = aot.compile_in_workers(["--arch", "90", "80", *(["--full"] if full else [])],
+                                                               WORKERS)
+    kernels = set(kernels)
+    assert finished and len(results) == total > 0
     print()
     print(aot.summary(results))
     if full:
         for r in sorted(results, key=aot.label):
-            figures = r.get("error", "")[:60] or (f"{r['regs']:3d} regs {r['spill_stores']:5d} B spill "
-                                                   f"{r['stack']:5d} B stack {r['shared']:6d} B shared")
-            print(f"{figures}  {aot.label(r)}")
+            print(aot.each(r))
 
     # Coverage: every kernel of the seven modules on both targets, each autotuned one also at its no-autotune
     # default, the fp32 dots with TF32 off, colour jitter.
@@ -98,10 +74,10 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory_and_withou
 
 
 @needs_ptxas
-def test_augment_kernel_compiles_with_colour_jitter(tmp_path):
+def test_augment_kernel_compiles_with_colour_jitter():
     """The jitter section's loop variable once reappeared as a tensor in the cutout loop: a loop-carried type
     change the GPU compiler rejects (the interpreter runs it)."""
-    _, _, results = compile_ahead(tmp_path, "--arch", "80", "--modules", "augment", workers=1)
+    _, _, results, _ = aot.compile_in_workers(["--arch", "80", "--modules", "augment"], 1)
     jitter = [r for r in results if r["flags"]["JITTER"]]
     assert jitter and not [r["error"] for r in jitter if "error" in r]
 

@@ -32,11 +32,12 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 MODULES = ("hyper_linear", "hyper_conv2d", "hyper_embedding", "hyper_lstm_recurrence", "per_example_dropout",
            "augment", "affine")
@@ -426,59 +427,126 @@ def summary(results: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
-def run_jobs(job_list: Sequence[Job], load: bool = False, progress: Optional[Callable[[dict], None]] = None):
-    results = []
-    for job in job_list:
-        results.append(compile_job(job, load))
-        if progress is not None:
-            progress(results[-1])
-    return results
+def each(r: dict) -> str:
+    """One line per compile: its figures (or error) and :func:`label`."""
+    if "error" in r:
+        figures = f"{'ERROR ' + r['error'].splitlines()[0][:60]:<62}"
+    else:
+        figures = (f"{r.get('regs', '?'):>3} regs {r.get('spill_stores', '?'):>5} B spill "
+                   f"{r.get('stack', '?'):>5} B stack {r['shared']:>6} B shared")
+        if "driver_regs" in r:
+            figures += f" | driver {r['driver_regs']:>3} regs {r['driver_local']:>5} B local"
+    return f"{figures}  {label(r)}"
+
+
+def compile_in_workers(argv: Sequence[str], workers: int, budget: Optional[float] = None) -> tuple:
+    """Runs ``python -m stn_kernels.backends.triton.aot ARGV`` in ``workers`` processes (in the environment of
+    :func:`gpu_mode_env`), one shard each, for at most ``budget`` seconds (then they are stopped and what they
+    compiled so far is kept): (the kernels seen, the number of jobs, every result, whether all finished)."""
+    env = gpu_mode_env()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    deadline = None if budget is None else time.monotonic() + budget
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"{i}.json") for i in range(workers)]
+        logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(workers)]
+        procs = [subprocess.Popen([sys.executable, "-m", f"{PACKAGE}.aot", *argv, "--workers", "1", "--quiet",
+                                   "--shard", f"{i}/{workers}", "--json", out], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT) for i, (out, log) in enumerate(zip(outs, logs))]
+        finished = True
+        for p, log in zip(procs, logs):
+            try:
+                p.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                finished = False
+                continue
+            if p.returncode not in (0, 1):  # 1: it found problems
+                log.seek(0)
+                raise RuntimeError(f"AOT worker failed (exit {p.returncode}):\n{log.read()[-4000:]}")
+        data = []
+        for out, log in zip(outs, logs):
+            log.close()
+            if os.path.exists(out):
+                with open(out) as f:
+                    data.append(json.load(f))
+    if not data:
+        return [], 0, [], False
+    return data[0]["kernels"], data[0]["total"], [r for d in data for r in d["results"]], finished
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line (see the module docstring); exit status 1 when :func:`problems` finds any."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m {__name__}", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=f"python -m {PACKAGE}.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90 80)")
     parser.add_argument("--device", action="store_true",
                         help="compile for this machine's GPU and load each kernel (driver registers / local memory)")
     parser.add_argument("--full", action="store_true", help="every job (default: the fast subset of make test)")
     parser.add_argument("--modules", nargs="+", choices=MODULES, help="only these kernel modules")
-    parser.add_argument("--shard", default="0/1", help="I/N: compile every N-th job from the I-th (workers)")
-    parser.add_argument("--json", help="write the results (and the kernels seen) to this file")
-    parser.add_argument("--quiet", action="store_true", help="no table")
+    parser.add_argument("--workers", type=int, default=1, help="processes compiling at once (default 1)")
+    parser.add_argument("--shard", default="0/1", help="I/N: compile every N-th job from the I-th (a worker's)")
+    parser.add_argument("--json", help="write the kernels seen, the number of jobs and every result to this file")
+    parser.add_argument("--each", action="store_true", help="one line per compile after the table")
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
     parser.add_argument("--spill-limit", type=int, default=SPILL_LIMIT)
+    parser.add_argument("--budget", type=float, help="with --workers: stop them after this many seconds and report "
+                        "what they compiled")
     args = parser.parse_args(argv)
-    from . import aot_cases
-
-    archs = args.arch
-    if args.device:
-        import torch
-
-        major, minor = torch.cuda.get_device_capability()
-        archs = [major * 10 + minor]
-        SMEM_LIMIT.setdefault(archs[0], torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
     start = time.perf_counter()
-    launches = [lc for lc in record(aot_cases.cases()) if not args.modules or lc.key[0] in args.modules]
-    job_list = aot_cases.select(jobs(launches, archs), full=args.full)
-    rank, n = (int(v) for v in args.shard.split("/"))
-    mine = job_list[rank::n]
-    if not args.quiet:
-        print(f"{len(launches)} launches recorded; {len(job_list)} compiles for "
-              f"{', '.join(f'sm_{a}' for a in archs)}{f', {len(mine)} in this shard' if n > 1 else ''}", flush=True)
-    results = run_jobs(mine, load=args.device)
+    finished = True
+    if args.workers > 1:
+        passed = [a for a in argv if a != "--quiet"]
+        if "--budget" in passed:
+            del passed[passed.index("--budget"):passed.index("--budget") + 2]
+        names, total, results, finished = compile_in_workers(passed, args.workers, args.budget)
+    else:
+        from . import aot_cases
+
+        archs = args.arch
+        if args.device:
+            import torch
+
+            major, minor = torch.cuda.get_device_capability()
+            archs = [major * 10 + minor]
+            SMEM_LIMIT.setdefault(archs[0], torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+        launches = [lc for lc in record(aot_cases.cases()) if not args.modules or lc.key[0] in args.modules]
+        job_list = aot_cases.select(jobs(launches, archs), full=args.full)
+        rank, n = (int(v) for v in args.shard.split("/"))
+        names, total = sorted(f"{a}.{b}" for a, b in kernels()), len(job_list)
+
+        def write(results):  # after each compile: a stopped worker leaves what it compiled
+            if args.json:
+                with open(args.json + ".tmp", "w") as f:
+                    json.dump(dict(kernels=names, total=total, results=results), f, default=str)
+                os.replace(args.json + ".tmp", args.json)
+        results = []
+        write(results)
+        for job in job_list[rank::n]:
+            results.append(compile_job(job, args.device))
+            write(results)
     found = problems(results, args.spill_limit)
     if not args.quiet:
+        import triton
+
+        print(f"triton {triton.__version__}: {len(results)} compiles of {total} ({time.perf_counter() - start:.0f} s"
+              f"{'' if finished else ', stopped at the budget'})\n")
         print(summary(results))
-        print(f"\n{len(found)} problems ({time.perf_counter() - start:.0f} s)")
+        if args.each:
+            print()
+            for r in sorted(results, key=label):
+                print(each(r))
+        print(f"\n{len(found)} problems (compile errors, shared memory over the limit, more than {args.spill_limit} B "
+              "of spill stores per thread)")
         for line in found:
             print(" -", line)
-    if args.json:
+    if args.json and args.workers > 1:
         with open(args.json, "w") as f:
-            json.dump(dict(kernels=sorted(f"{a}.{b}" for a, b in kernels()), total=len(job_list), results=results),
-                      f, indent=1, default=str)
-    return 1 if found else 0
+            json.dump(dict(kernels=names, total=total, results=results), f, default=str)
+    return 1 if found or not finished else 0
 
 
 if __name__ == "__main__":

@@ -222,13 +222,29 @@ def _risk(job) -> tuple:
     return ((a * b * 8 + (a + b) * c) / (32 * warps), (a * c + b * c) * stages)
 
 
+def _full(jobs: Sequence) -> list:
+    """Every job, except that of the jobs that differ only in which arguments are 16-divisible (the pointers of
+    per-step views, odd sizes) the most and the least aligned are kept."""
+    groups = {}
+    for job in jobs:
+        key = repr((job.key, job.arch, job.signature, sorted(job.constexprs.items(), key=str),
+                    job.options["num_warps"], job.options["num_stages"]))
+        groups.setdefault(key, []).append(job)
+    out = []
+    for group in groups.values():
+        aligned = sorted(group, key=lambda j: sum(bool(a) for a in j.attrs.values()))
+        out += [aligned[-1]] + ([aligned[0]] if len(aligned) > 1 and aligned[0].attrs != aligned[-1].attrs else [])
+    return out
+
+
 def select(jobs: Sequence, full: bool = False) -> list:
-    """The jobs to compile: all with ``full``; else the fast subset of ``make test``: per kernel, target and dot
-    class the widest variant (:func:`_preference`) at the config it launches without autotuning, and for the
-    autotuned kernels that variant's riskiest kept config in registers (the most tile elements per thread) and,
-    on sm_80 (the smaller shared memory), in shared memory (the most pipelined tile elements)."""
+    """The jobs to compile. ``full``: every job (:func:`_full`). Else the fast subset of ``make test``: per
+    kernel, target and dot class the widest variant (:func:`_preference`) at the config it launches without
+    autotuning, and for the autotuned kernels that variant's riskiest kept config in registers (the most tile
+    elements per thread) and, on sm_80 (the smaller shared memory), in shared memory (the most pipelined tile
+    elements)."""
     if full:
-        return list(jobs)
+        return _full(jobs)
     widest = {}
     for job in jobs:
         group = (job.key, job.arch, _dot_class(job))
