@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel from its real launches, for sm_90 and sm_80, without a GPU.
 
 The other Triton tests run the kernels under the interpreter, which catches no GPU compilation problem: a
-loop-carried variable that changes type, a ``tl.dot`` smaller than the hardware's (K < 8 in fp32, < 16 in half
-precision), shared memory over the device's, a config that spills registers. Here
+loop-carried variable that changes type, a ``tl.dot`` smaller than Triton takes (K < 16 in Triton 3.6, the GPU
+machines'; 3.8 takes K = 8 in fp32), shared memory over the device's, a config that spills registers. Here
 :mod:`stn_kernels.backends.triton.aot` records the launches of the calls of
 :mod:`stn_kernels.backends.triton.aot_cases` (all seven ops through the public API and the modules, forward and
 backward, every dtype, λ per example / shared / none, biases, the conv / LSTM / augment / affine variants) with

@@ -77,7 +77,8 @@ Tensor = torch.Tensor
 # Tiles per kernel and dot precision: (rows of the output tile, cols of the output tile, reduction chunk,
 # num_warps, num_stages[, where]). "half": fp16 / bf16 dots; "tf32": fp32 with TF32 (both on tensor cores);
 # "ieee": fp32 with TF32 off (PyTorch's default for matmuls), dots of FMAs whose operand slices sit in
-# registers beside the accumulators: 8 warps and short reduction chunks. ``where`` limits a tile to one
+# registers beside the accumulators: 8 warps and short reduction chunks (16 at least: Triton 3.6 takes no
+# tl.dot with K < 16). ``where`` limits a tile to one
 # target's rules ("sm90", "sm80": any other GPU takes sm_80's) or to one accumulator ("one-acc": the forward
 # without hparams, dW_e or dW_h alone). Every tile kept this way holds its accumulators in registers (at most
 # 1 KB of spill stores per thread): tests/test_triton_aot.py compiles each one for sm_90 and sm_80 from the
@@ -86,7 +87,7 @@ _FWD_TILES = dict(
     half=[(128, 256, 64, 8, 3, "one-acc"), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
           (64, 256, 32, 8, 4, "sm80"), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 4),
           (64, 64, 64, 4, 4)],
-    ieee=[(64, 128, 16, 8, 3), (128, 64, 8, 8, 3), (64, 64, 32, 8, 3), (128, 32, 32, 8, 3), (32, 128, 16, 8, 3),
+    ieee=[(64, 128, 16, 8, 3), (64, 64, 32, 8, 3), (128, 32, 32, 8, 3), (32, 128, 16, 8, 3), (128, 32, 16, 8, 3),
           (64, 64, 16, 8, 3)],
 )
 _FWD_TILES["tf32"] = _FWD_TILES["half"]
@@ -105,8 +106,7 @@ _DW_TILES = dict(
     tf32=[(128, 256, 64, 8, 3, "one-acc"), (128, 128, 64, 8, 3, "sm80"), (128, 128, 64, 8, 4, "sm80"),
           (128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (128, 64, 64, 4, 4, "sm80"), (64, 128, 64, 4, 4, "sm80"),
           (64, 128, 32, 4, 4), (64, 64, 64, 4, 4)],
-    ieee=[(128, 128, 8, 8, 3), (64, 128, 16, 8, 3), (128, 64, 8, 8, 3), (64, 128, 8, 8, 3), (128, 32, 16, 8, 3),
-          (64, 64, 16, 8, 3)],
+    ieee=[(64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (32, 128, 16, 8, 3), (128, 32, 16, 8, 3), (64, 64, 16, 8, 3)],
 )
 # Without autotuning: one tile per kernel that fits the registers in every precision and the shared memory of
 # Ampere and Hopper for fp32 too (the AOT test compiles it for every recorded launch).
