@@ -4,6 +4,9 @@
 #
 # Phases (the whole script ends within TOTAL_S=465 s < 8 min; every phase runs under `timeout`,
 # and what a phase leaves unused goes to the ones after it):
+#   0. first of all, the Triton kernels compiled for this GPU and loaded on it: registers, spill stores,
+#      stack, shared memory per kernel (python -m stn_kernels.backends.triton.aot --device: the AOT step of
+#      tests/test_triton_aot.py, which predicts them for sm_90 and sm_80 on a CPU) <= AOT_S (75 s)
 #   1. GPU and versions                                                       ~10-20 s
 #   2. pip install -e . (no deps, no build isolation): builds the CUDA extension ~40-120 s
 #   3. pytest -m "gpu or triton" (all GPU-marked and Triton tests, incl. the CUDA
@@ -28,14 +31,16 @@
 #      torch.compile(mode="max-autotune") is slow to compile (~30-90 s per graph): each run's
 #      --compile-budget stops adding it once its share is spent.
 #   5. the tables (results/*.md), printed last.
-# Files written to RESULTS=${OUT:-benchmarks/results/run-<date>} (at most 8): log.txt (with the pytest
-# output at its end), linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, host_overhead.md
+# Files written to RESULTS=${OUT:-benchmarks/results/run-<date>} (at most 8): log.txt (the AOT table first,
+# the pytest output at its end), linear.md, linear.csv, speedup.png, conv2d.md, embedding.md, lstm.md, host_overhead.md
 # (with the STN cycle and augmentation tables at its end).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 PY=${PYTHON:-python3}  # the interpreter that has torch (the GPU image: plain python3)
 TOTAL_S=${TOTAL_S:-465}
+AOT_S=${AOT_S:-75}
+AOT_PROCS=${AOT_PROCS:-8}
 TESTS_S=${TESTS_S:-180}
 HOST_S=${HOST_S:-40}
 STEP_S=${STEP_S:-90}
@@ -49,6 +54,14 @@ START=$SECONDS
 LOG="$RESULTS/log.txt"
 left() { echo $(( TOTAL_S - (SECONDS - START) )); }
 phase() { echo; echo "=== $1 (t=$(( SECONDS - START )) s, $(left) s left)" | tee -a "$LOG"; }
+
+phase "0/5 the Triton kernels compiled for this GPU: registers, spills, shared memory"
+# The fast subset of the AOT test's compiles (every kernel x dtype at its widest variant and no-autotune default,
+# the riskiest kept autotune configs), for this GPU, each loaded: ptxas's report beside the driver's figures.
+# --budget stops the compiles in time to print what they found.
+timeout -k 5 "$AOT_S" "$PY" -m stn_kernels.backends.triton.aot --device --workers "$AOT_PROCS" --each \
+    --budget $(( AOT_S - 20 )) 2>&1 | tee -a "$LOG"
+echo "aot exit ${PIPESTATUS[0]} (1: problems listed above or stopped at the budget; 124: timed out)" | tee -a "$LOG"
 
 phase "1/5 device and versions"
 timeout 15 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv \

@@ -38,6 +38,11 @@ DEFAULT_BACKEND = "triton"
 CHOICES = ("triton", "cuda")
 M_BUCKETS = (64, 256, 1024, 4096)  # upper edges of the M classes; the last class is "M>4096"
 MARGIN = 0.05  # "cuda" only where it is at least 5 % faster (geometric mean over the class's cases)
+# Why float32 gets no rule of its own for TF32 off: recorded in every table (its "float32" entry).
+FLOAT32_NOTE = ("float32 classes are timed with PyTorch's default, TF32 off (IEEE fp32), and a float32 rule holds with "
+                "TF32 on too. Without a measured rule, IEEE fp32 runs the Triton kernels' FMA tiles, which keep their "
+                "accumulators in registers on sm_80 and sm_90 (tests/test_triton_aot.py); a measured float32 class "
+                "where cuBLAS (the cuda backend) is faster routes it there.")
 EMPTY_TABLE = {"format": FORMAT, "measured": False, "default": DEFAULT_BACKEND, "m_buckets": list(M_BUCKETS),
                "rules": {}}
 
@@ -155,6 +160,7 @@ def rules_from_results(csv_paths: Union[str, Iterable[str]], mode: str = "fwd+bw
         "source": [os.path.relpath(p) if not os.path.isabs(p) else p for p in paths],
         "note": ("Measured by stn_kernels.backends.rules.rules_from_results; ratios are geometric means of "
                  "stn:cuda / stn:triton median times. Classes not listed use the default."),
+        "float32": FLOAT32_NOTE,
     }
 
 

@@ -37,6 +37,58 @@ def configs(names, tuples, **meta):
             for (a, b, c, w, s) in tuples]
 
 
+def tile_configs(names, tiles_by_class, **meta):
+    """(triton.Config list, where) from {dot class: [(a, b, c, num_warps, num_stages[, where]), ...]}: one config
+    per distinct tile (in first-seen order) and ``where[(a, b, c, num_warps, num_stages)]`` = [(dot class,
+    restriction tokens)], for :func:`fitting`."""
+    where, order = {}, []
+    for cls, tiles in tiles_by_class.items():
+        for tile in tiles:
+            key = tuple(tile[:5])
+            if key not in where:
+                where[key] = []
+                order.append(key)
+            where[key].append((cls, frozenset(tile[5].split()) if len(tile) > 5 else frozenset()))
+    return configs(names, order, **meta), where
+
+
+def fitting(cfgs, where, cls: str, arch: Optional[int], one_acc: bool):
+    """The configs of ``cfgs`` listed in ``where`` (:func:`tile_configs`) for dot class ``cls`` on sm_<arch>
+    (sm_90's rules on sm_90, sm_80's on any other GPU; no target restriction when ``arch`` is None), with one
+    accumulator or more: the tiles whose accumulators fit the registers there. Never empty: all of ``cfgs``
+    if none is listed."""
+    rules = None if arch is None else ("sm90" if arch == 90 else "sm80")
+
+    def ok(c):
+        names = [k for k in c.kwargs if k.startswith("BLOCK")]
+        key = (*(c.kwargs[k] for k in names), c.num_warps, c.num_stages)
+        for tile_cls, tokens in where.get(key, ()):
+            targets = tokens & {"sm90", "sm80"}
+            if tile_cls == cls and (rules is None or not targets or rules in targets) and (
+                    one_acc or "one-acc" not in tokens):
+                return True
+        return False
+
+    kept = [c for c in cfgs if ok(c)]
+    return kept or cfgs
+
+
+def dot_class(dtype: torch.dtype, prec: str) -> str:
+    """The register budget class of a kernel's dots: "ieee" (fp32 with TF32 off: FMA dots), "tf32" or "half"."""
+    if dtype == torch.float32:
+        return "ieee" if prec == "ieee" else "tf32"
+    return "half"
+
+
+def device_arch(t: Tensor) -> Optional[int]:
+    """Compute capability of t's GPU as 10·major + minor (90 for sm_90), None off the GPU. Asked by the prunes
+    on the first autotuning, never at import (the AOT compile patches it per target)."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
 def inner(t: Optional[Tensor]) -> Optional[Tensor]:
     """The kernels take one stride per 2-D operand (rows) and assume unit stride along the
     last dim: keep views that have it (or whose last dim has size ≤ 1), copy the others."""

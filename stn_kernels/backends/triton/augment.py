@@ -87,10 +87,12 @@ def _augment_kernel(img_ptr, out_ptr, order_ptr, factor_ptr, box_ptr, scale_ptr,
     first = tl.full((), -1, tl.int64)
     if JITTER:
         first = tl.load(order_ptr + b * POSITIONS)
-        for k in tl.static_range(POSITIONS):
-            # Stage k reads the images (k = 0) or the output of stage k - 1.
-            src = img_ptr if k == 0 else out_ptr
-            stage = tl.load(order_ptr + b * POSITIONS + k)
+        for position in tl.static_range(POSITIONS):
+            # The stage at position p reads the images (p = 0) or the output of the stage before. (Its own
+            # name: a loop variable reused later as a tensor would change a loop-carried type, which the GPU
+            # compiler rejects and the interpreter does not notice.)
+            src = img_ptr if position == 0 else out_ptr
+            stage = tl.load(order_ptr + b * POSITIONS + position)
             if stage >= 0:
                 factor = tl.load(factor_ptr + b * 4 + stage).to(CDT)
                 mean = tl.zeros((), CDT)
@@ -129,8 +131,8 @@ def _augment_kernel(img_ptr, out_ptr, order_ptr, factor_ptr, box_ptr, scale_ptr,
         y = pix // W
         x = pix % W
         hole = pix < 0
-        for k in range(num_boxes):
-            box = box_ptr + (b * num_boxes + k) * 4
+        for box_index in range(num_boxes):
+            box = box_ptr + (b * num_boxes + box_index) * 4
             y0 = tl.load(box)
             y1 = tl.load(box + 1)
             x0 = tl.load(box + 2)

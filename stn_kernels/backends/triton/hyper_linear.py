@@ -56,12 +56,16 @@ from ._common import (
     block_h as _block_h,
     cdiv as _cdiv,
     configs as _configs,
+    device_arch as _device_arch,
+    dot_class as _dot_class,
     dot_prec as _dot_prec,
+    fitting as _fitting,
     inner as _inner,
     next_pow2 as _next_pow2,
     num_sms as _num_sms,
     reduce_slots as _reduce,
     row as _row,
+    tile_configs as _tile_configs,
     vec as _vec,
 )
 
@@ -70,34 +74,49 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------- configs
 
 
-# (rows of the output tile, cols of the output tile, reduction chunk, num_warps, num_stages).
-# The forward and dW kernels hold two fp32 accumulators: tiles stay at ≤ 64 fp32 values per
-# thread each (128x128 with 8 warps, 64x128 / 128x64 with 4, 64x256 with 8).
-_TWO_ACC = [
-    (128, 256, 64, 8, 3),  # for one accumulator (no hparams / dW_e only); spills with two
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 4),
-    (64, 256, 32, 8, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 64, 4, 4),
-]
-_ONE_ACC = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 4),
-    (64, 256, 32, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 4, 4),
-]
-# Without autotuning: one config that fits the shared memory of Ampere and Hopper for fp32 too.
-_DEFAULT_TWO = [(64, 128, 32, 4, 3)]
-_DEFAULT_ONE = [(64, 128, 32, 4, 3)]
-_SMALL_BLOCKS = (64, 64)  # (BLOCK_M, BLOCK_N) of _small_kernel on a GPU
+# Tiles per kernel and dot precision: (rows of the output tile, cols of the output tile, reduction chunk,
+# num_warps, num_stages[, where]). "half": fp16 / bf16 dots; "tf32": fp32 with TF32 (both on tensor cores);
+# "ieee": fp32 with TF32 off (PyTorch's default for matmuls), dots of FMAs whose operand slices sit in
+# registers beside the accumulators: 8 warps and short reduction chunks (16 at least: Triton 3.6 takes no
+# tl.dot with K < 16). ``where`` limits a tile to one
+# target's rules ("sm90", "sm80": any other GPU takes sm_80's) or to one accumulator ("one-acc": the forward
+# without hparams, dW_e or dW_h alone). Every tile kept this way holds its accumulators in registers (at most
+# 1 KB of spill stores per thread): tests/test_triton_aot.py compiles each one for sm_90 and sm_80 from the
+# recorded launches and checks ptxas's report; the tiles it found spilling are gone or limited here.
+_FWD_TILES = dict(
+    half=[(128, 256, 64, 8, 3, "one-acc"), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+          (64, 256, 32, 8, 4, "sm80"), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 4),
+          (64, 64, 64, 4, 4)],
+    ieee=[(64, 128, 16, 8, 3), (64, 64, 32, 8, 3), (128, 32, 32, 8, 3), (32, 128, 16, 8, 3), (128, 32, 16, 8, 3),
+          (64, 64, 16, 8, 3)],
+)
+_FWD_TILES["tf32"] = _FWD_TILES["half"]
+_DX_TILES = dict(
+    half=[(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 32, 8, 3),
+          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4)],
+    tf32=[(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 32, 8, 3, "sm80"),
+          (128, 64, 64, 4, 4, "sm80"), (64, 128, 64, 4, 4, "sm80"), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4)],
+    ieee=[(128, 128, 16, 8, 3), (128, 64, 32, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3),
+          (64, 64, 32, 4, 3)],
+)
+_DW_TILES = dict(
+    half=[(128, 256, 64, 8, 3, "one-acc"), (128, 128, 64, 8, 3, "sm90"), (128, 128, 64, 8, 4, "sm90"),
+          (128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 4),
+          (64, 64, 64, 4, 4)],
+    tf32=[(128, 256, 64, 8, 3, "one-acc"), (128, 128, 64, 8, 3, "sm80"), (128, 128, 64, 8, 4, "sm80"),
+          (128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (128, 64, 64, 4, 4, "sm80"), (64, 128, 64, 4, 4, "sm80"),
+          (64, 128, 32, 4, 4), (64, 64, 64, 4, 4)],
+    ieee=[(64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (32, 128, 16, 8, 3), (128, 32, 16, 8, 3), (64, 64, 16, 8, 3)],
+)
+# Without autotuning: one tile per kernel that fits the registers in every precision and the shared memory of
+# Ampere and Hopper for fp32 too (the AOT test compiles it for every recorded launch).
+_DEFAULT_FWD = [(64, 64, 32, 8, 3)]
+_DEFAULT_DX = [(64, 64, 32, 8, 3)]
+_DEFAULT_DW = [(64, 64, 16, 8, 3)]
+_SMALL_BLOCKS = (64, 64)  # (BLOCK_M, BLOCK_N) of _small_kernel on a GPU, 4 warps
+# _small_kernel in fp32 with TF32 off: its FMA dots hold operand slices in registers, so 16 rows per step over 8
+# warps (64 rows over 4 warps spill 3-9 KB per thread); the row chunks of the grid stay those of _SMALL_BLOCKS.
+_SMALL_IEEE = (16, 8)  # (BLOCK_M, num_warps)
 # Up to this many BLOCK_M row blocks (M ≤ 256 on a GPU: the STN batch sizes), one program per N
 # block loops over all rows, so dV, dC, db_e and db_h are stored final: four fewer launches
 # (reductions of per-chunk partial sums, casts) in a backward that is launch-bound at these sizes.
@@ -105,17 +124,23 @@ _DIRECT_ROW_BLOCKS = 4
 
 if _INTERPRET:
     # Autotune with several configs fails in the interpreter, and every op costs Python time.
-    _TWO_ACC = _ONE_ACC = _DEFAULT_TWO = _DEFAULT_ONE = [(32, 32, 32, 4, 1)]
+    _FWD_TILES = _DX_TILES = _DW_TILES = None
+    _DEFAULT_FWD = _DEFAULT_DX = _DEFAULT_DW = [(32, 32, 32, 4, 1)]
     _SMALL_BLOCKS = (32, 32)
     _GROUP = 2
 else:
     _GROUP = 8
-if not _AUTOTUNE:
-    _TWO_ACC, _ONE_ACC = _DEFAULT_TWO, _DEFAULT_ONE
 
-_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _TWO_ACC, GROUP=_GROUP)
-_DX_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _ONE_ACC, GROUP=_GROUP)
-_DW_CONFIGS = _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _TWO_ACC, GROUP=_GROUP)
+_FWD_NAMES, _DX_NAMES, _DW_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("BLOCK_M", "BLOCK_K", "BLOCK_N"), \
+    ("BLOCK_N", "BLOCK_K", "BLOCK_M")
+if _AUTOTUNE:
+    _FWD_CONFIGS, _FWD_WHERE = _tile_configs(_FWD_NAMES, _FWD_TILES, GROUP=_GROUP)
+    _DX_CONFIGS, _DX_WHERE = _tile_configs(_DX_NAMES, _DX_TILES, GROUP=_GROUP)
+    _DW_CONFIGS, _DW_WHERE = _tile_configs(_DW_NAMES, _DW_TILES, GROUP=_GROUP)
+else:
+    _FWD_CONFIGS, _DX_CONFIGS, _DW_CONFIGS = (_configs(names, tiles, GROUP=_GROUP) for names, tiles in (
+        (_FWD_NAMES, _DEFAULT_FWD), (_DX_NAMES, _DEFAULT_DX), (_DW_NAMES, _DEFAULT_DW)))
+    _FWD_WHERE = _DX_WHERE = _DW_WHERE = None
 
 
 def _prune_rows(configs, nargs, **kwargs):
@@ -165,12 +190,23 @@ def _prune_smem(configs, t, rows, cols, red, n_b, small):
     return kept or [min(configs, key=need)]
 
 
+def _in_registers(configs, where, t: Tensor, prec: str, one_acc: bool):
+    """The configs whose tiles fit the registers for t's dtype, the dot precision and t's GPU (all off the GPU,
+    where nothing is compiled for a target)."""
+    if where is None:
+        return configs
+    return _fitting(configs, where, _dot_class(t.dtype, prec), _device_arch(t), one_acc)
+
+
 def _prune_fwd(configs, nargs, **kwargs):
+    hp = bool(kwargs.get("HAS_HP"))
+    configs = _in_registers(configs, _FWD_WHERE, nargs["x_ptr"], kwargs.get("PREC", ""), not hp)
     configs = _prune_rows(configs, nargs)
-    return _prune_smem(configs, nargs["x_ptr"], "BLOCK_M", "BLOCK_N", "BLOCK_K", 1 + bool(kwargs.get("HAS_HP")), 0)
+    return _prune_smem(configs, nargs["x_ptr"], "BLOCK_M", "BLOCK_N", "BLOCK_K", 1 + hp, 0)
 
 
 def _prune_dx(configs, nargs, **kwargs):
+    configs = _in_registers(configs, _DX_WHERE, nargs["g_ptr"], kwargs.get("PREC", ""), True)
     configs = _prune_rows(configs, nargs)
     hp = bool(kwargs.get("HAS_HP"))
     return _prune_smem(configs, nargs["g_ptr"], "BLOCK_M", "BLOCK_K", "BLOCK_N", 1 + hp,
@@ -178,6 +214,8 @@ def _prune_dx(configs, nargs, **kwargs):
 
 
 def _prune_dw(configs, nargs, **kwargs):
+    one_acc = not (kwargs.get("NEED_E") and kwargs.get("NEED_H"))
+    configs = _in_registers(configs, _DW_WHERE, nargs["g_ptr"], kwargs.get("PREC", ""), one_acc)
     # One g tile [BLOCK_N, BLOCK_M] and one x tile [BLOCK_M, BLOCK_K] feed both accumulators.
     return _prune_smem(configs, nargs["g_ptr"], "BLOCK_N", "BLOCK_K", "BLOCK_M", 1,
                        kwargs.get("BLOCK_H", 16) if kwargs.get("NEED_H") else 0)
@@ -672,7 +710,8 @@ def hyper_linear_backward(
             HAS_HB=has_hb, NEED_Z=need_z, NEED_LAM=need_dv or need_dc or need_dbh,
             NEED_DT=has_hb and (need_dlam or need_dc),
             LAM_PREC=prec,
-            BLOCK_H=block_h, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+            BLOCK_H=block_h, BLOCK_M=_SMALL_IEEE[0] if prec == "ieee" else bm, BLOCK_N=bn,
+            num_warps=_SMALL_IEEE[1] if prec == "ieee" else 4,
         )
         if need_dlam:
             grads[1] = _reduce(dlam, hparams.dtype)
