@@ -20,4 +20,7 @@ std::tuple<Tensor, Tensor> hyper_lstm_cell_step(
     const Tensor& h_hyper_weight, const c10::optional<Tensor>& h_bias, const c10::optional<Tensor>& h_hyper_bias,
     const Tensor& h_hparam_weight);
 
+Tensor per_example_dropout_forward(const Tensor& x, const Tensor& rates, const Tensor& scales,
+                                   const Tensor& seed_offset, int64_t unit_size);
+
 }  // namespace stn_kernels_host

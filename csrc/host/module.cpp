@@ -20,6 +20,9 @@ PYBIND11_MODULE(_host, m) {
         "hyper_bias [N] or None, hparam_weight [2N, H]; inputs checked by the caller.");
   m.def("hyper_embedding_by_example", &stn_kernels_host::hyper_embedding_by_example,
         "stn_kernels.reference.hyper_embedding_by_example, op for op.");
+  m.def("per_example_dropout_forward", &stn_kernels_host::per_example_dropout_forward,
+        "stn_kernels.reference_dropout.per_example_dropout_forward, bit for bit, in one pass: x contiguous, rates "
+        "float32 [B], scales [B] in the compute dtype, seed_offset int64 [2] on the CPU.");
   m.def("hyper_lstm_cell_step", &stn_kernels_host::hyper_lstm_cell_step,
         "stn_kernels.reference_lstm.hyper_lstm_cell_step, op for op: (h, c); i2h and h2h as 5 arguments each.");
 }
