@@ -72,10 +72,7 @@ inline scalar_t select(bool keep, scalar_t v) {
 
 // One run of elements of one example whose counters share their high word.
 template <typename scalar_t, typename compute_t>
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void elementwise_run(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t n, uint32_t lo, uint32_t hi,
+STN_HOST_VECTOR_CLONES void elementwise_run(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t n, uint32_t lo, uint32_t hi,
                      uint32_t thr, compute_t scale, Keys k) {
   for (int64_t j = 0; j < n; ++j) {
     const bool keep = hash_bits(k, lo + static_cast<uint32_t>(j), hi) >= thr;
