@@ -158,6 +158,7 @@ rm -f "$RESULTS/host_overhead.md"  # a rerun into the same folder starts the fil
 own_table "host overhead at tiny shapes" "$HOST_S" host_overhead.md --host-overhead --quick
 own_table "the STN cycle, eager vs compiled" "$STEP_S" stn_step.md --stn-step
 own_table "per-example augmentation" "$AUG_S" augment.md --layer augment --quick
+own_table "the price of self-tuning, eager" "${PRICE_S:-90}" price.md --price --quick --providers plain,converted,stn-cycle
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
 bench() {

@@ -187,6 +187,52 @@ variable_list tiny_backward(const Tensor& g, const Tensor& x, const Tensor& hpar
   return grads;
 }
 
+// The elementwise products of the backward in one pass (any strides of g, s, t, z; contiguous results).
+struct Products {
+  Tensor g_s, g_t, d_scales;  // [M, N], [M, N], [M, 2N] = [g ⊙ z, g ⊙ b_h (0 without b_h)]
+};
+
+template <typename T>
+void product_loops(const Tensor& g, const Tensor& s, const Tensor& t, const Tensor& z, const Tensor& hyper_bias,
+                   Products& p) {
+  const int64_t M = g.size(0), N = g.size(1);
+  const T* gp = g.data_ptr<T>();
+  const T* sp = s.data_ptr<T>();
+  const T* tp = t.data_ptr<T>();
+  const T* zp = z.data_ptr<T>();
+  const T* hp = hyper_bias.defined() ? hyper_bias.data_ptr<T>() : nullptr;
+  const int64_t hs = hyper_bias.defined() ? hyper_bias.stride(0) : 0;
+  T* gs = p.g_s.defined() ? p.g_s.data_ptr<T>() : nullptr;
+  T* gt = p.g_t.defined() ? p.g_t.data_ptr<T>() : nullptr;
+  T* ds = p.d_scales.defined() ? p.d_scales.data_ptr<T>() : nullptr;
+  const int64_t g0 = g.stride(0), g1 = g.stride(1), s0 = s.stride(0), s1 = s.stride(1), t0 = t.stride(0),
+                t1 = t.stride(1), z0 = z.stride(0), z1 = z.stride(1);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const T gv = gp[m * g0 + n * g1];
+        if (gs) gs[m * N + n] = gv * sp[m * s0 + n * s1];
+        if (gt) gt[m * N + n] = gv * tp[m * t0 + n * t1];
+        if (ds) {
+          ds[m * 2 * N + n] = gv * zp[m * z0 + n * z1];
+          ds[m * 2 * N + N + n] = hp ? gv * hp[n * hs] : T(0);
+        }
+      }
+  });
+}
+
+Products products(const Tensor& g, const Tensor& s, const Tensor& t, const Tensor& z, const Tensor& hyper_bias,
+                  bool want_g_s, bool want_g_t, bool want_scales) {
+  const int64_t M = g.size(0), N = g.size(1);
+  Products p;
+  if (want_g_s) p.g_s = at::empty({M, N}, g.options());
+  if (want_g_t && hyper_bias.defined()) p.g_t = at::empty({M, N}, g.options());
+  if (want_scales) p.d_scales = at::empty({M, 2 * N}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "hyper_linear_backward_products",
+                             [&] { product_loops<scalar_t>(g, s, t, z, hyper_bias, p); });
+  return p;
+}
+
 // The same output with autograd recording every op: for create_graph=True (double backward, Delta-STN's
 // Jacobian-vector products), differentiated by torch as the Python path differentiates the reference.
 Tensor recorded(const Tensor& x, const Tensor& hparams, const Tensor& weight, const Tensor& hyper_weight,
@@ -240,17 +286,18 @@ struct HyperLinearFunction : public torch::autograd::Function<HyperLinearFunctio
     if (tiny(x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight))  // as the forward decided
       return tiny_backward(g.contiguous(), x, hparams, weight, hyper_weight, bias, hyper_bias, hparam_weight, z_hyper,
                            saved[8], need);
-    auto g_s = g * s;
-    if (need[0]) grads[0] = at::mm(g, weight).addmm_(g_s, hyper_weight);
+    // g ⊙ s, g ⊙ t, and [g ⊙ z, g ⊙ b_h] (the cat's layout) in one pass over g: the same products as the reference's
+    // separate ops (each one multiply, so the same bits), written where the reference's GEMMs and sums read them.
+    const bool scales_wanted = need[1] || need[6];
+    auto p = products(g, s, t, z_hyper, hyper_bias, need[0] || need[3], need[5], scales_wanted);
+    if (need[0]) grads[0] = at::mm(g, weight).addmm_(p.g_s, hyper_weight);
     if (need[2]) grads[2] = at::mm(g.t(), x);
-    if (need[3]) grads[3] = at::mm(g_s.t(), x);
+    if (need[3]) grads[3] = at::mm(p.g_s.t(), x);
     if (need[4]) grads[4] = g.sum(0);
-    if (need[5]) grads[5] = (g * t).sum(0);
-    if (need[1] || need[6]) {  // dλ = [ds, dt]·[V; C], d[V; C] = [ds, dt]ᵀ·λ
-      auto ds = g * z_hyper;
-      auto d_scales = at::cat({ds, hyper_bias.defined() ? g * hyper_bias : at::zeros_like(ds)}, 1);
-      if (need[1]) grads[1] = at::mm(d_scales, hparam_weight);
-      if (need[6]) grads[6] = at::mm(d_scales.t(), hparams);
+    if (need[5]) grads[5] = p.g_t.sum(0);
+    if (scales_wanted) {  // dλ = [ds, dt]·[V; C], d[V; C] = [ds, dt]ᵀ·λ
+      if (need[1]) grads[1] = at::mm(p.d_scales, hparam_weight);
+      if (need[6]) grads[6] = at::mm(p.d_scales.t(), hparams);
     }
     return grads;
   }
