@@ -3,8 +3,8 @@
 #include <torch/extension.h>
 
 // Elementwise loops compiled twice, for AVX2 and for the baseline, the one for the machine picked at load time (GCC's
-// function multi-versioning on x86-64 Linux; elsewhere the baseline only).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// function multi-versioning (ifuncs) on x86-64 Linux with glibc; elsewhere the baseline only).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define STN_HOST_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define STN_HOST_VECTOR_CLONES
