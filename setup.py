@@ -80,7 +80,7 @@ def host_extensions():
     return [CppExtension(
         "stn_kernels._host",
         [os.path.relpath(s, HERE) for s in host_sources()],
-        extra_compile_args=["-O2", "-g0"],
+        extra_compile_args=["-O3", "-g0"],
         define_macros=[("TORCH_VERSION_STRING", f'"{torch.__version__.split("+")[0]}"')],
         optional=True,  # a compiler error leaves the Python path, not a failed install
     )]

@@ -22,6 +22,8 @@
 #      host_overhead.md                                                          <= STEP_S (90 s)
 #      then the per-example augmentation on CIFAR-10-shaped batches (python -m stn_kernels.bench
 #      --layer augment --gpu --quick: images per second), appended to host_overhead.md <= AUG_S (40 s)
+#      then the price of self-tuning (python -m stn_kernels.bench --price --gpu --quick, eager: the converted
+#      models' training step and STN cycle against the plain ones), appended to host_overhead.md <= PRICE_S (90 s)
 #      then python -m stn_kernels.bench --gpu --layer NAME, each with its own --time-budget:
 #        linear (hyper_linear: floor, published, published+compile, stn:reference/triton/cuda,
 #          stn:triton+compile)
@@ -171,6 +173,7 @@ rm -f "$RESULTS/host_overhead.md"  # a rerun into the same folder starts the fil
 own_table "host overhead at tiny shapes" "$HOST_S" host_overhead.md --host-overhead --quick
 own_table "the STN cycle, eager vs compiled" "$STEP_S" stn_step.md --stn-step
 own_table "per-example augmentation" "$AUG_S" augment.md --layer augment --quick
+own_table "the price of self-tuning, eager" "${PRICE_S:-90}" price.md --price --quick --providers plain,converted,stn-cycle
 
 # bench NAME SHARE_PERCENT ARGS...: one harness run with its share of the time left.
 bench() {

@@ -26,7 +26,8 @@ from .version import __version__
 # The problems the op table is resolved for: every dtype the fused kernels take, at the rows of each class of the
 # rules table (how "auto" may tell "triton" from "cuda"), so that an answer that depends on them is seen.
 PROBE_DTYPES = fallback.KERNEL_DTYPES
-HOST_USERS = "HyperLinear, HyperEmbedding and HyperLSTMCell/HyperLSTM steps"
+HOST_USERS = ("HyperLinear (also over sequences), HyperConv2d, HyperEmbedding, HyperLSTMCell steps, HyperLSTM layers "
+              "and per-example dropout")
 
 
 def _probe_rows() -> Tuple[int, ...]:

@@ -170,6 +170,10 @@ class TorchLayoutHyperLSTM(HyperLSTM):
                            for name in self._elementary_names[layer])
         return self.cells[layer]._params(dropconnect, elementary)
 
+    def _host_elementary(self, layer: int):
+        # The nn.LSTM's Parameters as they are: the host layer reads their gate blocks in torch's order.
+        return tuple(None if name is None else getattr(self, name) for name in self._elementary_names[layer]), True
+
     def reset_parameters(self) -> None:
         """The hyper path as HyperLSTM's, the nn.LSTM's Parameters as ``nn.LSTM.reset_parameters``."""
         super().reset_parameters()

@@ -27,7 +27,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import reference
 from ._validation import (
+    any_autocast,
     autocast_operands,
     check_conv_geometry,
     check_dtype,
@@ -50,6 +52,8 @@ from ._validation import (
     rows_of_hparams,
     seed_offset_tensor,
 )
+from .backends import kernels
+from .backends.host import host_ops
 from .ops import (
     apply_affine,
     apply_augment,
@@ -58,6 +62,7 @@ from .ops import (
     apply_hyper_linear,
     apply_hyper_lstm_recurrence,
     apply_per_example_dropout,
+    eager,
 )
 from .ops.hyper_conv2d import conv2d_output_shape
 
@@ -100,12 +105,39 @@ def hyper_linear(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper
     batch = input.shape[0]
     check_hparams(hparams, input, "input", num_hparams, batch)
     hparams, weight_scale, bias_scale = _hparams_side(hparams, input, weight_scale, bias_scale, hyper_bias)
+    if input.dim() >= 3:
+        out = hyper_linear_by_example(input, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale,
+                                      0)
+        if out is not None:
+            return out
     rows = rows_of_hparams(hparams, batch, math.prod(input.shape[1:-1]))
     if input.dim() == 2:  # no reshape: each one is an autograd node, a few µs of Python per call
         return apply_hyper_linear(input, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     x = input.reshape(-1, in_features)
     out = apply_hyper_linear(x, rows, weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)
     return out.reshape(*input.shape[:-1], out_features)
+
+
+def hyper_linear_by_example(input: Tensor, hparams: Optional[Tensor], weight: Tensor, hyper_weight: Tensor,
+                            bias: Optional[Tensor], hyper_bias: Optional[Tensor], weight_scale: Optional[Tensor],
+                            bias_scale: Optional[Tensor], batch_dim: int) -> Optional[Tensor]:
+    """The output of a sequence ``input`` [..., B, ..., K] whose examples lie along ``batch_dim`` (0 or 1) with λ
+    [B, H] through the compiled host path (csrc/host/hyper_linear_seq.cpp: the scales formed once per example, one
+    elementwise pass each way, no λ rows repeated over the sequence), or None where it does not run: not eager,
+    autocast, no per-example λ, not CPU tensors of one float dtype, not the reference backend. Arguments checked by
+    the caller (:func:`hyper_linear`, or a module)."""
+    if hparams is None or hparams.dim() != 2 or weight_scale is None or not eager() or any_autocast() \
+            or hparams.shape[1] != weight_scale.shape[1]:
+        return None
+    host = host_ops(input.device, input.dtype, hparams.dtype)
+    if host is None or any(t is not None and (t.dtype != input.dtype or t.device != input.device)
+                           for t in (weight, hyper_weight, bias, hyper_bias, weight_scale, bias_scale)):
+        return None
+    rows = input.numel() // max(input.shape[-1], 1)
+    if input.numel() == 0 or kernels("hyper_linear", input.device, rows, input.dtype) is not reference:
+        return None
+    return host.hyper_linear_seq(input, hparams, weight, hyper_weight, bias, hyper_bias, weight_scale,
+                                 bias_scale if hyper_bias is not None else None, batch_dim)
 
 
 def _hparams_side(hparams, data: Tensor, weight_scale, bias_scale, hyper_bias, data_name: str = "input") -> list:

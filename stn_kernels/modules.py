@@ -341,6 +341,13 @@ class HyperLinear(_HyperLayer):
         rows = hparams_rows(lam, input, 1, 3, type(self).__name__)
         if input.shape[-1] != self.in_features:  # the error with the input's own shape, not the flattened one
             return functional.hyper_linear(input, None, self.weight, self.hyper_weight)
+        if rows is not lam:  # per-example λ along dim 1: the host path forms the scales once per example
+            self._check_call("hyper_linear", input)
+            weight, bias = self._elementary(self.weight, self.bias)
+            out = functional.hyper_linear_by_example(input, lam, weight, self.hyper_weight, bias, self.hyper_bias,
+                                                     *self._scales(), 1)
+            if out is not None:
+                return out
         return self.forward(input.flatten(0, 1), rows).unflatten(0, input.shape[:2])
 
     def _facts(self, weight: Tensor, extra) -> Optional[tuple]:
@@ -425,6 +432,11 @@ class HyperConv2d(_HyperLayer):
             if len(shape) == 4 and shape[1] == in_channels and shape[2] >= min_h and shape[3] >= min_w:
                 weight, hyper_weight, bias, hyper_bias, hparam_weight = fast[1]
                 weight, bias = self._elementary(weight, bias)
+                host = None if fast[3] is None or self.groups != 1 or fast[0] is not reference \
+                    or not input.is_contiguous() else host_ops(input.device, input.dtype, fast[3].dtype)
+                if host is not None:  # the packed convolution and one pass each way, in C++ (csrc/host/conv.cpp)
+                    return host.hyper_conv2d(input, fast[3], weight, hyper_weight, bias, hyper_bias, hparam_weight,
+                                             stride, padding, dilation)
                 return apply_hyper_conv2d_stacked(fast[0], input, fast[3], weight, hyper_weight, bias, hyper_bias,
                                                   hparam_weight, stride, padding, dilation, self.groups)
         self._check_call("hyper_conv2d", input, geometry)

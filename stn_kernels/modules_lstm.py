@@ -28,6 +28,7 @@ from ._validation import (
     misread_hint,
 )
 from .backends import kernels
+from .backends.host import host_ops
 from .hparams_context import current_hparams
 from .modules import (
     _LAYER_PARAMS,
@@ -310,6 +311,46 @@ def _locked_dropout(x: Tensor, rates: Union[float, Tensor]) -> Tensor:
     return functional.per_example_channel_dropout(x.permute(1, 2, 0), rates).permute(2, 0, 1)
 
 
+def _has_dropconnect(cells, training: bool, dropconnect) -> bool:
+    """Whether this call drops h2h (or i2h) weights: a rate given to the call, or in training mode a cell's rate or
+    a mask set by a published model's ``mask_weights``."""
+    if dropconnect is not None:
+        return True
+    return training and any(cell.dropconnect or getattr(cell.i2h, "weight_mask", None) is not None
+                            or getattr(cell.h2h, "weight_mask", None) is not None for cell in cells)
+
+
+def _host_layers(input: Tensor, hparams, params: Tensor, cells, training: bool, dropconnect):
+    """The compiled host module when the layers of this call can run through its whole-sequence layer
+    (csrc/host/lstm.cpp: the time loop and its backward in C++, the i2h products of all steps as one GEMM), else
+    None: eager, no autocast, CPU tensors of one float dtype (λ's too), the reference backend for both ops, no
+    DropConnect, a non-empty sequence. The checks of the parameters, input and hidden state come before."""
+    if not eager() or any_autocast() or input.numel() == 0 or _has_dropconnect(cells, training, dropconnect):
+        return None
+    device, dtype = params.device, params.dtype
+    host = host_ops(device, dtype, dtype if hparams is None else hparams.dtype)
+    if host is None or kernels("hyper_linear", device, None, dtype) is not reference \
+            or kernels("hyper_lstm_recurrence", device) is not reference_lstm:
+        return None
+    return host
+
+
+def _host_layer(host, cell: "HyperLSTMCell", x: Tensor, hparams: Optional[Tensor], state, elementary: tuple,
+                torch_order: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One layer through the host module: x [T, B, K] time-major, hparams [B, H], [H] or None, state (h0, c0) [B, N]
+    or None; ``elementary`` (i2h weight, i2h bias, h2h weight, h2h bias), in nn.LSTM's gate order when
+    ``torch_order``. Returns (out [T, B, N], (h_T, c_T))."""
+    batch, n = x.shape[1], cell.hidden_size
+    if hparams is not None and hparams.dim() == 1:
+        hparams = hparams.expand(batch, hparams.shape[0])
+    h0, c0 = state if state is not None else (x.new_zeros(batch, n),) * 2
+    i2h, h2h = cell.i2h, cell.h2h
+    out, h, c = host.hyper_lstm_layer(x, h0, c0, hparams, elementary[0], i2h.hyper_weight, elementary[1],
+                                      i2h.hyper_bias, i2h.hparam_weight, elementary[2], h2h.hyper_weight,
+                                      elementary[3], h2h.hyper_bias, h2h.hparam_weight, torch_order)
+    return out, (h, c)
+
+
 class HyperLSTM(_ParamChecksCache):
     """A stack of HyperLSTM layers, time-major like ``torch.nn.LSTM`` (``batch_first`` option).
 
@@ -422,13 +463,18 @@ class HyperLSTM(_ParamChecksCache):
             h0, c0 = self._per_layer_states(hx, B, unbatched, like)
         x = input
         hs, cs = [], []
+        host = _host_layers(input, hparams, like, self.cells, self.training, dropconnect)
         for layer in range(L):
-            i2h, h2h = self._layer_params(layer, dropconnect)
             state = None if h0 is None else (h0[layer], c0[layer])
             first = layer == 0 and self.batch_first
-            x, (h, c) = functional.hyper_lstm_layer(x, hparams, i2h, h2h, state, batch_first=first)
-            if first:
-                x = x.transpose(0, 1)  # time-major between layers
+            if host is not None:  # the whole layer in C++ (csrc/host/lstm.cpp), time-major
+                x, (h, c) = _host_layer(host, self.cells[layer], x.transpose(0, 1) if first else x, hparams, state,
+                                        *self._host_elementary(layer))
+            else:
+                i2h, h2h = self._layer_params(layer, dropconnect)
+                x, (h, c) = functional.hyper_lstm_layer(x, hparams, i2h, h2h, state, batch_first=first)
+                if first:
+                    x = x.transpose(0, 1)  # time-major between layers
             if layer_dropout is not None and self.training and layer < L - 1:
                 x = _locked_dropout(x, layer_dropout)
             if self.dropout and self.training and layer < L - 1:
@@ -467,6 +513,12 @@ class HyperLSTM(_ParamChecksCache):
     def _layer_params(self, layer: int, dropconnect):
         """(i2h tuple, h2h tuple) of one layer for :func:`stn_kernels.hyper_lstm_layer`."""
         return self.cells[layer]._params(dropconnect)
+
+    def _host_elementary(self, layer: int) -> Tuple[tuple, bool]:
+        """((i2h weight, i2h bias, h2h weight, h2h bias), whether they are in nn.LSTM's gate order) of one layer for
+        the host path."""
+        cell = self.cells[layer]
+        return (cell.i2h.weight, cell.i2h.bias, cell.h2h.weight, cell.h2h.bias), False
 
     def _per_layer_states(self, hx, batch: int, unbatched: bool, like: Tensor) -> Tuple[list, list]:
         """(h0, c0) for per-layer hidden sizes: two sequences of num_layers tensors [B, N_l] (unbatched [N_l]),

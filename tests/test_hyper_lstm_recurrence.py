@@ -251,6 +251,9 @@ def test_layer_dropout_locked_per_example_between_layers(monkeypatch, batch_firs
         return layer_fn(x, *args, batch_first=batch_first, **kwargs)
 
     monkeypatch.setattr(stn_kernels.functional, "hyper_lstm_layer", recording_layer)
+    # The Python path, whose layer function is recorded here (the compiled host layer, which the test of the host
+    # path compares with this one, would bypass it).
+    monkeypatch.setenv("STN_KERNELS_HOST", "0")
     out, (h_n, c_n) = model(x, None, lam, layer_dropout=rates)
     assert len(inputs) == layers
     zeros = torch.zeros(B, N, dtype=D64)

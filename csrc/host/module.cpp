@@ -20,6 +20,20 @@ PYBIND11_MODULE(_host, m) {
         "hyper_bias [N] or None, hparam_weight [2N, H]; inputs checked by the caller.");
   m.def("hyper_embedding_by_example", &stn_kernels_host::hyper_embedding_by_example,
         "stn_kernels.reference.hyper_embedding_by_example, op for op.");
+  m.def("hyper_conv2d", &stn_kernels_host::hyper_conv2d,
+        "HyperConv2d, groups 1 (csrc/host/conv.cpp): x [B, C, H, W] contiguous, hparams [B, H], weight, hyper_weight, "
+        "bias, hyper_bias or None, hparam_weight [2C, H], stride, padding, dilation; inputs checked by the caller.");
+  m.def("hyper_linear_seq", &stn_kernels_host::hyper_linear_seq,
+        "HyperLinear over a sequence (csrc/host/hyper_linear_seq.cpp): x [..., B, ..., K] with hparams [B, H] along "
+        "batch_dim, weight, hyper_weight [N, K], bias, hyper_bias [N] or None, weight_scale V [N, H], bias_scale C "
+        "[N, H] or None; inputs checked by the caller.");
+  m.def("hyper_lstm_layer", &stn_kernels_host::hyper_lstm_layer,
+        "One HyperLSTM layer over a sequence (csrc/host/lstm.cpp): x [T, B, K], h0, c0 [B, N], hparams [B, H] or "
+        "None, i2h and h2h as (weight, hyper_weight, bias, hyper_bias, hparam_weight [8N, H]), torch_gate_order "
+        "(the elementary weights in nn.LSTM's gate order); returns (out [T, B, N], h_T, c_T).");
+  m.def("per_example_dropout_forward", &stn_kernels_host::per_example_dropout_forward,
+        "stn_kernels.reference_dropout.per_example_dropout_forward, bit for bit, in one pass: x contiguous, rates "
+        "float32 [B], scales [B] in the compute dtype, seed_offset int64 [2] on the CPU.");
   m.def("hyper_lstm_cell_step", &stn_kernels_host::hyper_lstm_cell_step,
         "stn_kernels.reference_lstm.hyper_lstm_cell_step, op for op: (h, c); i2h and h2h as 5 arguments each.");
 }

@@ -31,6 +31,15 @@ def switched_off() -> bool:
     return os.environ.get(OFF_VAR, "").strip() == "0"
 
 
+def dropout_ops(x: torch.Tensor):
+    """The loaded ``stn_kernels._host`` module when the reference's per-example dropout of ``x`` can run through its
+    one-pass kernel (a CPU tensor; every floating dtype; the same bits as the reference), else None.
+    ``STN_KERNELS_HOST=0`` is read per call here."""
+    if x.device.type != "cpu" or switched_off():
+        return None
+    return HOST.module()
+
+
 def host_ops(device: torch.device, dtype: torch.dtype, hparams_dtype: torch.dtype):
     """The loaded ``stn_kernels._host`` module when a module's calls with parameters of this device and dtypes
     can run through it, else None."""

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import augment, conv2d, embedding, harness, host_overhead, linear, lstm, stn_step
+from . import augment, conv2d, embedding, harness, host_overhead, linear, lstm, price, price_models, stn_step
 from .report import MODES, Report, Row, columns_for, legend, machine_info, write_plot
 
 LAYERS: Dict[str, harness.Layer] = {
@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-call time of every layer at a tiny shape (fwd, fwd+bwd, no_grad): ours vs the published "
                          "formulation vs the plain torch layer, one thread unless --threads; with --quick, --out, "
                          "--gpu (see stn_kernels.bench.host_overhead)")
+    ap.add_argument("--price", nargs="?", const="", default=None, metavar="MODELS",
+                    help="the price of self-tuning: a converted model's training step (and STN cycle) against the "
+                         "plain model's, eager and compiled, with the FLOP floor: a comma list of "
+                         f"{', '.join(price_models.MODELS)} (default: all); one thread unless --threads; --providers "
+                         f"among {', '.join(price.PROVIDERS)} (see stn_kernels.bench.price)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds; what was measured is still reported")
     return ap
@@ -159,6 +164,15 @@ def main(argv=None) -> List[Row]:
     args = parse_args(argv)
     if args.host_overhead:
         host_overhead.run(gpu=args.gpu, threads=args.threads or 1, quick=args.quick, out=args.out)
+        return []
+    if args.price is not None:
+        if args.gpu and not torch.cuda.is_available():
+            raise SystemExit("stn_kernels.bench: --price --gpu needs a CUDA device, but torch.cuda.is_available() is "
+                             "False here; run it without --gpu for the CPU table")
+        names = _parse_list(args.price or None, list(price_models.MODELS), "price model") or list(price_models.MODELS)
+        providers = _parse_list(args.providers, list(price.PROVIDERS), "price provider")
+        price.run(names, providers, quick=args.quick, out=args.out, threads=args.threads or 1,
+                  device=torch.device("cuda", torch.cuda.current_device()) if args.gpu else torch.device("cpu"))
         return []
     if args.gpu:
         if not torch.cuda.is_available():

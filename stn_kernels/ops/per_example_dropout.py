@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import reference_dropout
 from ..backends import kernels
+from ..backends.host import dropout_ops
 from ._support import run_op
 
 OP = "per_example_dropout"
@@ -37,7 +38,13 @@ def _dropout(x: Tensor, rates: Tensor, seed_offset: Tensor, unit_size: int, forw
     scales = 1.0 / (1.0 - rates.to(reference_dropout.compute_dtype(x.dtype)))
     rates = rates.to(torch.float32).contiguous()
     if forward is None:
-        forward = kernels(OP, x.device, empty=x.numel() == 0).per_example_dropout_forward
+        backend = kernels(OP, x.device, empty=x.numel() == 0)
+        forward = backend.per_example_dropout_forward
+        if backend is reference_dropout:
+            # On the CPU the reference's ~30 passes of int64 tensor ops (the hash) as one pass in C++, the same bits.
+            host = dropout_ops(x)
+            if host is not None:
+                forward, scales = host.per_example_dropout_forward, scales.contiguous()
     return forward(x, rates, scales, seed_offset.to(device=x.device, dtype=torch.int64), unit_size)
 
 
