@@ -124,6 +124,9 @@ def _backward(out, grad, inputs):
         if grads is None:
             continue
         # What the engine does between nodes: reduce a broadcast gradient to the shape the node expects.
+        # A node with several outputs (the host LSTM loop returns out, h and c) takes one gradient per output,
+        # None for those nothing used.
+        grads = grads + [None] * (len(node._input_metadata) - len(grads))
         grads = [g if g is None or tuple(g.shape) == tuple(m.shape) else g.sum_to_size(m.shape)
                  for g, m in zip(grads, node._input_metadata)]
         if hasattr(node, "variable"):  # AccumulateGrad: a leaf
