@@ -312,51 +312,42 @@ class PTBRunner:
 def step_times(args) -> str:
     """One training step (forward, backward, clipped SGD update) of the PTB model at the --paper shapes, timed on
     this machine: ours (PTBModel, per-example λ), the published formulation (its embedding formula and the per-step
-    loop of HyperLSTM cells as ``stn_kernels.bench.lstm`` models it), plain nn.Embedding + nn.LSTM, and our full STN
-    training step (STNTrainer.train_step, the 7 regularisers on). No dropout in the first three (the same work)."""
+    loop of HyperLSTM cells as ``stn_kernels.bench.lstm`` models it, the same decoder), plain nn.Embedding + nn.LSTM,
+    and our whole STN training step (``STNTrainer.train_step``: perturbation, the 7 regularisers on). The first three
+    do the same work (no dropout). The variants take turns, one step each per round (a load that changes during the
+    run touches all alike); the first round warms up and is not counted."""
     from stn_kernels.bench import lstm as bench_lstm
 
     torch.set_num_threads(args.threads)
-    c = CONFIGS["paper"]
-    B, T, E, N, L, H, V = c["batch"], c["bptt"], c["emsize"], c["nhid"], c["layers"], 7, 10000
+    B, T, E, N, L, V = args.step_shape
+    H = 7
     torch.manual_seed(0)
     tokens, targets = torch.randint(0, V, (T, B)), torch.randint(0, V, (T * B,))
     lam = torch.randn(B, H)
 
-    def timed(step, repeats):
-        step()  # warm-up
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds), min(seconds)
+    def sgd_step(optimizer, loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
-    ours = PTBModel(V, E, N, L, H)
-    opt = ClippedSGD(ours.parameters(), 30.0, 0.25)
+    ours = PTBModel(V, E, N, L, H).train()
+    ours_opt = ClippedSGD(ours.parameters(), 30.0, 0.25)
 
     def ours_step():
-        logits, _, _ = ours.train()(tokens, None, lam, None)
-        loss = F.cross_entropy(logits.reshape(-1, V), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        logits, _, _ = ours(tokens, None, lam, None)
+        sgd_step(ours_opt, F.cross_entropy(logits.reshape(-1, V), targets))
 
     case = bench_lstm.make_case(f"{B},{T},{E},{N},{L},{H}")
     leaves = [case.tensors[n] for n in bench_lstm.param_names(L)]
     table, hyper_table = (nn.Parameter(torch.empty(V, E).uniform_(-0.1, 0.1)) for _ in range(2))
     table_map, bias = nn.Parameter(torch.randn(E, H) * 0.01), nn.Parameter(torch.zeros(V))
-    published_params = leaves + [table, hyper_table, table_map, bias]
-    published_opt = ClippedSGD(published_params, 30.0, 0.25)
+    published_opt = ClippedSGD(leaves + [table, hyper_table, table_map, bias], 30.0, 0.25)
     zeros = torch.zeros(L, B, N)
 
     def published_step():
         x = F.embedding(tokens, table) + F.embedding(tokens, hyper_table) * F.linear(lam, table_map)
         out = bench_lstm.published_forward(x, lam, zeros, zeros, *leaves)
-        loss = F.cross_entropy(F.linear(out, table, bias).reshape(-1, V), targets)
-        published_opt.zero_grad()
-        loss.backward()
-        published_opt.step()
+        sgd_step(published_opt, F.cross_entropy(F.linear(out, table, bias).reshape(-1, V), targets))
 
     embedding, lstm = nn.Embedding(V, E), nn.LSTM(E, N, L)
     plain_bias = nn.Parameter(torch.zeros(V))
@@ -364,46 +355,45 @@ def step_times(args) -> str:
 
     def plain_step():
         out, _ = lstm(embedding(tokens))
-        loss = F.cross_entropy(F.linear(out, embedding.weight, plain_bias).reshape(-1, V), targets)
-        plain_opt.zero_grad()
-        loss.backward()
-        plain_opt.step()
+        sgd_step(plain_opt, F.cross_entropy(F.linear(out, embedding.weight, plain_bias).reshape(-1, V), targets))
 
-    args.mode = "paper"
-    task_space = ptb_space(True)
-    runner_model = PTBModel(V, E, N, L, H)
-    hp = stn_search.stn_hyperparameters(task_space, 1.0)
-    hidden = {"h": None}
+    stn_model = PTBModel(V, E, N, L, H)
+    hp = stn_search.stn_hyperparameters(ptb_space(True), 1.0)
 
     def model_fn(inputs, sample):
         rates = {n: (sample[n][0] if n in SHARED else sample[n]) for n in sample.names} if sample.regularize else None
-        logits, h, reg = runner_model(inputs, hidden["h"], sample.layer_input, rates)
-        hidden["h"] = detach(h)
+        logits, _, reg = stn_model(inputs, None, sample.layer_input, rates)
         return logits, reg
 
-    trainer = stn.STNTrainer(model_fn, lambda o, y: F.cross_entropy(o[0].reshape(-1, V), y) + o[1], hp,
-                             ClippedSGD(runner_model.parameters(), 30.0, 0.25), constrained_layer_input=True,
-                             tune_scales=False, takes_sample=True, module=runner_model, batch_dim=1)
-    rows = []
-    for name, step in (("ours: PTBModel (HyperEmbedding, HyperLSTM), per-example λ", ours_step),
-                       ("published formulation (per-time-step HyperLSTM cell loop, stn_kernels.bench.lstm)",
-                        published_step),
-                       ("plain nn.Embedding + nn.LSTM (no hyper path)", plain_step),
-                       ("ours: STNTrainer.train_step, 7 regularisers on", lambda: trainer.train_step(tokens, targets))):
-        load = os.getloadavg()[0]
-        median, best = timed(step, args.repeats)
-        rows.append((name, median, best, load))
-        print(f"{name}: median {median:.2f} s, min {best:.2f} s (load {load:.1f})", flush=True)
-    lines = [f"PTB training step at the --paper shapes (B={B}, T={T}, {L} layers of {N}, embedding {E}, vocabulary "
-             f"{V}, H={H}), forward + backward + clipped SGD update, {args.threads} threads, median of {args.repeats} "
-             f"steps after one warm-up step; {stn_search.machine()['cpu']}, torch {torch.__version__}", "",
-             "| step | median s | min s | ratio to ours | load average (1 min) |", "| --- | --- | --- | --- | --- |"]
-    for name, median, best, load in rows:
-        lines.append(f"| {name} | {median:.2f} | {best:.2f} | {median / rows[0][1]:.2f} | {load:.1f} |")
+    trainer = stn.STNTrainer(model_fn, lambda out, y: F.cross_entropy(out[0].reshape(-1, V), y) + out[1], hp,
+                             ClippedSGD(stn_model.parameters(), 30.0, 0.25), constrained_layer_input=True,
+                             tune_scales=False, takes_sample=True, module=stn_model, batch_dim=1)
+    variants = (("ours: PTBModel (HyperEmbedding, HyperLSTM), per-example λ", ours_step),
+                ("published formulation (per-time-step HyperLSTM cell loop, stn_kernels.bench.lstm)", published_step),
+                ("plain nn.Embedding + nn.LSTM (no hyper path)", plain_step),
+                ("ours: STNTrainer.train_step, 7 regularisers on", lambda: trainer.train_step(tokens, targets)))
+    seconds = {name: [] for name, _ in variants}
+    loads = []
+    for round_ in range(args.repeats + 1):
+        for name, step in variants:
+            start = time.perf_counter()
+            step()
+            if round_:
+                seconds[name].append(time.perf_counter() - start)
+        loads.append(os.getloadavg()[0])
+        print(f"round {round_}: " + ", ".join(f"{s[-1]:.2f} s" for s in seconds.values() if s), flush=True)
+    ours_median = statistics.median(seconds[variants[0][0]])
+    lines = [f"PTB training step at B={B}, T={T}, {L} layers of {N}, embedding {E}, vocabulary {V}, H={H}: forward + "
+             f"backward + clipped SGD update, {args.threads} threads, {args.repeats} rounds (each variant one step per "
+             f"round) after one warm-up round; {stn_search.machine()['cpu']} ({os.cpu_count()} cores), torch "
+             f"{torch.__version__}; load average (1 min) during the rounds {min(loads):.1f}-{max(loads):.1f}", "",
+             "| step | median s | min s | median / ours |", "| --- | --- | --- | --- |"]
+    for name, _ in variants:
+        median = statistics.median(seconds[name])
+        lines.append(f"| {name} | {median:.3f} | {min(seconds[name]):.3f} | {median / ours_median:.2f} |")
     text = "\n".join(lines)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "step_time.md"), "w") as f:
-        f.write(text + "\n")
+    stn_search.write_text(os.path.join(args.out, "step_time.md"), text)
     print("\n" + text)
     return text
 
@@ -416,10 +406,19 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     stn_search.add_search_args(parser, DEFAULTS)
     parser.add_argument("--step-time", action="store_true",
-                        help="time one training step at the --paper shapes (ours, published formulation, nn.LSTM)")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="threads for --step-time")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant for --step-time")
+                        help="time a training step at the --paper shapes: ours, the published formulation, nn.LSTM, "
+                             "our whole STN training step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for --step-time (2 threads on a loaded 2-core machine stall in OpenMP)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds for --step-time")
+    parser.add_argument("--step-shape", default="40,70,650,650,2,10000", metavar="B,T,E,N,L,V",
+                        help="--step-time: batch, BPTT, embedding, hidden units, layers, vocabulary (--paper's)")
     args = parser.parse_args(argv)
+    try:
+        args.step_shape = tuple(int(v) for v in args.step_shape.split(","))
+        assert len(args.step_shape) == 6 and min(args.step_shape) >= 1
+    except (ValueError, AssertionError):
+        parser.error(f"--step-shape: expected six positive ints B,T,E,N,L,V, got {args.step_shape!r}")
     stn_search.finish_args(parser, args, DEFAULTS)
     return args
 

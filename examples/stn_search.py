@@ -299,12 +299,13 @@ def execute(task, args, items: list) -> List[RunRecord]:
     goes to ``args.load``."""
     _WORKER.update(task=task, args=args)
     records: List[RunRecord] = []
-    with LoadMonitor() as monitor:
-        if args.workers > 1 and len(items) > 1:
-            with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-                for result in pool.imap_unordered(_run_item, items, chunksize=1):
-                    records += result
-        else:
+    if args.workers > 1 and len(items) > 1:
+        # The pool forks its workers before the monitor's thread starts (a fork copies only the calling thread).
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool, LoadMonitor() as monitor:
+            for result in pool.imap_unordered(_run_item, items, chunksize=1):
+                records += result
+    else:
+        with LoadMonitor() as monitor:
             for item in items:
                 records += _run_item(item)
     args.load = monitor.summary()

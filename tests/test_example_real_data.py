@@ -216,3 +216,16 @@ def test_fashion_mnist_from_debian_where_installed():
         pytest.skip(f"{data.FASHION_DIR} (Debian's dataset-fashion-mnist) is not installed here")
     fashion = data.load_idx_folder(data.FASHION_DIR, "Fashion-MNIST")
     assert fashion.train_images.shape == (60000, 1, 28, 28) and np.bincount(fashion.test_labels).tolist() == [1000] * 10
+
+
+def test_ptb_step_time_table(tmp_path):
+    """--step-time at a tiny shape (the committed table is at the --paper shapes): the four variants take turns."""
+    stdout = _run("stn_ptb.py", "--step-time", "--step-shape", "3,4,8,8,2,50", "--repeats", "1", "--out",
+                  str(tmp_path))
+    table = (tmp_path / "step_time.md").read_text()
+    assert table.strip() in stdout and "B=3, T=4, 2 layers of 8, embedding 8, vocabulary 50, H=7" in table
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| ours: PTBModel (HyperEmbedding, HyperLSTM), per-example λ",
+                    "| published formulation (per-time-step HyperLSTM cell loop, stn_kernels.bench.lstm)",
+                    "| plain nn.Embedding + nn.LSTM (no hyper path)",
+                    "| ours: STNTrainer.train_step, 7 regularisers on"]
