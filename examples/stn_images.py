@@ -54,7 +54,9 @@ DEFAULTS = {"name": "images", "grid": "dropout=4,augment=2", "axes": ("dropout",
             # updates per method: quick 2 × 12; cpu 8 trials × 1250 (3.2 epochs of 50k at batch 128; STN: 8333
             # training steps); paper 8 trials × 100 epochs of the 40k training images at batch 128
             "budgets": {"quick": 24, "cpu": 10000, "paper": 8 * 100 * 312},
-            "warmup_fraction": 0.1, "entropy_weight": 1e-3, "perturb_scale": 0.5, "tune_scales": True,
+            # STN's warm-up: a tenth of the budget; --paper: the published 5 epochs of 312 batches
+            "warmup_fraction": 0.1, "paper_warmup": 5 * 312, "entropy_weight": 1e-3, "perturb_scale": 0.5,
+            "tune_scales": True,
             "hparam_lr": 3e-3}
 CONFIGS = {
     "quick": dict(model="small", batch=32, lr=1e-3, optimizer="adam", slices=(1000, 500, 500), valid=10000),

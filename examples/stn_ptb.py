@@ -67,7 +67,9 @@ DEFAULTS = {"name": "ptb", "grid": "dropout=4,ar=2", "axes": ("dropout", "ar"),
             # updates per method: quick 2 × 12; cpu 8 trials × 600 (0.45 epoch each; STN 3200 training steps,
             # 2.4 epochs); paper 8 trials × 25 epochs of 331 batches
             "budgets": {"quick": 24, "cpu": 4800, "paper": 8 * 25 * 331},
-            "warmup_fraction": 0.1, "entropy_weight": 1e-3, "perturb_scale": 1.0, "tune_scales": False,
+            # STN's warm-up: a tenth of the budget; --paper: the published 331 batches (one epoch)
+            "warmup_fraction": 0.1, "paper_warmup": 331, "entropy_weight": 1e-3, "perturb_scale": 1.0,
+            "tune_scales": False,
             "hparam_lr": 0.01}
 
 

@@ -731,7 +731,9 @@ def finish_args(parser, args, defaults: dict) -> None:
     per_trial = args.budget // trials
     args.eval_every = args.eval_every or max(1, per_trial // 4)
     args.tpe_startup = args.tpe_startup if args.tpe_startup is not None else max(2, trials // 3)
-    args.warmup = args.warmup if args.warmup is not None else int(defaults["warmup_fraction"] * args.budget)
+    if args.warmup is None:   # the published warm-up under --paper; else a share of the budget
+        args.warmup = defaults.get("paper_warmup", 0) if mode == "paper" else \
+            int(defaults["warmup_fraction"] * args.budget)
     for name in ("train_steps", "eval_every", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
