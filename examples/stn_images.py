@@ -251,7 +251,7 @@ def fixed_sample(values, names, batch: int) -> stn.HyperparameterSample:
     return stn.HyperparameterSample(batch_values, batch_values, batch_values, True, tuple(names))
 
 
-class ImageRunner:
+class ImageRunner(stn_search.Runner):
     """One run: the model, its optimiser and (STN) trainer, its batch streams."""
 
     def __init__(self, task: ImageTask, spec) -> None:
@@ -266,17 +266,8 @@ class ImageRunner:
         self.optimizer = torch.optim.Adam(params, lr=c["lr"]) if c["optimizer"] == "adam" else \
             torch.optim.SGD(params, lr=c["lr"], momentum=0.9)
         self.names = [p.name for p in task.space]
-        self.trainer = None
         if spec.method == "stn":
-            s = spec.stn
-            self.hp = stn_search.stn_hyperparameters(task.space, s["perturb_scale"])
-            self.trainer = stn.STNTrainer(
-                self.model_fn, F.cross_entropy, self.hp, self.optimizer,
-                hparam_optimizer=torch.optim.Adam([self.hp.unconstrained], lr=s["hparam_lr"]),
-                scale_optimizer=torch.optim.Adam([self.hp.raw_scale], lr=s["hparam_lr"]),
-                train_steps=s["train_steps"], valid_steps=s["valid_steps"], warmup_steps=s["warmup"],
-                entropy_weight=s["entropy_weight"], tune_scales=s["tune_scales"],
-                generator=torch.Generator().manual_seed(args.seed + 4), takes_sample=True, module=self.model)
+            self.make_trainer(task, spec, self.model_fn, F.cross_entropy, args.seed + 4)
 
     def model_fn(self, x, sample):
         rates = sample.rates() if sample.regularize else None
@@ -305,17 +296,6 @@ class ImageRunner:
             correct += int((logits.argmax(1) == labels[i:i + 1000]).sum())
         return total / len(labels), correct / len(labels)
 
-    def values(self):
-        return self.hp.values()
-
-    def state(self):
-        return stn_search.deep_state(self.model, *([self.hp] if self.trainer is not None else []))
-
-    def load(self, state) -> None:
-        self.model.load_state_dict(state[0])
-        if self.trainer is not None:
-            self.hp.load_state_dict(state[1])
-
 
 # --------------------------------------------------------------------------- the command line
 
@@ -336,13 +316,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    try:
-        task = ImageTask(args)
-    except (stn_data.DataUnavailable, stn_data.DataCorrupt) as error:
-        raise SystemExit(f"stn_images.py: {error}") from None
-    return stn_search.main_dispatch(task, args)
+    return stn_search.main(ImageTask, parse_args(argv), "stn_images.py")
 
 
 if __name__ == "__main__":

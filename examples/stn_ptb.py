@@ -226,7 +226,7 @@ class PTBTask:
         return PTBRunner(self, spec)
 
 
-class PTBRunner:
+class PTBRunner(stn_search.Runner):
     """One run: the model, its optimiser and (STN) trainer, its batch streams and hidden states."""
 
     def __init__(self, task: PTBTask, spec) -> None:
@@ -239,18 +239,9 @@ class PTBRunner:
         self.next_train = TokenStream(task.train, c["bptt"], "train")
         self.next_valid = TokenStream(task.hyperval, c["bptt"], "valid")
         self.optimizer = ClippedSGD(self.model.parameters(), c["lr"], c["clip"])
-        self.trainer = None
         if spec.method == "stn":
-            s = spec.stn
-            self.hp = stn_search.stn_hyperparameters(task.space, s["perturb_scale"])
-            self.trainer = stn.STNTrainer(
-                self.model_fn, self.criterion, self.hp, self.optimizer,
-                hparam_optimizer=torch.optim.Adam([self.hp.unconstrained], lr=s["hparam_lr"]),
-                scale_optimizer=torch.optim.Adam([self.hp.raw_scale], lr=s["hparam_lr"]),
-                train_steps=s["train_steps"], valid_steps=s["valid_steps"], warmup_steps=s["warmup"],
-                entropy_weight=s["entropy_weight"], tune_scales=s["tune_scales"], constrained_layer_input=True,
-                generator=torch.Generator().manual_seed(args.seed + 4), takes_sample=True, module=self.model,
-                batch_dim=1)
+            self.make_trainer(task, spec, self.model_fn, self.criterion, args.seed + 4, constrained_layer_input=True,
+                              batch_dim=1)
 
     # STN: the trainer calls model_fn(inputs, sample) and criterion(output, targets)
     def model_fn(self, inputs, sample):
@@ -295,17 +286,6 @@ class PTBRunner:
             total += F.cross_entropy(logits.reshape(-1, self.task.vocab), targets, reduction="sum").item()
             count += targets.numel()
         return total / count, None
-
-    def values(self):
-        return self.hp.values()
-
-    def state(self):
-        return stn_search.deep_state(self.model, *([self.hp] if self.trainer is not None else []))
-
-    def load(self, state) -> None:
-        self.model.load_state_dict(state[0])
-        if self.trainer is not None:
-            self.hp.load_state_dict(state[1])
 
 
 # --------------------------------------------------------------------------- the step-time comparison
@@ -427,14 +407,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(1)
     if args.step_time:
         return step_times(args)
-    try:
-        task = PTBTask(args)
-    except (stn_data.DataUnavailable, stn_data.DataCorrupt) as error:
-        raise SystemExit(f"stn_ptb.py: {error}") from None
-    return stn_search.main_dispatch(task, args)
+    return stn_search.main(PTBTask, args, "stn_ptb.py")
 
 
 if __name__ == "__main__":

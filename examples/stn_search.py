@@ -214,9 +214,40 @@ def format_plain(values: Dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in values.items())
 
 
-def deep_state(*modules) -> list:
-    """A copy of the modules' state dicts (a run's best checkpoint)."""
-    return [copy.deepcopy(m.state_dict()) for m in modules]
+class Runner:
+    """What the two examples' runs share: the STN trainer built from a run's settings, and the best checkpoint's
+    copy. A subclass sets ``model`` and ``optimizer`` (the weights'), then calls :meth:`make_trainer` for STN runs,
+    and gives ``next_train``, ``next_valid``, ``fixed_step`` and ``evaluate``."""
+
+    trainer = None
+
+    def make_trainer(self, task, spec, model_fn, criterion, seed: int, **options) -> None:
+        """``self.hp`` and ``self.trainer``: STN over the task's space with ``spec.stn``'s settings (Adam on λ and σ;
+        ``options``: the STNTrainer arguments of the example, e.g. ``batch_dim``)."""
+        from stn_kernels import stn
+
+        s = spec.stn
+        self.hp = stn_hyperparameters(task.space, s["perturb_scale"])
+        self.trainer = stn.STNTrainer(
+            model_fn, criterion, self.hp, self.optimizer,
+            hparam_optimizer=torch.optim.Adam([self.hp.unconstrained], lr=s["hparam_lr"]),
+            scale_optimizer=torch.optim.Adam([self.hp.raw_scale], lr=s["hparam_lr"]),
+            train_steps=s["train_steps"], valid_steps=s["valid_steps"], warmup_steps=s["warmup"],
+            entropy_weight=s["entropy_weight"], tune_scales=s["tune_scales"],
+            generator=torch.Generator().manual_seed(seed), takes_sample=True, module=self.model, **options)
+
+    def values(self) -> Dict[str, float]:
+        """STN's current λ by name (constrained values)."""
+        return self.hp.values()
+
+    def state(self) -> list:
+        """A copy of what evaluation depends on (the model; STN's λ and σ): a run's best checkpoint."""
+        return [copy.deepcopy(m.state_dict()) for m in [self.model] + ([self.hp] if self.trainer is not None else [])]
+
+    def load(self, state: list) -> None:
+        self.model.load_state_dict(state[0])
+        if self.trainer is not None:
+            self.hp.load_state_dict(state[1])
 
 
 # --------------------------------------------------------------------------- running many runs
@@ -742,8 +773,16 @@ def finish_args(parser, args, defaults: dict) -> None:
     args.mode = mode
 
 
-def main_dispatch(task, args) -> dict:
-    """--load-schedule, --sensitivity or the comparison."""
+def main(make_task, args, script: str) -> dict:
+    """The example's run: its task (its data loaded; missing or wrong data stops it with the loader's message), then
+    --load-schedule, --sensitivity or the comparison. One thread per run."""
+    import stn_data
+
+    torch.set_num_threads(1)
+    try:
+        task = make_task(args)
+    except (stn_data.DataUnavailable, stn_data.DataCorrupt) as error:
+        raise SystemExit(f"{script}: {error}") from None
     if args.load_schedule:
         return schedule_experiment(task, args)
     if args.sensitivity:
