@@ -13,7 +13,7 @@ text, truncated backpropagation through time with the hidden state carried from 
 the plain model (the same network with the hyper path off) at fixed values. ``examples/stn_search.py`` holds the
 comparison (equal budgets of updates, STN's hyperparameter steps counted), the table and the plots.
 
-    python examples/stn_ptb.py                     # the CPU comparison (about an hour on 2 cores)
+    python examples/stn_ptb.py                     # the CPU comparison (33 min measured on 2 cores)
     python examples/stn_ptb.py --quick             # a few tiny steps on a slice of PTB (the test)
     python examples/stn_ptb.py --paper             # the published configuration (a GPU)
     python examples/stn_ptb.py --load-schedule examples/out/ptb/results.json   # the schedule experiment
