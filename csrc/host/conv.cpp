@@ -125,17 +125,11 @@ struct HyperConv2dFunction : public torch::autograd::Function<HyperConv2dFunctio
     auto saved = ctx->get_saved_variables();
     const Geometry geo{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
                        ctx->saved_data["dilation"].toIntVector()};
-    std::vector<bool> need(kInputs);
-    for (int i = 0, edge = 0; i < kInputs; ++i)  // the node's edges: the arguments that are tensors
-      if (saved[i].defined()) need[i] = ctx->needs_input_grad(edge++);
+    const std::vector<bool> need = inputs_needing_grad(ctx, saved, kInputs);
     variable_list grads(kInputs + 3);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the recorded layer on aliases of the saved inputs
-      variable_list inputs(saved.begin(), saved.end()), wanted;
-      for (int i = 0; i < kInputs; ++i)
-        if (need[i]) wanted.push_back(inputs[i] = inputs[i].view_as(inputs[i]));
-      auto found = torch::autograd::grad({recorded(inputs, geo)}, wanted, {grad_outputs[0]}, true, true, true);
-      for (int i = 0, k = 0; i < kInputs; ++i)
-        if (need[i]) grads[i] = found[k++];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      recorded_backward(saved, need, grad_outputs,
+                        [&](const variable_list& v) { return variable_list{recorded(v, geo)}; }, grads);
       return grads;
     }
     const Tensor &x = saved[0], &lam = saved[1], &hyper_bias = saved[5], &hparam_weight = saved[6];

@@ -14,6 +14,39 @@ namespace stn_kernels_host {
 
 using torch::Tensor;
 
+// Which of a node's first n saved inputs want a gradient. The node's edges are its arguments that are tensors (an
+// absent optional is no edge), so needs_input_grad counts those only.
+inline std::vector<bool> inputs_needing_grad(torch::autograd::AutogradContext* ctx,
+                                             const torch::autograd::variable_list& saved, size_t n) {
+  std::vector<bool> need(n);
+  for (size_t i = 0, edge = 0; i < n; ++i)
+    if (saved[i].defined()) need[i] = ctx->needs_input_grad(edge++);
+  return need;
+}
+
+// A backward under create_graph=True (double backward, Delta-STN's response): `recorded` runs the layer again in
+// differentiable ATen ops, on aliases of the saved inputs (as stn_kernels.ops._support.double_backward:
+// differentiating with respect to the inputs themselves would also follow paths between them and count those
+// twice), and grads[i] gets the gradient of each input in `need`. Outputs without a gradient are left out.
+template <class Recorded>
+void recorded_backward(const torch::autograd::variable_list& saved, const std::vector<bool>& need,
+                       const torch::autograd::variable_list& grad_outputs, Recorded recorded,
+                       torch::autograd::variable_list& grads) {
+  torch::autograd::variable_list inputs(saved.begin(), saved.begin() + need.size()), wanted, used, used_grads;
+  for (size_t i = 0; i < need.size(); ++i)
+    if (need[i]) wanted.push_back(inputs[i] = inputs[i].view_as(inputs[i]));
+  const torch::autograd::variable_list outs = recorded(inputs);
+  for (size_t k = 0; k < outs.size(); ++k)
+    if (grad_outputs[k].defined()) {
+      used.push_back(outs[k]);
+      used_grads.push_back(grad_outputs[k]);
+    }
+  auto found = torch::autograd::grad(used, wanted, used_grads, /*retain_graph=*/true, /*create_graph=*/true,
+                                     /*allow_unused=*/true);
+  for (size_t i = 0, k = 0; i < need.size(); ++i)
+    if (need[i]) grads[i] = found[k++];
+}
+
 Tensor hyper_linear(const Tensor& x, const c10::optional<Tensor>& hparams, const Tensor& weight,
                     const Tensor& hyper_weight, const c10::optional<Tensor>& bias,
                     const c10::optional<Tensor>& hyper_bias, const Tensor& hparam_weight);

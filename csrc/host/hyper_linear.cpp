@@ -263,21 +263,12 @@ struct HyperLinearFunction : public torch::autograd::Function<HyperLinearFunctio
     const Tensor &x = saved[0], &hparams = saved[1], &weight = saved[2], &hyper_weight = saved[3],
                  &bias = saved[4], &hyper_bias = saved[5], &hparam_weight = saved[6];
     const Tensor& g = grad_outputs[0];
-    std::vector<bool> need(7);
-    for (size_t i = 0, edge = 0; i < 7; ++i)  // the node's edges: the arguments that are tensors (not z, [s, t])
-      if (saved[i].defined()) need[i] = ctx->needs_input_grad(edge++);
+    const std::vector<bool> need = inputs_needing_grad(ctx, saved, 7);  // the 7 arguments (not z, [s, t])
     variable_list grads(7);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that are differentiable again
-      // On aliases of the saved inputs, as stn_kernels.ops._support.double_backward: differentiating with
-      // respect to the inputs themselves would also follow paths between them and count those twice.
-      variable_list inputs(saved.begin(), saved.end()), wanted;
-      for (size_t i = 0; i < 7; ++i)
-        if (need[i]) wanted.push_back(inputs[i] = inputs[i].view_as(inputs[i]));
-      auto out = recorded(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5], inputs[6]);
-      auto found = torch::autograd::grad({out}, wanted, {g}, /*retain_graph=*/true, /*create_graph=*/true,
-                                         /*allow_unused=*/true);
-      for (size_t i = 0, k = 0; i < 7; ++i)
-        if (need[i]) grads[i] = found[k++];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      recorded_backward(saved, need, grad_outputs, [](const variable_list& v) {
+        return variable_list{recorded(v[0], v[1], v[2], v[3], v[4], v[5], v[6])};
+      }, grads);
       return grads;
     }
     const Tensor& z_hyper = saved[7];

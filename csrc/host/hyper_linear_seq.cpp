@@ -131,17 +131,11 @@ struct HyperLinearSeqFunction : public torch::autograd::Function<HyperLinearSeqF
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
     const int64_t batch_dim = ctx->saved_data["batch_dim"].toInt();
-    std::vector<bool> need(kInputs);
-    for (int i = 0, edge = 0; i < kInputs; ++i)  // the node's edges: the arguments that are tensors
-      if (saved[i].defined()) need[i] = ctx->needs_input_grad(edge++);
+    const std::vector<bool> need = inputs_needing_grad(ctx, saved, kInputs);
     variable_list grads(kInputs + 1);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the recorded layer on aliases of the saved inputs
-      variable_list inputs(saved.begin(), saved.end()), wanted;
-      for (int i = 0; i < kInputs; ++i)
-        if (need[i]) wanted.push_back(inputs[i] = inputs[i].view_as(inputs[i]));
-      auto found = torch::autograd::grad({recorded(inputs, batch_dim)}, wanted, {grad_outputs[0]}, true, true, true);
-      for (int i = 0, k = 0; i < kInputs; ++i)
-        if (need[i]) grads[i] = found[k++];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      recorded_backward(saved, need, grad_outputs,
+                        [&](const variable_list& v) { return variable_list{recorded(v, batch_dim)}; }, grads);
       return grads;
     }
     const Tensor &x = saved[0], &lam = saved[1], &weight = saved[2], &hyper_weight = saved[3],

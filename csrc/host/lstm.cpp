@@ -358,24 +358,11 @@ struct HyperLSTMLayerFunction : public torch::autograd::Function<HyperLSTMLayerF
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
     const bool torch_order = ctx->saved_data["torch_order"].toBool();
-    std::vector<bool> need(kInputs);
-    for (int i = 0, edge = 0; i < kInputs; ++i)  // the node's edges: the arguments that are tensors
-      if (saved[i].defined()) need[i] = ctx->needs_input_grad(edge++);
+    const std::vector<bool> need = inputs_needing_grad(ctx, saved, kInputs);
     variable_list grads(kInputs + 1);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the recorded layer on aliases of the saved inputs
-      variable_list inputs(saved.begin(), saved.begin() + kInputs), wanted, outs_grads;
-      for (int i = 0; i < kInputs; ++i)
-        if (need[i]) wanted.push_back(inputs[i] = inputs[i].view_as(inputs[i]));
-      auto outs = recorded(inputs, torch_order);
-      variable_list used_outs;
-      for (int k = 0; k < 3; ++k)
-        if (grad_outputs[k].defined()) {
-          used_outs.push_back(outs[k]);
-          outs_grads.push_back(grad_outputs[k]);
-        }
-      auto found = torch::autograd::grad(used_outs, wanted, outs_grads, true, true, true);
-      for (int i = 0, k = 0; i < kInputs; ++i)
-        if (need[i]) grads[i] = found[k++];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      recorded_backward(saved, need, grad_outputs, [&](const variable_list& v) { return recorded(v, torch_order); },
+                        grads);
       return grads;
     }
     Tensor in[kInputs];
