@@ -15,11 +15,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@pytest.fixture(autouse=True)
-def built():
-    if not host.HOST.loaded():
-        pytest.skip(f"stn_kernels._host is not loaded: {host.HOST.load_error()} (tests/test_host_extension.py "
-                    "fails where it should be built)")
+pytestmark = pytest.mark.usefixtures("host_built")
 
 
 def _bits(t):

@@ -13,7 +13,6 @@ from torch import nn
 
 import stn_kernels
 import stn_kernels.modules_lstm as modules_lstm
-from stn_kernels.backends import host
 
 from _naive import (
     assert_close_rel,
@@ -27,11 +26,7 @@ from _naive import (
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def built():
-    if not host.HOST.loaded():
-        pytest.skip(f"stn_kernels._host is not loaded: {host.HOST.load_error()} (tests/test_host_extension.py "
-                    "fails where it should be built)")
+pytestmark = pytest.mark.usefixtures("host_built")
 
 
 @pytest.fixture

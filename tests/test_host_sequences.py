@@ -17,18 +17,13 @@ from torch import nn
 import stn_kernels
 import stn_kernels.functional as functional
 import stn_kernels.modules as modules
-from stn_kernels.backends import host
 
 from _naive import assert_close_rel, naive_hyper_conv2d, naive_hyper_linear
 
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def built():
-    if not host.HOST.loaded():
-        pytest.skip(f"stn_kernels._host is not loaded: {host.HOST.load_error()} (tests/test_host_extension.py "
-                    "fails where it should be built)")
+pytestmark = pytest.mark.usefixtures("host_built")
 
 
 def _counting(monkeypatch, module, name):
